@@ -1,0 +1,96 @@
+#include "autograd/autograd.h"
+
+#include <unordered_map>
+#include <unordered_set>
+
+#include "ops/elementwise.h"
+
+namespace mv::autograd {
+
+static thread_local bool g_grad_enabled = true;
+
+bool grad_enabled() { return g_grad_enabled; }
+NoGrad::NoGrad() : prev_(g_grad_enabled) { g_grad_enabled = false; }
+NoGrad::~NoGrad() { g_grad_enabled = prev_; }
+
+bool needs_graph(const std::vector<Tensor>& inputs) {
+  if (!g_grad_enabled) return false;
+  for (const Tensor& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+Tensor record(const char* name, Tensor out, std::vector<Tensor> inputs, BackwardFn backward) {
+  if (!needs_graph(inputs)) return out;
+  auto node = std::make_shared<Node>(Node{name, std::move(inputs), std::move(backward)});
+  out.impl().grad_fn = std::move(node);
+  out.impl().requires_grad = true;
+  return out;
+}
+
+// Nodes reachable from `root`, each after every node that consumes its output.
+static std::vector<Node*> topological_order(Node* root) {
+  std::vector<Node*> order;
+  std::unordered_set<Node*> seen{root};
+  std::vector<std::pair<Node*, size_t>> stack{{root, 0}};  // node, next input to visit
+  while (!stack.empty()) {
+    auto& [node, next] = stack.back();
+    if (next < node->inputs.size()) {
+      const Tensor& in = node->inputs[next++];
+      Node* child = in.defined() ? in.grad_fn().get() : nullptr;
+      if (child && seen.insert(child).second) stack.push_back({child, 0});
+    } else {
+      order.push_back(node);
+      stack.pop_back();
+    }
+  }
+  return {order.rbegin(), order.rend()};
+}
+
+static void accumulate(std::shared_ptr<TensorImpl>& slot, const Tensor& g) {
+  slot = slot ? ops::add(Tensor(slot), g).impl_ptr() : g.impl_ptr();
+}
+
+}  // namespace mv::autograd
+
+namespace mv {
+
+void Tensor::backward(const Tensor& grad_output) const {
+  using namespace autograd;
+  MV_CHECK(requires_grad(), "backward: ", str(), " does not require grad (no input of the ops "
+           "that made it requires grad, or it was made under NoGrad)");
+  Tensor g = grad_output;
+  if (!g.defined()) {
+    MV_CHECK(numel() == 1, "backward: an implicit gradient needs a one-element output, got ", str(),
+             "; pass grad_output");
+    g = Tensor::ones(shape(), DType::F32, device());
+  }
+  MV_CHECK(g.shape() == shape(), "backward: grad_output ", g.str(), " does not match output ", str());
+  NoGrad no_grad;  // backward closures build no graph of their own
+  if (!grad_fn()) {
+    accumulate(impl().grad, g);
+    return;
+  }
+  std::unordered_map<Node*, std::shared_ptr<TensorImpl>> pending{{grad_fn().get(), g.impl_ptr()}};
+  for (Node* node : topological_order(grad_fn().get())) {
+    auto it = pending.find(node);
+    if (it == pending.end()) continue;
+    Tensor gy(std::move(it->second));
+    pending.erase(it);
+    std::vector<Tensor> grads = node->backward(gy);
+    MV_CHECK(grads.size() == node->inputs.size(), "backward of ", node->name, ": returned ",
+             grads.size(), " gradients for ", node->inputs.size(), " inputs");
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const Tensor& in = node->inputs[i];
+      if (!grads[i].defined() || !in.defined() || !in.requires_grad()) continue;
+      MV_CHECK(grads[i].shape() == in.shape(), "backward of ", node->name, ": gradient ",
+               grads[i].str(), " for input ", i, " does not match the input ", in.str());
+      if (in.grad_fn())
+        accumulate(pending[in.grad_fn().get()], grads[i]);
+      else
+        accumulate(in.impl().grad, grads[i]);
+    }
+  }
+}
+
+}  // namespace mv

@@ -1,0 +1,131 @@
+#include "engine/safetensors.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+#include <vector>
+
+namespace mv {
+namespace {
+
+constexpr uint64_t kMaxHeader = 100u << 20;  // as the reference implementation bounds it
+
+DType parse_dtype(const std::string& s, const std::string& where) {
+  for (DType t : {DType::F32, DType::I32, DType::I64, DType::BF16, DType::F16})
+    if (s == dtype_name(t)) return t;
+  MV_FAIL(where, ": unsupported dtype '", s, "' (expected F32, I32, I64, BF16 or F16)");
+}
+
+}  // namespace
+
+void save_safetensors(const std::string& path, const TensorMap& tensors, const Metadata& meta) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!meta.empty()) header["__metadata__"] = meta;
+  uint64_t off = 0;
+  for (const auto& [name, t] : tensors) {
+    MV_CHECK(name != "__metadata__", "save_safetensors ", path, ": '__metadata__' is reserved");
+    header[name] = {{"dtype", dtype_name(t.dtype())},
+                    {"shape", t.shape()},
+                    {"data_offsets", {off, off + t.nbytes()}}};
+    off += t.nbytes();
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // keeps the data 8-byte aligned
+  const uint64_t hlen = h.size();
+
+  const std::string tmp = path + ".tmp." + std::to_string(getpid());
+  FILE* f = std::fopen(tmp.c_str(), "wb");
+  MV_CHECK(f, "save_safetensors: cannot open '", tmp, "' for writing: ", std::strerror(errno));
+  bool ok = std::fwrite(&hlen, 8, 1, f) == 1 && std::fwrite(h.data(), 1, h.size(), f) == h.size();
+  for (const auto& [name, t] : tensors) {
+    if (!ok) break;
+    std::vector<char> bytes(t.nbytes());
+    copy_bytes(bytes.data(), Device::CPU, t.contiguous().raw(), t.device(), bytes.size());
+    ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  }
+  ok = ok && std::fflush(f) == 0 && fsync(fileno(f)) == 0;
+  ok = (std::fclose(f) == 0) && ok;
+  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    MV_FAIL("save_safetensors: writing '", path, "' failed: ", std::strerror(errno));
+  }
+}
+
+TensorMap load_safetensors(const std::string& path, Metadata* meta) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  MV_CHECK(in, "load_safetensors: cannot open '", path, "'");
+  const uint64_t fsize = uint64_t(in.tellg());
+  in.seekg(0);
+  MV_CHECK(fsize >= 8, "load_safetensors '", path, "': file has ", fsize,
+           " bytes, fewer than the 8-byte header length");
+  uint64_t hlen = 0;
+  in.read(reinterpret_cast<char*>(&hlen), 8);
+  MV_CHECK(hlen <= kMaxHeader && hlen <= fsize - 8, "load_safetensors '", path,
+           "': header length ", hlen, " exceeds the file (", fsize, " bytes) or the 100 MiB limit");
+  std::string h(hlen, '\0');
+  in.read(h.data(), std::streamsize(hlen));
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(h);
+  } catch (const std::exception& e) {
+    MV_FAIL("load_safetensors '", path, "': header is not valid JSON (", e.what(), ")");
+  }
+  MV_CHECK(header.is_object(), "load_safetensors '", path, "': header is not a JSON object");
+  const uint64_t data_size = fsize - 8 - hlen;
+
+  struct Entry { std::string name; DType dtype; Shape shape; uint64_t begin, end; };
+  std::vector<Entry> entries;
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string where = "load_safetensors '" + path + "' tensor '" + it.key() + "'";
+    if (it.key() == "__metadata__") {
+      MV_CHECK(it->is_object(), where, ": must be an object of strings");
+      for (auto m = it->begin(); m != it->end(); ++m) {
+        MV_CHECK(m->is_string(), where, ": value of '", m.key(), "' is not a string");
+        if (meta) (*meta)[m.key()] = m->get<std::string>();
+      }
+      continue;
+    }
+    const auto& e = *it;
+    MV_CHECK(e.is_object() && e.contains("dtype") && e.contains("shape") &&
+                 e.contains("data_offsets") && e["dtype"].is_string() && e["shape"].is_array() &&
+                 e["data_offsets"].is_array() && e["data_offsets"].size() == 2,
+             where, ": expected {dtype, shape, data_offsets: [begin, end]}");
+    Entry en{it.key(), parse_dtype(e["dtype"].get<std::string>(), where), {}, 0, 0};
+    for (const auto& d : e["shape"]) {
+      MV_CHECK(d.is_number_unsigned(), where, ": shape entries must be non-negative integers");
+      en.shape.push_back(d.get<int64_t>());
+    }
+    MV_CHECK(e["data_offsets"][0].is_number_unsigned() && e["data_offsets"][1].is_number_unsigned(),
+             where, ": data_offsets must be non-negative integers");
+    en.begin = e["data_offsets"][0].get<uint64_t>();
+    en.end = e["data_offsets"][1].get<uint64_t>();
+    MV_CHECK(en.begin <= en.end && en.end <= data_size, where, ": data_offsets [", en.begin, ", ",
+             en.end, "] fall outside the ", data_size, " data bytes");
+    const uint64_t want = uint64_t(shape_numel(en.shape)) * dtype_size(en.dtype);
+    MV_CHECK(en.end - en.begin == want, where, ": holds ", en.end - en.begin, " bytes but shape ",
+             shape_str(en.shape), " of ", dtype_name(en.dtype), " needs ", want);
+    entries.push_back(std::move(en));
+  }
+  std::vector<const Entry*> by_offset;
+  for (const auto& e : entries) by_offset.push_back(&e);
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const Entry* a, const Entry* b) { return a->begin < b->begin; });
+  for (size_t i = 1; i < by_offset.size(); ++i)
+    MV_CHECK(by_offset[i]->begin >= by_offset[i - 1]->end, "load_safetensors '", path,
+             "': tensors '", by_offset[i - 1]->name, "' and '", by_offset[i]->name, "' overlap");
+
+  TensorMap out;
+  for (const auto& e : entries) {
+    Tensor t = Tensor::empty(e.shape, e.dtype);
+    in.seekg(std::streamoff(8 + hlen + e.begin));
+    in.read(static_cast<char*>(t.raw()), std::streamsize(e.end - e.begin));
+    MV_CHECK(in, "load_safetensors '", path, "': could not read tensor '", e.name, "'");
+    out.emplace(e.name, t);
+  }
+  return out;
+}
+
+}  // namespace mv

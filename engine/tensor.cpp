@@ -1,0 +1,210 @@
+#include "engine/tensor.h"
+
+#include <cstring>
+#include <sstream>
+
+namespace mv {
+
+std::string shape_str(const Shape& s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << ")";
+  return os.str();
+}
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+Shape contiguous_strides(const Shape& s) {
+  Shape st(s.size());
+  int64_t acc = 1;
+  for (int i = int(s.size()) - 1; i >= 0; --i) {
+    st[i] = acc;
+    acc *= s[i];
+  }
+  return st;
+}
+
+Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
+  for (int64_t d : shape)
+    MV_CHECK(d >= 0, "Tensor::empty: negative size in shape ", shape_str(shape));
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = std::make_shared<Storage>(size_t(shape_numel(shape)) * dtype_size(dtype), device);
+  impl->shape = shape;
+  impl->strides = contiguous_strides(shape);
+  impl->dtype = dtype;
+  return Tensor(std::move(impl));
+}
+
+Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) {
+  Tensor t = empty(shape, dtype, device);
+  if (device == Device::CPU)
+    std::memset(t.raw(), 0, t.nbytes());
+  else if (t.nbytes())
+    cuda_hooks()->zero(t.raw(), t.nbytes());
+  return t;
+}
+
+Tensor Tensor::ones(const Shape& shape, DType dtype, Device device) {
+  MV_CHECK(dtype == DType::F32, "Tensor::ones: only F32 is supported, got ", dtype_name(dtype));
+  return full(shape, 1.0f, device);
+}
+
+Tensor Tensor::full(const Shape& shape, float value, Device device) {
+  Tensor t = empty(shape);
+  t.fill_(value);
+  return t.to(device);
+}
+
+template <class T>
+static Tensor from_values(const std::vector<T>& values, const Shape& shape) {
+  MV_CHECK(int64_t(values.size()) == shape_numel(shape), "Tensor::from: ", values.size(),
+           " values do not fill shape ", shape_str(shape));
+  Tensor t = Tensor::empty(shape, dtype_of<T>());
+  if (!values.empty()) std::memcpy(t.raw(), values.data(), values.size() * sizeof(T));
+  return t;
+}
+Tensor Tensor::from(const std::vector<float>& v, const Shape& s) { return from_values(v, s); }
+Tensor Tensor::from_i64(const std::vector<int64_t>& v, const Shape& s) { return from_values(v, s); }
+Tensor Tensor::from_i32(const std::vector<int32_t>& v, const Shape& s) { return from_values(v, s); }
+
+Tensor Tensor::arange(int64_t n, DType dtype) {
+  Tensor t = empty({n}, dtype);
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype == DType::I64) t.data<int64_t>()[i] = i;
+    else if (dtype == DType::I32) t.data<int32_t>()[i] = int32_t(i);
+    else if (dtype == DType::F32) t.data<float>()[i] = float(i);
+    else MV_FAIL("Tensor::arange: unsupported dtype ", dtype_name(dtype));
+  }
+  return t;
+}
+
+int64_t Tensor::size(int d) const {
+  int n = ndim();
+  int i = d < 0 ? d + n : d;
+  MV_CHECK(i >= 0 && i < n, "Tensor::size: dim ", d, " out of range for ", str());
+  return impl().shape[i];
+}
+
+bool Tensor::is_contiguous() const { return impl().strides == contiguous_strides(impl().shape); }
+
+std::string Tensor::str() const {
+  if (!impl_) return "undefined";
+  return std::string(dtype_name(dtype())) + " " + shape_str(shape()) + " " + device_name(device());
+}
+
+void* Tensor::raw() const {
+  return static_cast<char*>(impl().storage->data()) + impl().offset * int64_t(dtype_size(dtype()));
+}
+
+// Copies a strided CPU tensor into contiguous memory at dst, element by element.
+static void gather_strided_cpu(const Tensor& src, void* dst) {
+  const size_t es = dtype_size(src.dtype());
+  const Shape& shape = src.shape();
+  const Shape& strides = src.strides();
+  const int nd = src.ndim();
+  const char* base = static_cast<const char*>(src.raw());
+  char* out = static_cast<char*>(dst);
+  std::vector<int64_t> idx(nd, 0);
+  const int64_t n = src.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) off += idx[d] * strides[d];
+    std::memcpy(out + i * es, base + off * int64_t(es), es);
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < shape[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+Tensor Tensor::contiguous() const {
+  if (is_contiguous()) return *this;
+  MV_CHECK(device() == Device::CPU, "Tensor::contiguous: strided CUDA tensors are not supported (",
+           str(), ")");
+  Tensor out = empty(shape(), dtype());
+  gather_strided_cpu(*this, out.raw());
+  return out;
+}
+
+template <class T> std::vector<T> Tensor::to_vector() const {
+  MV_CHECK(dtype() == dtype_of<T>(), "Tensor::to_vector: tensor ", str(), " is not ",
+           dtype_name(dtype_of<T>()));
+  Tensor c = contiguous();
+  std::vector<T> v(static_cast<size_t>(numel()));
+  copy_bytes(v.data(), Device::CPU, c.raw(), c.device(), c.nbytes());
+  return v;
+}
+template std::vector<float> Tensor::to_vector<float>() const;
+template std::vector<int32_t> Tensor::to_vector<int32_t>() const;
+template std::vector<int64_t> Tensor::to_vector<int64_t>() const;
+
+float Tensor::item() const {
+  MV_CHECK(numel() == 1, "Tensor::item: expected one element, got ", str());
+  return to_vector<float>()[0];
+}
+
+Tensor Tensor::to(Device d) const {
+  if (device() == d) return *this;
+  Tensor c = contiguous();
+  Tensor out = empty(shape(), dtype(), d);
+  copy_bytes(out.raw(), d, c.raw(), c.device(), c.nbytes());
+  return out;
+}
+
+Tensor Tensor::clone() const {
+  Tensor out = empty(shape(), dtype(), device());
+  out.copy_(*this);
+  return out;
+}
+
+Tensor Tensor::detach() const {
+  auto impl = std::make_shared<TensorImpl>(*impl_);
+  impl->requires_grad = false;
+  impl->grad.reset();
+  impl->grad_fn.reset();
+  return Tensor(std::move(impl));
+}
+
+Tensor Tensor::view_as(const Shape& shape, const Shape& strides, int64_t offset) const {
+  MV_CHECK(shape.size() == strides.size(), "Tensor::view_as: shape ", shape_str(shape),
+           " and strides ", shape_str(strides), " differ in rank");
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = impl_->storage;
+  impl->dtype = impl_->dtype;
+  impl->shape = shape;
+  impl->strides = strides;
+  impl->offset = offset;
+  return Tensor(std::move(impl));
+}
+
+void Tensor::fill_(float value) {
+  MV_CHECK(dtype() == DType::F32 && is_contiguous(), "Tensor::fill_: needs a contiguous F32 tensor, got ", str());
+  if (device() != Device::CPU) {
+    copy_(full(shape(), value));
+    return;
+  }
+  float* p = data<float>();
+  for (int64_t i = 0, n = numel(); i < n; ++i) p[i] = value;
+}
+
+void Tensor::copy_(const Tensor& src) {
+  MV_CHECK(src.shape() == shape() && src.dtype() == dtype(), "Tensor::copy_: source ", src.str(),
+           " does not match destination ", str());
+  MV_CHECK(is_contiguous(), "Tensor::copy_: destination ", str(), " must be contiguous");
+  Tensor c = src.contiguous();
+  copy_bytes(raw(), device(), c.raw(), c.device(), nbytes());
+}
+
+Tensor& Tensor::set_requires_grad(bool r) {
+  MV_CHECK(!impl().grad_fn, "set_requires_grad: ", str(), " is the result of an op, not a leaf");
+  MV_CHECK(!r || dtype() == DType::F32, "set_requires_grad: only F32 tensors have gradients, got ", str());
+  impl().requires_grad = r;
+  return *this;
+}
+
+}  // namespace mv

@@ -1,0 +1,42 @@
+// Shared checks for the test suites.
+#pragma once
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "autograd/gradcheck.h"
+#include "engine/random.h"
+#include "engine/tensor.h"
+
+namespace mv::test {
+
+// Every element of `t` within atol + rtol*|expected| of `expected`.
+inline void check_close(const Tensor& t, const std::vector<float>& expected, float atol = 1e-5f,
+                        float rtol = 1e-5f) {
+  std::vector<float> v = t.to_vector<float>();
+  REQUIRE(v.size() == expected.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    INFO("element " << i << ": got " << v[i] << ", expected " << expected[i]);
+    CHECK(std::fabs(v[i] - expected[i]) <= atol + rtol * std::fabs(expected[i]));
+  }
+}
+
+// gradcheck with the report in the failure message.
+inline void check_grad(const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                       const std::vector<Tensor>& inputs, const autograd::GradcheckOptions& opt = {}) {
+  autograd::GradcheckResult r = autograd::gradcheck(f, inputs, opt);
+  INFO(r.report);
+  CHECK(r.ok);
+}
+
+// A random F32 tensor that requires grad, drawn from N(0, scale^2) with a fixed seed.
+inline Tensor param(const Shape& shape, uint64_t seed, float scale = 1.0f) {
+  Generator g(seed);
+  Tensor t = randn(shape, g);
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] *= scale;
+  return t.set_requires_grad(true);
+}
+
+}  // namespace mv::test

@@ -1,0 +1,189 @@
+#include <cstdio>
+#include <fstream>
+
+#include "engine/memory.h"
+#include "engine/philox.h"
+#include "engine/random.h"
+#include "engine/safetensors.h"
+#include "tests/helpers.h"
+
+using namespace mv;
+
+TEST_CASE("tensor factories, shapes and views") {
+  Tensor t = Tensor::from({1, 2, 3, 4, 5, 6}, {2, 3});
+  CHECK(t.shape() == Shape{2, 3});
+  CHECK(t.size(-1) == 3);
+  CHECK(t.numel() == 6);
+  CHECK(t.is_contiguous());
+  // A transposed view reads the same storage through swapped strides.
+  Tensor tt = t.view_as({3, 2}, {1, 3}, 0);
+  CHECK(!tt.is_contiguous());
+  CHECK(tt.contiguous().to_vector<float>() == std::vector<float>{1, 4, 2, 5, 3, 6});
+  CHECK(Tensor::zeros({2, 2}).to_vector<float>() == std::vector<float>(4, 0.f));
+  CHECK(Tensor::full({3}, 2.5f).to_vector<float>() == std::vector<float>(3, 2.5f));
+  CHECK(Tensor::arange(4).to_vector<int64_t>() == std::vector<int64_t>{0, 1, 2, 3});
+  CHECK_THROWS_WITH_AS(Tensor::from({1, 2, 3}, {2, 2}), doctest::Contains("do not fill shape (2, 2)"), Error);
+  CHECK_THROWS_WITH_AS(t.size(2), doctest::Contains("out of range"), Error);
+  CHECK_THROWS_WITH_AS(t.data<int64_t>(), doctest::Contains("is not I64"), Error);
+}
+
+TEST_CASE("clone copies, detach shares storage") {
+  Tensor t = Tensor::from({1, 2}, {2});
+  Tensor c = t.clone(), d = t.detach();
+  t.data<float>()[0] = 9;
+  CHECK(c.to_vector<float>()[0] == 1);
+  CHECK(d.to_vector<float>()[0] == 9);
+}
+
+TEST_CASE("CPU pool reuses freed blocks") {
+  { Tensor warm = Tensor::empty({1000}); }
+  const size_t before = cpu_pool_stats().system_allocs;
+  for (int i = 0; i < 10; ++i) {
+    Tensor a = Tensor::empty({1000});
+    Tensor b = Tensor::empty({999});  // same size class
+  }
+  // The first pass may need one more block for b; every later pass reuses both.
+  CHECK(cpu_pool_stats().system_allocs <= before + 1);
+}
+
+TEST_CASE("philox4x32-10 matches the Random123 known-answer vectors") {
+  philox::U4 a = philox::philox4x32_10({0, 0, 0, 0}, 0, 0);
+  CHECK(a.x == 0x6627e8d5u);
+  CHECK(a.y == 0xe169c58du);
+  CHECK(a.z == 0xbc57ac4cu);
+  CHECK(a.w == 0x9b00dbd8u);
+  philox::U4 b = philox::philox4x32_10({0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu},
+                                       0xffffffffu, 0xffffffffu);
+  CHECK(b.x == 0x408f276du);
+  CHECK(b.y == 0x41c83b0eu);
+  CHECK(b.z == 0xa20bc7c6u);
+  CHECK(b.w == 0x6d5451fdu);
+  philox::U4 c = philox::philox4x32_10({0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u},
+                                       0xa4093822u, 0x299f31d0u);
+  CHECK(c.x == 0xd16cfe09u);
+  CHECK(c.y == 0x94fdccebu);
+  CHECK(c.z == 0x5001e420u);
+  CHECK(c.w == 0x24126ea1u);
+}
+
+TEST_CASE("random tensors: reproducible, offsets advance, moments right") {
+  Generator g1(7), g2(7);
+  std::vector<float> a = randn({1000}, g1).to_vector<float>();
+  CHECK(a == randn({1000}, g2).to_vector<float>());
+  CHECK(g1.offset == 500);
+  CHECK(randn({10}, g1).to_vector<float>() != std::vector<float>(a.begin(), a.begin() + 10));
+
+  Generator g(3);
+  std::vector<float> n = randn({100000}, g).to_vector<float>();
+  double m = 0, v = 0;
+  for (float x : n) m += x;
+  m /= n.size();
+  for (float x : n) v += (x - m) * (x - m);
+  v /= n.size();
+  CHECK(std::fabs(m) < 0.02);
+  CHECK(std::fabs(v - 1.0) < 0.02);
+
+  std::vector<float> u = rand({100000}, g).to_vector<float>();
+  double mu = 0;
+  for (float x : u) {
+    CHECK_UNARY(x >= 0.f && x < 1.f);
+    mu += x;
+  }
+  CHECK(std::fabs(mu / u.size() - 0.5) < 0.01);
+
+  std::vector<float> b = bernoulli({100000}, 0.3f, g).to_vector<float>();
+  double mb = 0;
+  for (float x : b) mb += x;
+  CHECK(std::fabs(mb / b.size() - 0.3) < 0.01);
+
+  std::vector<int64_t> p = randperm(100, g).to_vector<int64_t>();
+  std::vector<int64_t> sorted = p;
+  std::sort(sorted.begin(), sorted.end());
+  CHECK(sorted == Tensor::arange(100).to_vector<int64_t>());
+  CHECK(p != sorted);
+
+  std::vector<float> tn = trunc_normal({10000}, 0.02f, -2.f, 2.f, g).to_vector<float>();
+  for (float x : tn) CHECK_UNARY(std::fabs(x) <= 0.04f + 1e-7f);
+}
+
+static std::string tmp_path(const char* name) { return std::string("/tmp/moevit_test_") + name; }
+
+static void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary);
+  f.write(bytes.data(), std::streamsize(bytes.size()));
+}
+
+static std::string with_header(const std::string& json, size_t data_bytes) {
+  uint64_t n = json.size();
+  std::string s(reinterpret_cast<const char*>(&n), 8);
+  return s + json + std::string(data_bytes, '\0');
+}
+
+TEST_CASE("safetensors round trip") {
+  const std::string path = tmp_path("roundtrip.safetensors");
+  TensorMap m{{"w", Tensor::from({1, 2, 3, 4, 5, 6}, {2, 3})},
+              {"idx", Tensor::from_i64({7, -8}, {2})},
+              {"scalar", Tensor::scalar(3.5f)}};
+  save_safetensors(path, m, {{"step", "12"}});
+  Metadata meta;
+  TensorMap back = load_safetensors(path, &meta);
+  CHECK(meta.at("step") == "12");
+  CHECK(back.at("w").shape() == Shape{2, 3});
+  CHECK(back.at("w").to_vector<float>() == m.at("w").to_vector<float>());
+  CHECK(back.at("idx").to_vector<int64_t>() == std::vector<int64_t>{7, -8});
+  CHECK(back.at("scalar").item() == 3.5f);
+  std::remove(path.c_str());
+}
+
+TEST_CASE("safetensors rejects corrupt files with clear errors") {
+  const std::string path = tmp_path("bad.safetensors");
+  SUBCASE("truncated data") {
+    save_safetensors(path, {{"w", Tensor::zeros({4, 4})}});
+    std::ifstream in(path, std::ios::binary);
+    std::string all((std::istreambuf_iterator<char>(in)), {});
+    write_bytes(path, all.substr(0, all.size() - 5));
+    CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("fall outside"), Error);
+  }
+  SUBCASE("shorter than the length prefix") {
+    write_bytes(path, "abc");
+    CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("fewer than the 8-byte"), Error);
+  }
+  SUBCASE("header length beyond the file") {
+    write_bytes(path, with_header("{}", 0).replace(0, 1, "\xff"));
+    CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("header length"), Error);
+  }
+  SUBCASE("header not JSON") {
+    write_bytes(path, with_header("{not json", 0));
+    CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("not valid JSON"), Error);
+  }
+  SUBCASE("oversized offsets") {
+    write_bytes(path, with_header(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,800]}})", 8));
+    CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("tensor 'w'"), Error);
+  }
+  SUBCASE("size does not match shape") {
+    write_bytes(path, with_header(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8));
+    CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("needs 12"), Error);
+  }
+  SUBCASE("unknown dtype") {
+    write_bytes(path, with_header(R"({"w":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}})", 8));
+    CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("unsupported dtype 'Q7'"), Error);
+  }
+  SUBCASE("overlapping tensors") {
+    write_bytes(path, with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                  R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12));
+    CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("overlap"), Error);
+  }
+  SUBCASE("missing file") {
+    std::remove(path.c_str());
+    CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("cannot open"), Error);
+  }
+  std::remove(path.c_str());
+}
+
+TEST_CASE("safetensors writes atomically: a failed save keeps the old file") {
+  const std::string path = tmp_path("atomic.safetensors");
+  save_safetensors(path, {{"w", Tensor::from({1, 2}, {2})}});
+  CHECK_THROWS_AS(save_safetensors(path, {{"__metadata__", Tensor::zeros({1})}}), Error);
+  CHECK(load_safetensors(path).at("w").to_vector<float>() == std::vector<float>{1, 2});
+  std::remove(path.c_str());
+}

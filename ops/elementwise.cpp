@@ -7,6 +7,7 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+#include "ops/fast_math.h"
 
 namespace mv::ops {
 
@@ -209,7 +210,7 @@ Tensor rsqrt(const Tensor& x) {
 }
 // tanh' = 1 - y^2
 Tensor tanh(const Tensor& x) {
-  return unary_op("tanh", x, [](float v) { return std::tanh(v); },
+  return unary_op("tanh", x, [](float v) { return fast_tanh(v); },
                   [](float, float y) { return 1.0f - y * y; });
 }
 // (x^p)' = p x^(p-1)
@@ -231,9 +232,9 @@ Tensor gelu(const Tensor& x, GeluForm form) {
                   inv_sqrt2pi = 0.3989422804014327f;
   if (form == GeluForm::Tanh)
     return unary_op(
-        "gelu", x, [](float v) { return 0.5f * v * (1.f + std::tanh(c * (v + k * v * v * v))); },
+        "gelu", x, [](float v) { return 0.5f * v * (1.f + fast_tanh(c * (v + k * v * v * v))); },
         [](float v, float) {
-          float t = std::tanh(c * (v + k * v * v * v));
+          float t = fast_tanh(c * (v + k * v * v * v));
           return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * c * (1.f + 3.f * k * v * v);
         });
   return unary_op(

@@ -1,6 +1,7 @@
 #include <cmath>
 
 #include "ops/elementwise.h"
+#include "ops/fast_math.h"
 #include "tests/helpers.h"
 
 using namespace mv;
@@ -86,4 +87,17 @@ TEST_CASE("where and masked_fill") {
   Tensor x = Tensor::from({1, 2, 3}, {3}).set_requires_grad(true);
   ops::masked_fill(x, m, 5).backward(Tensor::ones({3}));
   check_close(x.grad(), {0, 1, 0});
+}
+
+TEST_CASE("fast exp and tanh stay close to libm over their whole range") {
+  double worst_exp = 0, worst_tanh = 0;
+  for (float x = -87.f; x <= 88.f; x += 0.00731f) {
+    const double e = std::exp(double(x));
+    worst_exp = std::max(worst_exp, std::fabs(ops::fast_exp(x) - e) / e);
+    worst_tanh = std::max(worst_tanh, std::fabs(ops::fast_tanh(x) - std::tanh(double(x))));
+  }
+  CHECK(worst_exp < 1e-6);
+  CHECK(worst_tanh < 3e-7);
+  CHECK(ops::fast_tanh(100.f) == 1.f);
+  CHECK(ops::fast_tanh(-100.f) == -1.f);
 }

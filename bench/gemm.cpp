@@ -1,0 +1,197 @@
+// GEMM throughput: ops::matmul / ops::bmm (Eigen underneath) against OpenBLAS's cblas_sgemm on
+// the same number of threads, at the shapes a ViT-S/MoE training step runs (6400 = 128 images x
+// 50 tokens) plus square references and batched attention products.
+//
+// Two phases: first every shape with ours, then every shape with OpenBLAS. Each library's idle
+// worker threads keep spinning for a while after a call (OpenBLAS's for ~0.1 s), and on a
+// 2-core machine a spinning thread of one library stalls the other's fork-join, so the two never
+// alternate. Per shape: 3 warm-up calls, then the median (and the fastest) of `repeats` timed
+// calls; the fastest shows what the kernel does when no other process took a core. No cache
+// flush between calls. Ours includes allocating the output (from the CPU pool); OpenBLAS writes
+// into a preallocated buffer. The last column compares the two results.
+//
+// Batched shapes: OpenBLAS 0.3.21 has no batched sgemm, so its figure is the faster of (a) a
+// loop of calls with OpenBLAS threaded and (b) an OpenMP loop over the batch with OpenBLAS
+// single-threaded; the row says which.
+//
+//   ./build/bench/bench_gemm [--threads 2] [--repeats 21]
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "autograd/autograd.h"
+#include "engine/parallel.h"
+#include "engine/random.h"
+#include "ops/matmul.h"
+#include "ops/shape.h"
+
+#ifdef MV_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
+using namespace mv;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Case {
+  std::string label;
+  int64_t batch, M, K, N;
+  bool ta = false, tb = false;  // operand stored transposed (ours reads it through a transposed view)
+};
+
+struct Times {
+  double median = NAN, best = NAN;
+};
+
+// Median and fastest time (ms) of `n` calls of f after 3 warm-up calls.
+Times time_ms(const std::function<void()>& f, int n) {
+  for (int i = 0; i < 3; ++i) f();
+  std::vector<double> t;
+  for (int i = 0; i < n; ++i) {
+    auto a = Clock::now();
+    f();
+    t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - a).count());
+  }
+  std::sort(t.begin(), t.end());
+  return {t[t.size() / 2], t[0]};
+}
+
+void rest() { std::this_thread::sleep_for(std::chrono::milliseconds(20)); }
+
+std::string dims(const Case& c) {
+  std::string s = std::to_string(c.M) + "x" + std::to_string(c.K) + "x" + std::to_string(c.N);
+  return c.batch > 1 ? std::to_string(c.batch) + " x " + s : s;
+}
+
+struct Data {
+  Tensor A, B;  // stored operands: A (batch, M, K), or (batch, K, M) when ta; same for B
+  Tensor out;   // ours
+  Times ours, ref;
+  double diff = NAN;
+  std::string how;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 2, repeats = 21;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--threads")) threads = std::stoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--repeats")) repeats = std::stoi(argv[i + 1]);
+    else {
+      std::fprintf(stderr, "usage: %s [--threads N] [--repeats N]\n", argv[0]);
+      return 2;
+    }
+  }
+  repeats = std::max(repeats, 1);
+  set_num_threads(threads);
+
+  const std::vector<Case> cases = {
+      {"linear fwd", 1, 6400, 64, 64},       {"linear fwd", 1, 6400, 64, 192},
+      {"linear fwd", 1, 6400, 192, 64},      {"linear fwd", 1, 6400, 64, 256},
+      {"linear fwd", 1, 6400, 256, 64},      {"square", 1, 512, 512, 512},
+      {"square", 1, 1024, 1024, 1024},       {"attention QK^T-like", 512, 50, 16, 50},
+      {"attention PV-like", 512, 50, 50, 16},
+      // the backward GEMMs of linear: dx = dy w^T (B transposed), dw = x^T dy (A transposed)
+      {"linear dx = dy w^T", 1, 6400, 192, 64, false, true},
+      {"linear dx = dy w^T", 1, 6400, 64, 192, false, true},
+      {"linear dw = x^T dy", 1, 64, 6400, 192, true, false},
+      {"linear dw = x^T dy", 1, 192, 6400, 64, true, false},
+  };
+
+  std::printf("bench_gemm: %d threads (ours: OpenMP + Eigen; OpenBLAS: openblas_set_num_threads)\n", threads);
+  std::printf("all shapes with ours, then all with OpenBLAS; per shape 3 warm-up calls, median (and best) of %d calls; "
+              "no cache flush; GFLOP/s = 2*batch*M*N*K / time\n", repeats);
+#ifndef MV_HAVE_OPENBLAS
+  std::printf("(built without OpenBLAS: reference columns are empty)\n");
+#endif
+
+  Generator gen(42);
+  {  // wake the thread pools and the allocator before anything is timed
+    Tensor w = randn({512, 512}, gen);
+    autograd::NoGrad ng;
+    for (int i = 0; i < 20; ++i) ops::matmul(w, w);
+  }
+  std::vector<Data> data(cases.size());
+  // Phase 1: ours.
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const Case& c = cases[ci];
+    Data& d = data[ci];
+    Shape sa = c.ta ? Shape{c.K, c.M} : Shape{c.M, c.K};
+    Shape sb = c.tb ? Shape{c.N, c.K} : Shape{c.K, c.N};
+    if (c.batch > 1) {
+      sa.insert(sa.begin(), c.batch);
+      sb.insert(sb.begin(), c.batch);
+    }
+    d.A = randn(sa, gen);
+    d.B = randn(sb, gen);
+    Tensor a = c.ta ? ops::transpose(d.A, -1, -2) : d.A, b = c.tb ? ops::transpose(d.B, -1, -2) : d.B;
+    rest();
+    d.ours = time_ms([&] {
+      autograd::NoGrad ng;
+      d.out = c.batch > 1 ? ops::bmm(a, b) : ops::matmul(a, b);
+    }, repeats);
+  }
+#ifdef MV_HAVE_OPENBLAS
+  // Phase 2: OpenBLAS.
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const Case& c = cases[ci];
+    Data& d = data[ci];
+    openblas_set_num_threads(threads);
+    std::vector<float> C(size_t(c.batch * c.M * c.N));
+    const float *pa = d.A.data<float>(), *pb = d.B.data<float>();
+    const int lda = int(c.ta ? c.M : c.K), ldb = int(c.tb ? c.K : c.N);
+    auto one = [&](int64_t i) {
+      cblas_sgemm(CblasRowMajor, c.ta ? CblasTrans : CblasNoTrans, c.tb ? CblasTrans : CblasNoTrans, int(c.M),
+                  int(c.N), int(c.K), 1.f, pa + i * c.M * c.K, lda, pb + i * c.K * c.N, ldb, 0.f,
+                  C.data() + i * c.M * c.N, int(c.N));
+    };
+    rest();
+    d.ref = time_ms([&] {
+      for (int64_t i = 0; i < c.batch; ++i) one(i);
+    }, repeats);
+    if (c.batch > 1) {
+      d.how = " (loop)";
+      openblas_set_num_threads(1);
+      rest();
+      const Times t = time_ms([&] {
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < c.batch; ++i) one(i);
+      }, repeats);
+      if (t.median < d.ref.median) {
+        d.ref = t;
+        d.how = " (omp loop)";
+      }
+    }
+    // max |ours - OpenBLAS| / max |OpenBLAS|
+    const float* po = d.out.data<float>();
+    double md = 0, mr = 0;
+    for (size_t i = 0; i < C.size(); ++i) {
+      md = std::max(md, double(std::fabs(po[i] - C[i])));
+      mr = std::max(mr, double(std::fabs(C[i])));
+    }
+    d.diff = md / mr;
+  }
+#endif
+  std::printf("\n| case | batch x M x K x N | ours ms | ours GFLOP/s | OpenBLAS ms | OpenBLAS GFLOP/s | "
+              "ours/OpenBLAS | best-call ours/OpenBLAS GFLOP/s | max rel diff |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const Case& c = cases[ci];
+    const Data& d = data[ci];
+    const double gflop = 2.0 * double(c.batch * c.M * c.N * c.K) * 1e-9;
+    std::printf("| %s%s | %s | %.3f | %.1f | %.3f | %.1f | %.2f | %.0f / %.0f | %.1e |\n", c.label.c_str(),
+                d.how.c_str(), dims(c).c_str(), d.ours.median, gflop / d.ours.median * 1e3, d.ref.median,
+                gflop / d.ref.median * 1e3, d.ref.median / d.ours.median, gflop / d.ours.best * 1e3,
+                gflop / d.ref.best * 1e3, d.diff);
+  }
+  return 0;
+}

@@ -1,0 +1,108 @@
+// The CUDA kernels of moevit, as functions on Tensors. A plain C++ header (no CUDA headers), so
+// ops/ can include it under `#ifdef MOEVIT_CUDA` and dispatch on the tensor's device.
+//
+// Conventions: every input is a contiguous F32 CUDA tensor unless stated (labels are I64);
+// a wrong device, dtype, layout or shape throws mv::Error naming the function and the tensor.
+// Outputs are new CUDA tensors from the caching allocator. Everything runs on one stream
+// (the legacy default stream), so results are ready for any later kernel or copy; functions do
+// not synchronise the host. The CPU twins of these kernels live in ops/ (see tests/test_cuda.cpp).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "engine/tensor.h"
+
+namespace mv::cuda {
+
+// Waits for all queued GPU work and reports an asynchronous kernel error, if any.
+void synchronize();
+
+// ---- GEMM (cuda/blas.cu): cuBLAS, row-major through the operand swap -------------------------
+// a: (M, K) or (B, M, K), b: (K, N) or (B, K, N) -> (M, N) or (B, M, N). A 2-D operand is shared
+// by every batch. tf32: let cuBLAS use TF32 tensor cores (about 1e-3 relative error) instead of
+// full FP32.
+Tensor matmul(const Tensor& a, const Tensor& b, bool tf32 = false);
+// x: (R, in), w: (in, out), bias: (out,) or undefined -> (R, in) @ w + bias: (R, out).
+// One cuBLASLt call with the bias fused as its epilogue (sgemm + bias kernel if Lt declines).
+Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor& bias, bool tf32 = false);
+
+// ---- softmax over the last axis (cuda/softmax.cu) --------------------------------------------
+// x: (..., C) -> y: (..., C)
+Tensor softmax_forward(const Tensor& x);
+// y, dy: (..., C) -> dx = y * (dy - sum_c(dy * y)): (..., C)
+Tensor softmax_backward(const Tensor& y, const Tensor& dy);
+
+// ---- layer norm over the last axis (cuda/layernorm.cu) ---------------------------------------
+struct LayerNormOut {
+  Tensor y;     // (..., D)
+  Tensor mean;  // (...): one per row
+  Tensor rstd;  // (...): 1 / sqrt(var + eps), biased variance
+};
+// x: (..., D), gamma, beta: (D,) (undefined: 1 and 0). D <= 8192.
+LayerNormOut layernorm_forward(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps);
+struct LayerNormGrads {
+  Tensor dx;      // (..., D)
+  Tensor dgamma;  // (D,)
+  Tensor dbeta;   // (D,)
+};
+// dy, x: (..., D), gamma: (D,) or undefined, mean, rstd: (...) from the forward.
+// dgamma / dbeta are deterministic: per-block partial sums, then a fixed-order second pass.
+LayerNormGrads layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& gamma,
+                                  const Tensor& mean, const Tensor& rstd);
+
+// ---- cross-entropy with label smoothing (cuda/cross_entropy.cu) ------------------------------
+struct CrossEntropyOut {
+  Tensor loss;  // (N,): per-row loss; the mean over rows is the usual training loss
+  Tensor lse;   // (N,): log-sum-exp of each row, kept for the backward
+};
+// logits: (N, C), labels: I64 (N,) in [0, C) (a row with a label outside gets a NaN loss).
+// loss_i = lse_i - (1 - s) x_{i,y_i} - (s / C) sum_c x_{i,c}, s = label_smoothing.
+CrossEntropyOut cross_entropy_forward(const Tensor& logits, const Tensor& labels,
+                                      float label_smoothing = 0.f);
+// d(mean_i loss_i)/dlogits = dloss / N * (softmax(x) - ((1 - s) onehot(y) + s / C)): (N, C).
+// dloss: undefined (1) or a one-element F32 CUDA tensor (the incoming gradient of the mean loss;
+// read on the device, no host sync).
+Tensor cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse,
+                              float label_smoothing = 0.f, const Tensor& dloss = Tensor());
+
+// ---- elementwise (cuda/elementwise.cu) -------------------------------------------------------
+// GELU, tanh form: y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). x: any shape.
+Tensor gelu_forward(const Tensor& x);
+// x, dy: same shape -> dx = dy * gelu'(x)
+Tensor gelu_backward(const Tensor& x, const Tensor& dy);
+// x: (..., C), b: (C,) -> x + b
+Tensor add_bias(const Tensor& x, const Tensor& b);
+// a, b: same shape -> a + b, a * b
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+
+// ---- AdamW (cuda/adamw.cu) -------------------------------------------------------------------
+// One multi-tensor launch updates every parameter in place, as torch.optim.AdamW does:
+//   p *= 1 - lr * wd;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2;
+//   p -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps).
+// params, grads, m, v: equal-length lists of same-shape tensors; weight_decays: one per tensor;
+// step: 1 for the first update.
+void adamw_step(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                const std::vector<Tensor>& m, const std::vector<Tensor>& v, float lr, float beta1,
+                float beta2, float eps, const std::vector<float>& weight_decays, int64_t step);
+
+// ---- Philox random numbers (cuda/random.cu) --------------------------------------------------
+// Element i is mv::philox::normal(seed, offset, i) / uniform(seed, offset, i): the same draws as
+// the CPU's randn / rand for the same (seed, offset). Uniform draws are bitwise equal to the CPU;
+// normal draws go through the device's logf/cosf/sinf and agree to a few ulp.
+Tensor philox_normal(const Shape& shape, uint64_t seed, uint64_t offset);
+Tensor philox_uniform(const Shape& shape, uint64_t seed, uint64_t offset);
+
+// ---- attention (cuda/attention.cu) -----------------------------------------------------------
+struct AttentionOut {
+  Tensor out;  // (B, T, D): heads concatenated along the last axis
+  Tensor lse;  // (B, heads, T): natural log-sum-exp of each row of scaled scores
+};
+// qkv: (B, T, 3D) packed [q | k | v], head h at columns h*Dh .. h*Dh + Dh - 1 of each part,
+// Dh = D / heads <= 64. softmax(q k^T / sqrt(Dh)) v per (batch, head), flash-style.
+AttentionOut attention_forward(const Tensor& qkv, int heads);
+// qkv, out, lse from the forward, dout: (B, T, D) -> dqkv: (B, T, 3D). Deterministic (no atomics).
+Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& lse,
+                          const Tensor& dout, int heads);
+
+}  // namespace mv::cuda

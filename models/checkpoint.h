@@ -1,0 +1,23 @@
+// Checkpoints: one safetensors file with the parameters under their dotted names, the optimizer
+// buffers under "<kind>.<name>", and string metadata (config, epoch, step, RNG state). Written
+// atomically (engine/safetensors.h), so an interrupted save leaves the previous checkpoint.
+#pragma once
+#include <string>
+
+#include "engine/safetensors.h"
+#include "models/module.h"
+#include "models/optim.h"
+
+namespace mv::models {
+
+void save_checkpoint(const std::string& path, const Module& model, const Optimizer* opt,
+                     const Metadata& meta);
+
+// Copies the parameters (and optimizer buffers when opt is given) into the existing tensors.
+// Every expected tensor must be present with its exact shape; errors name the file and tensor.
+Metadata load_checkpoint(const std::string& path, Module& model, Optimizer* opt);
+
+// Only the metadata, to rebuild the model before loading its weights.
+Metadata read_checkpoint_metadata(const std::string& path);
+
+}  // namespace mv::models

@@ -1,0 +1,106 @@
+#include "models/optim.h"
+
+#include <cmath>
+
+#include "engine/parallel.h"
+
+namespace mv::models {
+
+bool decays(const std::string& name, const Tensor& p) {
+  const std::string last = name.substr(name.rfind('.') + 1);
+  return p.ndim() >= 2 && last != "pos" && last != "cls";
+}
+
+void Optimizer::zero_grad() {
+  for (auto& [n, p] : params_) p.zero_grad();
+}
+
+AdamW::AdamW(NamedTensors params, float wd, float b1, float b2, float eps)
+    : Optimizer(std::move(params)), wd_(wd), b1_(b1), b2_(b2), eps_(eps) {
+  for (auto& [n, p] : params_) {
+    m_.push_back(Tensor::zeros(p.shape()));
+    v_.push_back(Tensor::zeros(p.shape()));
+  }
+}
+
+// p -= lr * wd * p (decoupled decay); m, v moving averages of g and g^2;
+// p -= lr * m_hat / (sqrt(v_hat) + eps), with the bias corrections of Adam.
+void AdamW::step(float lr, float gs) {
+  ++steps_;
+  const float c1 = 1.f - std::pow(b1_, float(steps_)), c2 = 1.f - std::pow(b2_, float(steps_));
+  for (size_t k = 0; k < params_.size(); ++k) {
+    auto& [name, p] = params_[k];
+    Tensor g = p.grad();
+    if (!g.defined()) continue;
+    g = g.contiguous();
+    const float decay = decays(name, p) ? lr * wd_ : 0.f;
+    float *pp = p.data<float>(), *pm = m_[k].data<float>(), *pv = v_[k].data<float>();
+    const float* pg = g.data<float>();
+    parallel_for(p.numel(), 8, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i) {
+        const float gi = pg[i] * gs;
+        pm[i] = b1_ * pm[i] + (1.f - b1_) * gi;
+        pv[i] = b2_ * pv[i] + (1.f - b2_) * gi * gi;
+        pp[i] -= decay * pp[i] + lr * (pm[i] / c1) / (std::sqrt(pv[i] / c2) + eps_);
+      }
+    });
+  }
+}
+
+NamedTensors AdamW::state() const {
+  NamedTensors s;
+  for (size_t k = 0; k < params_.size(); ++k) {
+    s.emplace_back("adamw.m." + params_[k].first, m_[k]);
+    s.emplace_back("adamw.v." + params_[k].first, v_[k]);
+  }
+  return s;
+}
+
+SGD::SGD(NamedTensors params, float momentum, float wd)
+    : Optimizer(std::move(params)), momentum_(momentum), wd_(wd) {
+  for (auto& [n, p] : params_) buf_.push_back(Tensor::zeros(p.shape()));
+}
+
+// g += wd * p (coupled L2, as torch.optim.SGD); b = momentum * b + g; p -= lr * b.
+void SGD::step(float lr, float gs) {
+  ++steps_;
+  for (size_t k = 0; k < params_.size(); ++k) {
+    auto& [name, p] = params_[k];
+    Tensor g = p.grad();
+    if (!g.defined()) continue;
+    g = g.contiguous();
+    const float wd = decays(name, p) ? wd_ : 0.f;
+    float *pp = p.data<float>(), *pb = buf_[k].data<float>();
+    const float* pg = g.data<float>();
+    for (int64_t i = 0, n = p.numel(); i < n; ++i) {
+      pb[i] = momentum_ * pb[i] + pg[i] * gs + wd * pp[i];
+      pp[i] -= lr * pb[i];
+    }
+  }
+}
+
+NamedTensors SGD::state() const {
+  NamedTensors s;
+  for (size_t k = 0; k < params_.size(); ++k) s.emplace_back("sgd.momentum." + params_[k].first, buf_[k]);
+  return s;
+}
+
+ClipResult clip_scale(const std::vector<Tensor>& params, float max_norm) {
+  double sq = 0;
+  for (const Tensor& p : params) {
+    if (!p.grad().defined()) continue;
+    for (float v : p.grad().to_vector<float>()) sq += double(v) * v;
+  }
+  const float norm = float(std::sqrt(sq));
+  const float scale = (max_norm > 0 && norm > max_norm) ? max_norm / (norm + 1e-6f) : 1.f;
+  return {norm, scale};
+}
+
+float lr_at(int64_t step, int64_t total, int64_t warmup, float base, Schedule kind) {
+  if (step < warmup) return base * float(step + 1) / float(warmup);
+  const float t = total > warmup ? float(step - warmup) / float(total - warmup) : 1.f;
+  const float u = std::min(std::max(t, 0.f), 1.f);
+  return kind == Schedule::Cosine ? base * 0.5f * (1.f + std::cos(3.14159265f * u)) : base * (1.f - u);
+}
+
+}  // namespace mv::models

@@ -1,0 +1,295 @@
+#include "models/train.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include "autograd/autograd.h"
+#include "datasets/cifar.h"
+#include "datasets/idx.h"
+#include "datasets/loader.h"
+#include "datasets/synthetic.h"
+#include "models/checkpoint.h"
+#include "models/optim.h"
+#include "ops/loss.h"
+#include "ops/reduce.h"
+
+namespace mv::models {
+
+datasets::Dataset load_dataset(const std::string& name, const std::string& dir, bool train) {
+  using namespace datasets;
+  if (name == "fashion-mnist") return load_mnist(dir.empty() ? kFashionMnistDir : dir, train, name);
+  if (name == "mnist") {
+    MV_CHECK(!dir.empty(), "--dataset mnist needs --data-dir: a folder with the four MNIST IDX files");
+    return load_mnist(dir, train, name);
+  }
+  if (name == "cifar10" || name == "cifar100") {
+    MV_CHECK(!dir.empty(), "--dataset ", name, " needs --data-dir: the folder of the binary version "
+             "from https://www.cs.toronto.edu/~kriz/cifar.html");
+    return load_cifar(dir, train, name == "cifar10" ? 10 : 100);
+  }
+  if (name == "synthetic") {
+    Dataset d = make_synthetic(train ? 4096 : 1024, 1, 28, 10, train ? 1 : 2);
+    d.name = std::string("synthetic-") + (train ? "train" : "test");
+    return d;
+  }
+  MV_FAIL("--dataset: unknown data set '", name,
+          "' (expected fashion-mnist, mnist, cifar10, cifar100 or synthetic)");
+}
+
+datasets::Normalize normalization(const std::string& name) {
+  using datasets::Normalize;
+  if (name == "fashion-mnist") return Normalize::fashion_mnist();
+  if (name == "mnist") return Normalize::mnist();
+  if (name == "cifar10") return Normalize::cifar10();
+  if (name == "cifar100") return Normalize::cifar100();
+  return Normalize{{0.5f}, {0.5f}};
+}
+
+EvalResult evaluate(ViT& model, const datasets::Dataset& data, const std::string& dataset,
+                    int batch, bool keep_logits) {
+  autograd::NoGrad no_grad;
+  model.train(false);
+  datasets::Loader loader(data, batch, /*shuffle=*/false, 0, /*drop_last=*/false,
+                          datasets::Augment::none(), normalization(dataset));
+  const int C = model.config.num_classes;
+  EvalResult r;
+  r.confusion.assign(size_t(C) * C, 0);
+  std::vector<float> all_logits;
+  loader.begin_epoch(0);
+  for (datasets::Batch b; loader.next(b);) {
+    Tensor logits = model.forward(b.images);
+    const int64_t B = b.labels.numel();
+    r.loss += double(ops::cross_entropy(logits, b.labels).item()) * B;
+    std::vector<int64_t> pred = ops::argmax(logits, 1).to_vector<int64_t>();
+    std::vector<int64_t> lab = b.labels.to_vector<int64_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      r.accuracy += pred[size_t(i)] == lab[size_t(i)];
+      r.confusion[size_t(lab[size_t(i)] * C + pred[size_t(i)])]++;
+    }
+    r.n += B;
+    if (keep_logits) {
+      std::vector<float> v = logits.to_vector<float>();
+      all_logits.insert(all_logits.end(), v.begin(), v.end());
+    }
+  }
+  model.train(true);
+  r.loss /= double(std::max<int64_t>(r.n, 1));
+  r.accuracy /= double(std::max<int64_t>(r.n, 1));
+  if (keep_logits) r.logits = Tensor::from(all_logits, {r.n, C});
+  return r;
+}
+
+void TrainConfig::validate() const {
+  vit.validate();
+  MV_CHECK(epochs >= 1, "--epochs must be at least 1, got ", epochs);
+  MV_CHECK(batch >= 1 && eval_batch >= 1, "--batch must be at least 1, got ", batch);
+  MV_CHECK(lr > 0 && std::isfinite(lr), "--lr must be positive, got ", lr);
+  MV_CHECK(weight_decay >= 0, "--weight-decay must be >= 0, got ", weight_decay);
+  MV_CHECK(warmup_epochs >= 0, "--warmup must be >= 0 epochs, got ", warmup_epochs);
+  MV_CHECK(label_smoothing >= 0 && label_smoothing < 1, "--label-smoothing must be in [0, 1), got ",
+           label_smoothing);
+  MV_CHECK(clip >= 0, "--clip must be >= 0, got ", clip);
+  MV_CHECK(optimizer == "adamw" || optimizer == "sgd", "--optimizer must be adamw or sgd, got '",
+           optimizer, "'");
+  MV_CHECK(schedule == "cosine" || schedule == "linear", "--schedule must be cosine or linear, got '",
+           schedule, "'");
+  MV_CHECK(augment == "none" || augment == "crop" || augment == "crop-flip",
+           "--augment must be none, crop or crop-flip, got '", augment, "'");
+}
+
+std::string TrainConfig::to_json() const {
+  nlohmann::ordered_json j = {
+      {"dataset", dataset}, {"data_dir", data_dir}, {"model", model},
+      {"image_size", vit.image_size}, {"channels", vit.channels}, {"patch", vit.patch},
+      {"dim", vit.dim}, {"depth", vit.depth}, {"heads", vit.heads}, {"mlp_dim", vit.mlp_dim},
+      {"num_classes", vit.num_classes}, {"epochs", epochs}, {"batch", batch},
+      {"eval_batch", eval_batch}, {"optimizer", optimizer}, {"lr", lr},
+      {"weight_decay", weight_decay}, {"momentum", momentum}, {"schedule", schedule},
+      {"warmup_epochs", warmup_epochs}, {"label_smoothing", label_smoothing}, {"clip", clip},
+      {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
+      {"limit_test", limit_test}};
+  return j.dump();
+}
+
+TrainConfig TrainConfig::from_json(const std::string& text) {
+  TrainConfig c;
+  try {
+    auto j = nlohmann::json::parse(text);
+    c.dataset = j.at("dataset"), c.data_dir = j.at("data_dir"), c.model = j.at("model");
+    c.vit = {j.at("image_size"), j.at("channels"), j.at("patch"), j.at("dim"), j.at("depth"),
+             j.at("heads"), j.at("mlp_dim"), j.at("num_classes")};
+    c.epochs = j.at("epochs"), c.batch = j.at("batch"), c.eval_batch = j.at("eval_batch");
+    c.optimizer = j.at("optimizer"), c.lr = j.at("lr"), c.weight_decay = j.at("weight_decay");
+    c.momentum = j.at("momentum"), c.schedule = j.at("schedule");
+    c.warmup_epochs = j.at("warmup_epochs"), c.label_smoothing = j.at("label_smoothing");
+    c.clip = j.at("clip"), c.augment = j.at("augment"), c.seed = j.at("seed");
+    c.limit_train = j.at("limit_train"), c.limit_test = j.at("limit_test");
+  } catch (const nlohmann::json::exception& e) {
+    MV_FAIL("training configuration: ", e.what());
+  }
+  return c;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+datasets::Augment augment_for(const std::string& a) {
+  if (a == "crop") return datasets::Augment::crop_flip(2, 0.f);
+  if (a == "crop-flip") return datasets::Augment::crop_flip(2, 0.5f);
+  return datasets::Augment::none();
+}
+
+// One status line per epoch: a bar redrawn in place on a terminal, a line every ~10% otherwise.
+class Progress {
+ public:
+  Progress(FILE* out, int epoch, int epochs, int64_t total)
+      : out_(out), epoch_(epoch), epochs_(epochs), total_(total), tty_(out && isatty(fileno(out))) {}
+  void update(int64_t done, double loss, double acc, double img_s, double eta) {
+    if (!out_) return;
+    const bool last = done == total_;
+    if (!tty_ && !last && done % std::max<int64_t>(total_ / 10, 1) != 0) return;
+    char bar[21];
+    const int fill = int(20 * done / std::max<int64_t>(total_, 1));
+    for (int i = 0; i < 20; ++i) bar[i] = i < fill ? '=' : (i == fill ? '>' : ' ');
+    bar[20] = 0;
+    std::fprintf(out_, "%sepoch %d/%d [%s] %lld/%lld loss %.4f acc %.2f%% %.0f img/s ETA %s%s",
+                 tty_ ? "\r" : "", epoch_, epochs_, bar, (long long)done, (long long)total_, loss,
+                 100 * acc, img_s, format_seconds(eta).c_str(), tty_ ? (last ? "\n" : "") : "\n");
+    std::fflush(out_);
+  }
+
+ private:
+  FILE* out_;
+  int epoch_, epochs_;
+  int64_t total_;
+  bool tty_;
+};
+
+}  // namespace
+
+TrainResult train(const TrainConfig& given, const std::string& out_dir, bool resume, FILE* log,
+                  int stop_after) {
+  namespace fs = std::filesystem;
+  const std::string ckpt = out_dir + "/checkpoint.safetensors";
+  TrainConfig cfg = given;
+  int start_epoch = 0;
+  if (resume) {
+    MV_CHECK(fs::exists(ckpt), "--resume: no checkpoint at '", ckpt, "'");
+    Metadata meta = read_checkpoint_metadata(ckpt);
+    MV_CHECK(meta.count("config") && meta.count("epoch"), "--resume: '", ckpt,
+             "' has no training configuration in its metadata");
+    cfg = TrainConfig::from_json(meta.at("config"));
+    start_epoch = std::stoi(meta.at("epoch"));
+  }
+  cfg.validate();
+  fs::create_directories(out_dir);
+
+  datasets::Dataset train_set = load_dataset(cfg.dataset, cfg.data_dir, true);
+  datasets::Dataset test_set = load_dataset(cfg.dataset, cfg.data_dir, false);
+  if (cfg.limit_train > 0) train_set = datasets::head(train_set, cfg.limit_train);
+  if (cfg.limit_test > 0) test_set = datasets::head(test_set, cfg.limit_test);
+  MV_CHECK(train_set.channels == cfg.vit.channels && train_set.height == cfg.vit.image_size &&
+               train_set.num_classes == cfg.vit.num_classes,
+           "model '", cfg.model, "' expects ", cfg.vit.channels, "x", cfg.vit.image_size, "x",
+           cfg.vit.image_size, " images and ", cfg.vit.num_classes, " classes, but ", train_set.name,
+           " has ", train_set.channels, "x", train_set.height, "x", train_set.width, " and ",
+           train_set.num_classes);
+
+  ViT model(cfg.vit, cfg.seed);
+  std::unique_ptr<Optimizer> opt;
+  if (cfg.optimizer == "adamw") opt = std::make_unique<AdamW>(model.named_parameters(), cfg.weight_decay);
+  else opt = std::make_unique<SGD>(model.named_parameters(), cfg.momentum, cfg.weight_decay);
+  if (resume) load_checkpoint(ckpt, model, opt.get());
+  if (log) {
+    std::fprintf(log, "model %s: %lld parameters; data %s: %lld train, %lld test images\n",
+                 cfg.model.c_str(), (long long)model.num_parameters(), cfg.dataset.c_str(),
+                 (long long)train_set.n, (long long)test_set.n);
+    if (resume) std::fprintf(log, "resuming %s after epoch %d\n", ckpt.c_str(), start_epoch);
+  }
+
+  datasets::Loader loader(train_set, cfg.batch, /*shuffle=*/true, cfg.seed, /*drop_last=*/true,
+                          augment_for(cfg.augment), normalization(cfg.dataset));
+  const int64_t per_epoch = loader.batches_per_epoch();
+  MV_CHECK(per_epoch > 0, "--batch ", cfg.batch, " is larger than the ", train_set.n,
+           " training images");
+  const int64_t total = per_epoch * cfg.epochs;
+  const int64_t warmup = int64_t(cfg.warmup_epochs * double(per_epoch));
+  const Schedule kind = cfg.schedule == "cosine" ? Schedule::Cosine : Schedule::Linear;
+  const std::vector<Tensor> params = model.parameters();
+
+  TrainResult res;
+  std::ofstream metrics(out_dir + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
+  const int end_epoch = stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs;
+  for (int epoch = start_epoch; epoch < end_epoch; ++epoch) {
+    const auto t0 = Clock::now();
+    double compute_s = 0, loss_sum = 0, correct = 0;
+    int64_t seen = 0;
+    Progress bar(log, epoch + 1, cfg.epochs, per_epoch);
+    loader.begin_epoch(epoch);
+    for (datasets::Batch b; loader.next(b);) {
+      const auto ts = Clock::now();
+      const int64_t step = opt->steps();
+      Tensor logits = model.forward(b.images);
+      Tensor loss = ops::cross_entropy(logits, b.labels, cfg.label_smoothing);
+      const float lv = loss.item();
+      MV_CHECK(std::isfinite(lv), "training: the loss is ", lv, " at step ", step, " (epoch ",
+               epoch + 1, ", batch ", b.batch_index + 1, "); stopping. The last good checkpoint is '",
+               ckpt, "'");
+      opt->zero_grad();
+      loss.backward();
+      const ClipResult clip = clip_scale(params, cfg.clip);
+      opt->step(lr_at(step, total, warmup, cfg.lr, kind), clip.scale);
+      compute_s += since(ts);
+
+      const int64_t B = b.labels.numel();
+      std::vector<int64_t> pred = ops::argmax(logits.detach(), 1).to_vector<int64_t>();
+      std::vector<int64_t> lab = b.labels.to_vector<int64_t>();
+      for (int64_t i = 0; i < B; ++i) correct += pred[size_t(i)] == lab[size_t(i)];
+      loss_sum += double(lv) * B;
+      seen += B;
+      const double el = since(t0);
+      bar.update(b.batch_index + 1, loss_sum / seen, correct / seen, seen / el,
+                 el / double(b.batch_index + 1) * double(per_epoch - b.batch_index - 1));
+    }
+    const double epoch_s = since(t0);
+    EvalResult ev = evaluate(model, test_set, cfg.dataset, cfg.eval_batch);
+    Metadata meta{{"config", cfg.to_json()}, {"epoch", std::to_string(epoch + 1)},
+                  {"test_accuracy", std::to_string(ev.accuracy)}};
+    save_checkpoint(ckpt, model, opt.get(), meta);
+
+    res.epochs_done = epoch + 1;
+    res.train_loss = loss_sum / double(seen);
+    res.test_accuracy = ev.accuracy;
+    res.test_loss = ev.loss;
+    res.train_seconds += epoch_s;
+    res.images_per_second = double(seen) / compute_s;
+    nlohmann::ordered_json line = {
+        {"epoch", epoch + 1}, {"step", opt->steps()}, {"train_loss", res.train_loss},
+        {"train_accuracy", correct / double(seen)}, {"test_loss", ev.loss},
+        {"test_accuracy", ev.accuracy}, {"lr", lr_at(opt->steps() - 1, total, warmup, cfg.lr, kind)},
+        {"epoch_seconds", epoch_s}, {"images_per_second", res.images_per_second}};
+    metrics << line.dump() << "\n" << std::flush;
+    if (log)
+      std::fprintf(log, "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",
+                   epoch + 1, cfg.epochs, res.train_loss, ev.loss, 100 * ev.accuracy,
+                   format_seconds(epoch_s).c_str());
+  }
+  return res;
+}
+
+std::string format_seconds(double s) {
+  char buf[32];
+  if (s < 60) std::snprintf(buf, sizeof buf, "%.1fs", s);
+  else if (s < 3600) std::snprintf(buf, sizeof buf, "%dm%02ds", int(s) / 60, int(s) % 60);
+  else std::snprintf(buf, sizeof buf, "%dh%02dm", int(s) / 3600, int(s) % 3600 / 60);
+  return buf;
+}
+
+}  // namespace mv::models

@@ -1,0 +1,96 @@
+#include "models/vit.h"
+
+#include "ops/elementwise.h"
+#include "ops/shape.h"
+
+namespace mv::models {
+
+void ViTConfig::validate() const {
+  MV_CHECK(patch > 0 && image_size > 0 && image_size % patch == 0, "ViT config: image size ",
+           image_size, " is not a multiple of patch size ", patch);
+  MV_CHECK(channels > 0 && depth > 0 && mlp_dim > 0 && num_classes > 1, "ViT config: channels ",
+           channels, ", depth ", depth, ", mlp_dim ", mlp_dim, ", classes ", num_classes,
+           " must all be positive (classes >= 2)");
+  MV_CHECK(heads > 0 && dim > 0 && dim % heads == 0, "ViT config: width ", dim,
+           " is not divisible by ", heads, " heads");
+}
+
+static const std::map<std::string, ViTConfig>& presets() {
+  static const std::map<std::string, ViTConfig> p = {
+      // Fashion-MNIST / MNIST, 28 px: 7x7 patches of 4 px + CLS = 50 tokens.
+      {"vit-tiny", {28, 1, 4, 64, 6, 4, 128, 10}},
+      {"vit-small", {28, 1, 4, 128, 6, 4, 256, 10}},
+      // CIFAR, 32 px: 8x8 patches of 4 px.
+      {"vit-cifar", {32, 3, 4, 192, 8, 3, 384, 10}},
+  };
+  return p;
+}
+
+ViTConfig vit_preset(const std::string& name) {
+  auto it = presets().find(name);
+  if (it == presets().end()) {
+    std::string known;
+    for (auto& [n, c] : presets()) known += (known.empty() ? "" : ", ") + n;
+    MV_FAIL("unknown model preset '", name, "' (known: ", known, ")");
+  }
+  return it->second;
+}
+
+std::vector<std::string> vit_preset_names() {
+  std::vector<std::string> n;
+  for (auto& [k, v] : presets()) n.push_back(k);
+  return n;
+}
+
+Tensor patchify(const Tensor& x, int p) {
+  MV_CHECK(x.ndim() == 4 && x.size(2) % p == 0 && x.size(3) % p == 0, "patchify: images ", x.str(),
+           " must be (B, C, H, W) with H and W multiples of ", p);
+  const int64_t B = x.size(0), C = x.size(1), gh = x.size(2) / p, gw = x.size(3) / p;
+  Tensor t = ops::reshape(x, {B, C, gh, p, gw, p});
+  t = ops::permute(t, {0, 2, 4, 1, 3, 5});  // (B, gh, gw, C, p, p)
+  return ops::reshape(t, {B, gh * gw, C * p * p});
+}
+
+Block::Block(const ViTConfig& c, Generator& g) {
+  ln1 = register_module("ln1", std::make_shared<LayerNorm>(c.dim));
+  attn = register_module("attn", std::make_shared<MultiHeadAttention>(c.dim, c.heads, g));
+  ln2 = register_module("ln2", std::make_shared<LayerNorm>(c.dim));
+  ffn = register_module<FeedForward>("mlp", std::make_shared<MLP>(c.dim, c.mlp_dim, g));
+}
+
+Tensor Block::forward(const Tensor& x) {
+  Tensor h = x + attn->forward(ln1->forward(x));
+  return h + ffn->forward(ln2->forward(h));
+}
+
+ViT::ViT(const ViTConfig& c, uint64_t seed) : config(c) {
+  c.validate();
+  Generator g(seed);
+  patch_embed = register_module(
+      "patch_embed", std::make_shared<Linear>(int64_t(c.channels) * c.patch * c.patch, c.dim, g));
+  cls = register_parameter("cls", Tensor::zeros({1, 1, c.dim}));
+  pos = register_parameter("pos", init_weight({1, c.tokens(), c.dim}, g));
+  for (int i = 0; i < c.depth; ++i)
+    blocks.push_back(register_module("blocks." + std::to_string(i), std::make_shared<Block>(c, g)));
+  norm = register_module("norm", std::make_shared<LayerNorm>(c.dim));
+  head = register_module("head", std::make_shared<Linear>(c.dim, c.num_classes, g));
+  head->weight.fill_(0.f);  // zero head: the first loss is exactly log(classes), as in big_vision
+}
+
+Tensor ViT::forward(const Tensor& images) {
+  const ViTConfig& c = config;
+  MV_CHECK(images.ndim() == 4 && images.size(1) == c.channels && images.size(2) == c.image_size &&
+               images.size(3) == c.image_size,
+           "ViT: images ", images.str(), " do not match the model's (B, ", c.channels, ", ",
+           c.image_size, ", ", c.image_size, ")");
+  const int64_t B = images.size(0);
+  Tensor x = patch_embed->forward(patchify(images, c.patch));        // (B, N, D)
+  Tensor cls_b = ops::add(Tensor::zeros({B, 1, int64_t(c.dim)}), cls);  // broadcast over batch
+  x = ops::concat({cls_b, x}, 1) + pos;                               // (B, T, D)
+  for (auto& b : blocks) x = b->forward(x);
+  x = norm->forward(x);
+  Tensor first = ops::reshape(ops::slice(x, 1, 0, 1), {B, int64_t(c.dim)});
+  return head->forward(first);
+}
+
+}  // namespace mv::models

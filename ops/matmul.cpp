@@ -1,0 +1,332 @@
+// Matrix products on the CPU through Eigen's GEMM.
+//
+// Every operand is described as a Mat (pointer, leading dimension, transposed flag) over the
+// tensor's own memory and handed to Eigen as a Map: row-major when the last dim has stride 1,
+// column-major when the second-to-last has (a transposed view), so neither case copies. Only
+// other strided layouts are made contiguous first. Outputs are contiguous row-major.
+//
+// Threading is ours, not Eigen's (EIGEN_DONT_PARALLELIZE): one product is cut into one block
+// of output rows (or columns) per thread, each an independent serial Eigen GEMM, so a product
+// costs one fork-join. Eigen's own threading syncs its threads by spinning once per depth block;
+// bench/gemm measured it slower at 2 threads on most shapes (docs/benchmarks.md), and far
+// slower when the cores are shared with other work. Many small products (attention: 512
+// batches of 50x16x50) run whole products per thread instead.
+#include "ops/matmul.h"
+
+// Eigen 3.4's AVX code trips -Wunused-variable where its templates are instantiated (here).
+#pragma GCC diagnostic ignored "-Wunused-variable"
+#define EIGEN_DONT_PARALLELIZE
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "autograd/autograd.h"
+#include "engine/parallel.h"
+#include "ops/common.h"
+
+namespace mv::ops {
+
+using autograd::record;
+
+namespace {
+
+// A logical matrix: element (i, j) at p[i * ld + j], or at p[j * ld + i] when t (transposed).
+struct Mat {
+  const float* p;
+  int64_t ld;
+  bool t;
+};
+Mat trans(Mat m) {
+  m.t = !m.t;
+  return m;
+}
+Mat at(Mat m, int64_t offset) {
+  m.p += offset;
+  return m;
+}
+
+template <int OA, int OB>
+void gemm_eigen(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_t ldc, bool acc) {
+  using Eigen::Dynamic, Eigen::Map, Eigen::Matrix, Eigen::OuterStride, Eigen::Unaligned;
+  Map<const Matrix<float, Dynamic, Dynamic, OA>, Unaligned, OuterStride<>> ma(a.p, M, K, OuterStride<>(a.ld));
+  Map<const Matrix<float, Dynamic, Dynamic, OB>, Unaligned, OuterStride<>> mb(b.p, K, N, OuterStride<>(b.ld));
+  Map<Matrix<float, Dynamic, Dynamic, Eigen::RowMajor>, Unaligned, OuterStride<>> mc(c, M, N, OuterStride<>(ldc));
+  if (acc)
+    mc.noalias() += ma * mb;
+  else
+    mc.noalias() = ma * mb;
+}
+
+// One thread: c (M x N, row stride ldc) = a b, or += when acc.
+void gemm_serial(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_t ldc, bool acc) {
+  constexpr int R = Eigen::RowMajor, C = Eigen::ColMajor;
+  if (!a.t && !b.t) gemm_eigen<R, R>(M, N, K, a, b, c, ldc, acc);
+  else if (!a.t && b.t) gemm_eigen<R, C>(M, N, K, a, b, c, ldc, acc);
+  else if (a.t && !b.t) gemm_eigen<C, R>(M, N, K, a, b, c, ldc, acc);
+  else gemm_eigen<C, C>(M, N, K, a, b, c, ldc, acc);
+}
+
+// a from row r0 on; b from column c0 on.
+Mat rows_of(Mat a, int64_t r0) { return at(a, a.t ? r0 : r0 * a.ld); }
+Mat cols_of(Mat b, int64_t c0) { return at(b, b.t ? c0 * b.ld : c0); }
+
+// c (M x N, contiguous row-major) = a (M x K) b (K x N), or += when acc. Each thread takes a
+// block of output rows (or columns, when N > M); small products, and products inside a parallel
+// region, run on the calling thread.
+void gemm(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, bool acc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!acc) std::fill(c, c + M * N, 0.f);
+    return;
+  }
+  const int64_t T = num_threads(), flops = 2 * M * N * K;
+  if (T <= 1 || omp_team_size() > 1 || flops < (int64_t(1) << 21)) {
+    gemm_serial(M, N, K, a, b, c, N, acc);
+    return;
+  }
+  const bool by_rows = M >= N;
+  const int64_t len = by_rows ? M : N;
+  // Blocks of a multiple of 32 (whole micro-kernel panels), at most one per thread.
+  const int64_t blk = std::max<int64_t>(32, (len + 32 * T - 1) / (32 * T) * 32);
+  const int64_t nblk = (len + blk - 1) / blk;
+  parallel_for(nblk, flops / nblk, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) {
+      const int64_t p0 = i * blk, n = std::min(len, p0 + blk) - p0;
+      if (by_rows)
+        gemm_serial(n, N, K, rows_of(a, p0), b, c + p0 * N, N, acc);
+      else
+        gemm_serial(M, n, K, a, cols_of(b, p0), c + p0, N, acc);
+    }
+  });
+}
+
+// A tensor (..., R, C) as a batch of R x C matrices: matrix i is `m` shifted by off[i].
+struct Operand {
+  Tensor keep;  // what `m` points into (a contiguous copy when the layout could not be mapped)
+  int64_t rows = 0, cols = 0;
+  Mat m{nullptr, 0, false};
+  std::vector<int64_t> off;
+  // The whole batch is one (batch * R) x C row-major matrix.
+  bool flat() const {
+    if (m.t) return false;
+    for (size_t i = 0; i < off.size(); ++i)
+      if (off[i] != int64_t(i) * rows * m.ld) return false;
+    return true;
+  }
+};
+
+Operand operand(const Tensor& x) {
+  Operand o;
+  const int n = x.ndim();
+  o.rows = x.shape()[n - 2];
+  o.cols = x.shape()[n - 1];
+  int64_t sr = x.strides()[n - 2], sc = x.strides()[n - 1];
+  // The stride of a size-1 dim is never used: pick the one that makes the layout mappable.
+  if (o.cols <= 1) sc = 1;
+  if (o.rows <= 1) sr = sc == 1 ? std::max<int64_t>(o.cols, 1) : 1;
+  Tensor t = x;
+  if (sc == 1 && sr >= o.cols) {
+    o.m = {nullptr, sr, false};
+  } else if (sr == 1 && sc >= o.rows) {
+    o.m = {nullptr, sc, true};
+  } else {
+    t = x.contiguous();
+    o.m = {nullptr, std::max<int64_t>(o.cols, 1), false};
+  }
+  o.keep = t;
+  o.m.p = t.data<float>();
+  // Offsets of the matrices, batch dims walked in row-major order.
+  int64_t nb = 1;
+  for (int d = 0; d < n - 2; ++d) nb *= t.shape()[d];
+  o.off.assign(size_t(nb), 0);
+  std::vector<int64_t> idx(size_t(std::max(n - 2, 0)), 0);
+  int64_t cur = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    o.off[size_t(b)] = cur;
+    for (int d = n - 3; d >= 0; --d) {
+      cur += t.strides()[d];
+      if (++idx[size_t(d)] < t.shape()[d]) break;
+      cur -= t.strides()[d] * t.shape()[d];
+      idx[size_t(d)] = 0;
+    }
+  }
+  return o;
+}
+
+// Like operand(), but guarantees flat(): all leading dims fold into the rows of one matrix.
+Operand flat_operand(const Tensor& x) {
+  Operand o = operand(x);
+  if (!o.flat()) o = operand(x.contiguous());
+  return o;
+}
+
+// x: (..., C) seen as one (rows x C) row-major matrix; a 1-D x is one row.
+Operand rows_operand(const Tensor& x) {
+  if (x.ndim() >= 2) return flat_operand(x);
+  Operand o;
+  o.keep = x.contiguous();
+  o.rows = 1;
+  o.cols = x.numel();
+  o.m = {o.keep.data<float>(), std::max<int64_t>(o.cols, 1), false};
+  o.off = {0};
+  return o;
+}
+
+// Runs nb GEMMs c_i (M x N, at c + i*M*N) = A_i B_i (+ c_i when acc). With many batches, or
+// small products, each thread takes whole products; otherwise products run one after another,
+// each split over the threads.
+template <class AtB>
+void batched(int64_t nb, int64_t M, int64_t N, int64_t K, float* c, bool acc, AtB ab) {
+  const int64_t flops = 2 * M * N * K;
+  auto run = [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) {
+      auto [a, b] = ab(i);
+      gemm(M, N, K, a, b, c + i * M * N, acc);
+    }
+  };
+  if (nb > 1 && (nb >= 4 * num_threads() || flops < (int64_t(1) << 22)))
+    parallel_for(nb, flops, run);
+  else
+    run(0, nb);
+}
+
+// Column sums of a (rows x cols) row-major matrix with row stride ld -> cols values. Rows go in fixed blocks (so the
+// result does not depend on the thread count), blocks are summed in double.
+void column_sums(const float* g, int64_t rows, int64_t cols, int64_t ld, float* out) {
+  constexpr int64_t kBlocks = 64;
+  const int64_t per = (rows + kBlocks - 1) / kBlocks;
+  std::vector<float> part(size_t(kBlocks * cols), 0.f);
+  parallel_for(kBlocks, per * cols, [&](int64_t s, int64_t e) {
+    for (int64_t blk = s; blk < e; ++blk) {
+      float* acc = part.data() + blk * cols;
+      for (int64_t r = blk * per, re = std::min(rows, r + per); r < re; ++r) {
+        const float* row = g + r * ld;
+        for (int64_t j = 0; j < cols; ++j) acc[j] += row[j];
+      }
+    }
+  });
+  for (int64_t j = 0; j < cols; ++j) {
+    double s = 0;
+    for (int64_t blk = 0; blk < kBlocks; ++blk) s += part[size_t(blk * cols + j)];
+    out[j] = float(s);
+  }
+}
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b) {
+  expect_cpu_f32("matmul", {&a, &b});
+  MV_CHECK(a.ndim() >= 2, "matmul: a ", a.str(), " must have at least 2 dims (..., M, K)");
+  MV_CHECK(b.ndim() == 2 || b.ndim() == a.ndim(), "matmul: b ", b.str(),
+           " must be (K, N) or have a's rank ", a.ndim(), " (a is ", a.str(), ")");
+  const int n = a.ndim();
+  const int64_t M = a.shape()[n - 2], K = a.shape()[n - 1], N = b.shape().back();
+  MV_CHECK(b.size(-2) == K, "matmul: ", a.str(), " x ", b.str(), ": inner sizes differ (", K,
+           " vs ", b.size(-2), ")");
+  const bool shared = b.ndim() == 2;
+  if (!shared)
+    MV_CHECK(Shape(a.shape().begin(), a.shape().end() - 2) == Shape(b.shape().begin(), b.shape().end() - 2),
+             "matmul: batch dims of ", a.str(), " and ", b.str(), " differ (no broadcasting)");
+  Shape out_shape = a.shape();
+  out_shape.back() = N;
+  Tensor out = Tensor::empty(out_shape);
+  float* po = out.data<float>();
+  const Operand A = operand(a), B = operand(b);
+  const int64_t nb = int64_t(A.off.size());
+  if (shared && A.flat()) {
+    gemm(nb * M, N, K, A.m, B.m, po, false);  // one GEMM over all rows
+  } else {
+    batched(nb, M, N, K, po, false, [&](int64_t i) {
+      return std::pair{at(A.m, A.off[size_t(i)]), at(B.m, shared ? 0 : B.off[size_t(i)])};
+    });
+  }
+  if (!autograd::needs_graph({a, b})) return out;
+  const bool ga = a.requires_grad(), gb = b.requires_grad();
+  return record("matmul", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb, shared, M, N, K](const Tensor& g) {
+    Tensor gA, gB;
+    const Operand G = flat_operand(g);  // (..., M, N)
+    const int64_t nb = int64_t(G.off.size());
+    if (ga) {  // dA = dY B^T
+      gA = Tensor::empty(ad.shape());
+      const Operand B = operand(bd);
+      if (shared)
+        gemm(nb * M, K, N, G.m, trans(B.m), gA.data<float>(), false);
+      else
+        batched(nb, M, K, N, gA.data<float>(), false, [&](int64_t i) {
+          return std::pair{at(G.m, G.off[size_t(i)]), trans(at(B.m, B.off[size_t(i)]))};
+        });
+    }
+    if (gb) {  // dB = A^T dY, summed over the rows of every batch when B is shared
+      gB = Tensor::empty(bd.shape());
+      if (shared) {
+        const Operand A = flat_operand(ad);
+        gemm(K, N, nb * M, trans(A.m), G.m, gB.data<float>(), false);
+      } else {
+        const Operand A = operand(ad);
+        batched(nb, K, N, M, gB.data<float>(), false, [&](int64_t i) {
+          return std::pair{trans(at(A.m, A.off[size_t(i)])), at(G.m, G.off[size_t(i)])};
+        });
+      }
+    }
+    return std::vector<Tensor>{gA, gB};
+  });
+}
+
+Tensor bmm(const Tensor& a, const Tensor& b) {
+  MV_CHECK(a.defined() && b.defined() && a.ndim() == 3 && b.ndim() == 3, "bmm: expected (B, M, K) x (B, K, N), got ",
+           a.str(), " x ", b.str());
+  MV_CHECK(a.size(0) == b.size(0), "bmm: batch sizes differ: ", a.str(), " x ", b.str());
+  return matmul(a, b);
+}
+
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
+  expect_cpu_f32("linear", {&x, &w});
+  if (bias.defined()) expect_cpu_f32("linear", {&bias});
+  MV_CHECK(x.ndim() >= 1 && w.ndim() == 2, "linear: expected x (..., in) and w (in, out), got x ", x.str(),
+           " and w ", w.str());
+  const int64_t in = w.size(0), nout = w.size(1);
+  MV_CHECK(x.size(-1) == in, "linear: x ", x.str(), " has ", x.size(-1), " features, w ", w.str(),
+           " expects ", in);
+  MV_CHECK(!bias.defined() || bias.shape() == Shape{nout}, "linear: bias ", bias.str(), " must be (",
+           nout, ") for w ", w.str());
+  Shape out_shape = x.shape();
+  out_shape.back() = nout;
+  Tensor out = Tensor::empty(out_shape);
+  float* po = out.data<float>();
+  const Operand X = rows_operand(x), W = operand(w);
+  const int64_t rows = in > 0 ? x.numel() / in : shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
+  // The bias is written first and the GEMM accumulates onto it: Eigen's plain `=` would zero
+  // the output first anyway, so the bias costs no extra pass.
+  if (bias.defined()) {
+    const Tensor bc = bias.contiguous();
+    const float* pb = bc.data<float>();
+    parallel_for(rows, nout, [&](int64_t s, int64_t e) {
+      for (int64_t r = s; r < e; ++r) std::memcpy(po + r * nout, pb, size_t(nout) * sizeof(float));
+    });
+  }
+  gemm(rows, nout, in, X.m, W.m, po, bias.defined());
+  if (!autograd::needs_graph({x, w, bias})) return out;
+  const bool gx = x.requires_grad(), gw = w.requires_grad(), gbias = bias.defined() && bias.requires_grad();
+  return record("linear", out, {x, w, bias},
+                [xd = x.detach(), wd = w.detach(), gx, gw, gbias, rows, in, nout](const Tensor& g) {
+                  Tensor dx, dw, db;
+                  const Operand G = rows_operand(g);  // (rows, out)
+                  if (gx) {  // dx = dy w^T
+                    dx = Tensor::empty(xd.shape());
+                    gemm(rows, in, nout, G.m, trans(operand(wd).m), dx.data<float>(), false);
+                  }
+                  if (gw) {  // dw = x^T dy over all rows
+                    dw = Tensor::empty(wd.shape());
+                    const Operand X = rows_operand(xd);
+                    gemm(in, nout, rows, trans(X.m), G.m, dw.data<float>(), false);
+                  }
+                  if (gbias) {  // db = column sums of dy
+                    db = Tensor::empty({nout});
+                    column_sums(G.m.p, rows, nout, G.m.ld, db.data<float>());
+                  }
+                  return std::vector<Tensor>{dx, dw, db};
+                });
+}
+
+}  // namespace mv::ops

@@ -1,0 +1,110 @@
+// LayerNorm. Forward: per row, mean and variance in two passes (double accumulators), then
+// y = xhat * gamma + beta with xhat = (x - mean) * rstd; mean and rstd are saved per row.
+// Backward: rows split into a fixed number of blocks; each block writes dx for its rows and its
+// own partial dgamma/dbeta, which are added in block order afterwards: no shared writes, and the
+// same result for any thread count.
+#include "ops/norm.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "autograd/autograd.h"
+#include "engine/parallel.h"
+#include "ops/common.h"
+
+namespace mv::ops {
+
+// xhat = (x - mean) * rstd, y = xhat * gamma + beta:
+//   dbeta = sum_rows g,  dgamma = sum_rows g * xhat,
+//   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = g * gamma
+Tensor layernorm(const Tensor& x_, const Tensor& gamma_, const Tensor& beta_, float eps) {
+  expect_cpu_f32("layernorm", {&x_, &gamma_, &beta_});
+  MV_CHECK(x_.ndim() >= 1 && x_.shape().back() > 0, "layernorm: x ", x_.str(),
+           " needs a non-empty last axis");
+  const int64_t D = x_.shape().back(), rows = x_.numel() / D;
+  MV_CHECK(gamma_.shape() == Shape{D} && beta_.shape() == Shape{D}, "layernorm: x ", x_.str(),
+           " needs gamma and beta of shape (", D, "), got ", gamma_.str(), " and ", beta_.str());
+  MV_CHECK(eps >= 0.f, "layernorm: eps ", eps, " must be >= 0");
+  Tensor x = x_.contiguous(), gamma = gamma_.contiguous(), beta = beta_.contiguous();
+  Tensor y = Tensor::empty(x.shape());
+  Tensor mean = Tensor::empty({rows}), rstd = Tensor::empty({rows});
+  {
+    const float *px = x.data<float>(), *pw = gamma.data<float>(), *pb = beta.data<float>();
+    float *py = y.data<float>(), *pm = mean.data<float>(), *pr = rstd.data<float>();
+    parallel_for(rows, D * 8, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* xr = px + r * D;
+        double s = 0;
+        for (int64_t j = 0; j < D; ++j) s += xr[j];
+        const float m = float(s / double(D));
+        double v = 0;
+        for (int64_t j = 0; j < D; ++j) v += double(xr[j] - m) * (xr[j] - m);
+        const float rs = float(1.0 / std::sqrt(v / double(D) + double(eps)));
+        pm[r] = m;
+        pr[r] = rs;
+        float* yr = py + r * D;
+        for (int64_t j = 0; j < D; ++j) yr[j] = (xr[j] - m) * rs * pw[j] + pb[j];
+      }
+    });
+  }
+  const bool gx = x_.requires_grad(), gw = gamma_.requires_grad(), gb = beta_.requires_grad();
+  return autograd::record(
+      "layernorm", y, {x_, gamma_, beta_},
+      [xd = x.detach(), wd = gamma.detach(), mean, rstd, rows, D, gx, gw, gb](const Tensor& g_) {
+        Tensor g = g_.contiguous();
+        Tensor dx = gx ? Tensor::empty(xd.shape()) : Tensor();
+        const float *px = xd.data<float>(), *pw = wd.data<float>(), *pg = g.data<float>();
+        const float *pm = mean.data<float>(), *pr = rstd.data<float>();
+        float* pdx = gx ? dx.data<float>() : nullptr;
+        const bool params = gw || gb;
+        const int64_t nblk = std::clamp<int64_t>(rows, 1, 64), per = (rows + nblk - 1) / nblk;
+        // Partial sums per block: [blk][0..D) dgamma, [blk][D..2D) dbeta.
+        std::vector<double> part(params ? size_t(nblk * 2 * D) : 0, 0.0);
+        parallel_for(nblk, per * D * 10, [&](int64_t b, int64_t e) {
+          std::vector<float> xhat(static_cast<size_t>(D));
+          for (int64_t blk = b; blk < e; ++blk) {
+            double* pgw = params ? part.data() + blk * 2 * D : nullptr;
+            double* pgb = params ? pgw + D : nullptr;
+            for (int64_t r = blk * per, rend = std::min(rows, r + per); r < rend; ++r) {
+              const float *xr = px + r * D, *gr = pg + r * D;
+              const float m = pm[r], rs = pr[r];
+              double s1 = 0, s2 = 0;  // sum(dxhat), sum(dxhat * xhat)
+              for (int64_t j = 0; j < D; ++j) {
+                const float xh = (xr[j] - m) * rs;
+                xhat[size_t(j)] = xh;
+                if (params) {
+                  pgw[j] += double(gr[j]) * xh;
+                  pgb[j] += gr[j];
+                }
+                const float dxh = gr[j] * pw[j];
+                s1 += dxh;
+                s2 += double(dxh) * xh;
+              }
+              if (!gx) continue;
+              const float a = float(s1 / double(D)), c = float(s2 / double(D));
+              float* dr = pdx + r * D;
+              for (int64_t j = 0; j < D; ++j)
+                dr[j] = rs * (gr[j] * pw[j] - a - xhat[size_t(j)] * c);
+            }
+          }
+        });
+        Tensor dw, db;
+        if (params) {
+          dw = Tensor::empty({D});
+          db = Tensor::empty({D});
+          float *pdw = dw.data<float>(), *pdb = db.data<float>();
+          for (int64_t j = 0; j < D; ++j) {
+            double sw = 0, sb = 0;
+            for (int64_t blk = 0; blk < nblk; ++blk) {
+              sw += part[size_t(blk * 2 * D + j)];
+              sb += part[size_t(blk * 2 * D + D + j)];
+            }
+            pdw[j] = float(sw);
+            pdb[j] = float(sb);
+          }
+        }
+        return std::vector<Tensor>{dx, gw ? dw : Tensor(), gb ? db : Tensor()};
+      });
+}
+
+}  // namespace mv::ops

@@ -1,0 +1,254 @@
+// Shape ops. Views (reshape of a contiguous tensor, permute, slice) only change shape, strides
+// and offset, so they work for any dtype; copies run on the CPU. Every copy here moves whole
+// runs of contiguous elements (memcpy of rows or blocks) rather than element by element.
+#include "ops/shape.h"
+
+#include <cstring>
+
+#include "autograd/autograd.h"
+#include "engine/parallel.h"
+#include "ops/common.h"
+
+namespace mv::ops {
+
+using autograd::record;
+
+namespace {
+
+// out (contiguous) = x (any strides); one row (the last dim) at a time.
+template <class T>
+void strided_copy(const Tensor& x, T* out) {
+  const int nd = x.ndim();
+  const Shape& sh = x.shape();
+  const Shape& st = x.strides();
+  const T* p = static_cast<const T*>(x.raw());
+  const int64_t cols = sh[nd - 1], sc = st[nd - 1];
+  const int64_t rows = cols ? x.numel() / cols : 0;
+  parallel_for(rows, cols, [&](int64_t s, int64_t e) {
+    for (int64_t r = s; r < e; ++r) {
+      int64_t off = 0;
+      for (int64_t d = nd - 2, rem = r; d >= 0; --d) {
+        off += (rem % sh[d]) * st[d];
+        rem /= sh[d];
+      }
+      const T* src = p + off;
+      T* dst = out + r * cols;
+      if (sc == 1)
+        std::memcpy(dst, src, size_t(cols) * sizeof(T));
+      else
+        for (int64_t j = 0; j < cols; ++j) dst[j] = src[j * sc];
+    }
+  });
+}
+
+// x itself when contiguous, else a contiguous copy.
+Tensor dense(const char* op, const Tensor& x) {
+  if (x.is_contiguous()) return x;
+  MV_CHECK(x.device() == Device::CPU, op, ": copying a strided CUDA tensor is not supported (", x.str(), ")");
+  Tensor out = Tensor::empty(x.shape(), x.dtype());
+  switch (dtype_size(x.dtype())) {
+    case 2: strided_copy(x, static_cast<uint16_t*>(out.raw())); break;
+    case 4: strided_copy(x, static_cast<uint32_t*>(out.raw())); break;
+    case 8: strided_copy(x, static_cast<uint64_t*>(out.raw())); break;
+    default: MV_FAIL(op, ": unsupported element size for ", x.str());
+  }
+  return out;
+}
+
+// Views a contiguous x as (outer, len, inner) around `axis`.
+struct Split {
+  int64_t outer = 1, inner = 1;
+};
+Split split_at(const Shape& s, int axis) {
+  Split r;
+  for (int d = 0; d < axis; ++d) r.outer *= s[size_t(d)];
+  for (size_t d = size_t(axis) + 1; d < s.size(); ++d) r.inner *= s[d];
+  return r;
+}
+
+// For o < outer: copies `count` slabs of `slab` bytes from src slab (o * src_len + src_pos) to
+// dst slab (o * dst_len + dst_pos). Both buffers are contiguous (outer, len, slab).
+void copy_blocks(const void* src, int64_t src_len, int64_t src_pos, void* dst, int64_t dst_len,
+                 int64_t dst_pos, int64_t outer, int64_t slab, int64_t count) {
+  const char* s = static_cast<const char*>(src);
+  char* d = static_cast<char*>(dst);
+  const size_t bytes = size_t(count * slab);
+  if (bytes == 0) return;
+  parallel_for(outer, count * slab / 4, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o)
+      std::memcpy(d + (o * dst_len + dst_pos) * slab, s + (o * src_len + src_pos) * slab, bytes);
+  });
+}
+
+// The permuted view, no autograd.
+Tensor permute_view(const Tensor& x, const std::vector<int>& p) {
+  Shape shape(p.size()), strides(p.size());
+  for (size_t i = 0; i < p.size(); ++i) {
+    shape[i] = x.shape()[size_t(p[i])];
+    strides[i] = x.strides()[size_t(p[i])];
+  }
+  return x.view_as(shape, strides, x.impl().offset);
+}
+
+// dims normalised and checked to be a permutation of 0..n-1.
+std::vector<int> permutation(const char* op, const Tensor& x, const std::vector<int>& dims) {
+  const int n = x.ndim();
+  auto dims_str = [&] {
+    std::string s = "(";
+    for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+    return s + ")";
+  };
+  MV_CHECK(int(dims.size()) == n, op, ": dims ", dims_str(), " do not match the rank of ", x.str());
+  std::vector<int> p(dims.size());
+  std::vector<bool> seen(dims.size(), false);
+  for (size_t i = 0; i < dims.size(); ++i) {
+    p[i] = norm_axis(op, dims[i], n);
+    MV_CHECK(!seen[size_t(p[i])], op, ": dims ", dims_str(), " repeat axis ", p[i], " (", x.str(), ")");
+    seen[size_t(p[i])] = true;
+  }
+  return p;
+}
+
+Tensor permute_impl(const char* op, const Tensor& x, const std::vector<int>& p) {
+  Tensor out = permute_view(x, p);
+  std::vector<int> inv(p.size());
+  for (size_t i = 0; i < p.size(); ++i) inv[size_t(p[i])] = int(i);
+  // d permute = permute of g by the inverse permutation
+  return record(op, out, {x}, [inv, op](const Tensor& g) {
+    return std::vector<Tensor>{dense(op, permute_view(g, inv))};
+  });
+}
+
+}  // namespace
+
+Tensor reshape(const Tensor& x, const Shape& shape) {
+  MV_CHECK(x.defined(), "reshape: the input is undefined");
+  Shape s = shape;
+  int infer = -1;
+  int64_t known = 1;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == -1) {
+      MV_CHECK(infer < 0, "reshape: more than one -1 in ", shape_str(shape));
+      infer = int(i);
+    } else {
+      MV_CHECK(s[i] >= 0, "reshape: negative size in ", shape_str(shape));
+      known *= s[i];
+    }
+  }
+  if (infer >= 0) {
+    MV_CHECK(known > 0 && x.numel() % known == 0, "reshape: cannot reshape ", x.str(), " to ",
+             shape_str(shape));
+    s[size_t(infer)] = x.numel() / known;
+  }
+  MV_CHECK(shape_numel(s) == x.numel(), "reshape: cannot reshape ", x.str(), " (", x.numel(),
+           " elements) to ", shape_str(shape), " (", shape_numel(s), " elements)");
+  Tensor c = dense("reshape", x);
+  Tensor out = c.view_as(s, contiguous_strides(s), c.impl().offset);
+  // d reshape = g reshaped back
+  return record("reshape", out, {x}, [xs = x.shape()](const Tensor& g) {
+    return std::vector<Tensor>{reshape(g, xs)};
+  });
+}
+
+Tensor transpose(const Tensor& x, int d0, int d1) {
+  MV_CHECK(x.defined(), "transpose: the input is undefined");
+  const int n = x.ndim();
+  const int a = norm_axis("transpose", d0, n), b = norm_axis("transpose", d1, n);
+  std::vector<int> p(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) p[size_t(i)] = i;
+  std::swap(p[size_t(a)], p[size_t(b)]);
+  return permute_impl("transpose", x, p);
+}
+
+Tensor permute(const Tensor& x, const std::vector<int>& dims) {
+  MV_CHECK(x.defined(), "permute: the input is undefined");
+  return permute_impl("permute", x, permutation("permute", x, dims));
+}
+
+Tensor slice(const Tensor& x, int axis, int64_t start, int64_t end) {
+  MV_CHECK(x.defined(), "slice: the input is undefined");
+  const int a = norm_axis("slice", axis, x.ndim());
+  const int64_t len = x.shape()[size_t(a)];
+  const int64_t s = start < 0 ? start + len : start, e = end < 0 ? end + len : end;
+  MV_CHECK(0 <= s && s <= e && e <= len, "slice: range [", start, ", ", end, ") is out of bounds for axis ",
+           a, " of size ", len, " in ", x.str());
+  Shape shape = x.shape();
+  shape[size_t(a)] = e - s;
+  Tensor out = x.view_as(shape, x.strides(), x.impl().offset + s * x.strides()[size_t(a)]);
+  // d slice = g placed at [s, e) along the axis, zeros elsewhere
+  return record("slice", out, {x}, [xs = x.shape(), a, s, e, len](const Tensor& g_) {
+    Tensor g = dense("slice", g_);
+    Tensor gx = Tensor::zeros(xs);
+    const Split sp = split_at(xs, a);
+    copy_blocks(g.raw(), e - s, 0, gx.raw(), len, s, sp.outer, sp.inner * int64_t(sizeof(float)), e - s);
+    return std::vector<Tensor>{gx};
+  });
+}
+
+Tensor concat(const std::vector<Tensor>& xs, int axis) {
+  MV_CHECK(!xs.empty(), "concat: no tensors to concatenate");
+  for (const Tensor& t : xs) {
+    MV_CHECK(t.defined(), "concat: an input is undefined");
+    MV_CHECK(t.device() == Device::CPU, "concat: has no CUDA kernel yet; got ", t.str());
+  }
+  const Tensor& x0 = xs[0];
+  const int a = norm_axis("concat", axis, x0.ndim());
+  Shape shape = x0.shape();
+  shape[size_t(a)] = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const Tensor& t = xs[i];
+    bool match = t.ndim() == x0.ndim() && t.dtype() == x0.dtype();
+    for (int d = 0; match && d < x0.ndim(); ++d) match = d == a || t.shape()[size_t(d)] == x0.shape()[size_t(d)];
+    MV_CHECK(match, "concat: tensor ", i, " is ", t.str(), " but tensor 0 is ", x0.str(),
+             "; they must match except along axis ", a);
+    shape[size_t(a)] += t.shape()[size_t(a)];
+  }
+  Tensor out = Tensor::empty(shape, x0.dtype());
+  const Split sp = split_at(shape, a);
+  const int64_t slab = sp.inner * int64_t(dtype_size(x0.dtype())), total = shape[size_t(a)];
+  std::vector<int64_t> lens;
+  std::vector<bool> need;
+  for (int64_t i = 0, pos = 0; i < int64_t(xs.size()); ++i) {
+    const Tensor c = dense("concat", xs[size_t(i)]);
+    const int64_t li = c.shape()[size_t(a)];
+    copy_blocks(c.raw(), li, 0, out.raw(), total, pos, sp.outer, slab, li);
+    pos += li;
+    lens.push_back(li);
+    need.push_back(xs[size_t(i)].requires_grad());
+  }
+  // d concat = the pieces of g along the axis
+  return record("concat", out, xs, [lens, need, a, xs0 = x0.shape()](const Tensor& g_) {
+    Tensor g = dense("concat", g_);
+    const Split sp = split_at(g.shape(), a);
+    const int64_t total = g.shape()[size_t(a)];
+    std::vector<Tensor> grads(lens.size());
+    for (size_t i = 0, pos = 0; i < lens.size(); pos += size_t(lens[i]), ++i) {
+      if (!need[i]) continue;
+      Shape si = g.shape();
+      si[size_t(a)] = lens[i];
+      grads[i] = Tensor::empty(si);
+      copy_blocks(g.raw(), total, int64_t(pos), grads[i].raw(), lens[i], 0, sp.outer,
+                  sp.inner * int64_t(sizeof(float)), lens[i]);
+    }
+    return grads;
+  });
+}
+
+Tensor stack(const std::vector<Tensor>& xs, int axis) {
+  MV_CHECK(!xs.empty(), "stack: no tensors to stack");
+  for (size_t i = 0; i < xs.size(); ++i) {
+    MV_CHECK(xs[i].defined(), "stack: an input is undefined");
+    MV_CHECK(xs[i].shape() == xs[0].shape() && xs[i].dtype() == xs[0].dtype(), "stack: tensor ", i,
+             " is ", xs[i].str(), " but tensor 0 is ", xs[0].str(), "; all must be the same");
+  }
+  const int a = norm_axis("stack", axis, xs[0].ndim() + 1);
+  Shape s = xs[0].shape();
+  s.insert(s.begin() + a, 1);
+  // stack = concat of the inputs with a size-1 dim inserted; autograd flows through both.
+  std::vector<Tensor> parts;
+  parts.reserve(xs.size());
+  for (const Tensor& t : xs) parts.push_back(reshape(t, s));
+  return concat(parts, a);
+}
+
+}  // namespace mv::ops

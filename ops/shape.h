@@ -1,0 +1,32 @@
+// Shape ops, each differentiable. reshape (of a contiguous tensor), transpose, permute and slice
+// return views that share storage; concat and stack copy. Negative axes count from the end.
+// Backward passes return contiguous gradients.
+#pragma once
+#include <vector>
+
+#include "engine/tensor.h"
+
+namespace mv::ops {
+
+// x: any shape, numel(shape) == numel(x) (one entry may be -1: inferred) -> shape
+// A view when x is contiguous, else a copy.
+Tensor reshape(const Tensor& x, const Shape& shape);
+
+// x: (..., d0, ..., d1, ...) -> the same with dims d0 and d1 swapped (a view)
+Tensor transpose(const Tensor& x, int d0, int d1);
+
+// x: (s_0, ..., s_{n-1}), dims a permutation of 0..n-1 -> (s_dims[0], ..., s_dims[n-1]) (a view)
+Tensor permute(const Tensor& x, const std::vector<int>& dims);
+
+// x: (..., L, ...) with L at `axis` -> (..., end - start, ...) (a view, step 1).
+// start and end may be negative (counted from L); 0 <= start <= end <= L after that.
+Tensor slice(const Tensor& x, int axis, int64_t start, int64_t end);
+
+// xs[i]: equal shapes except along axis -> sizes along axis summed
+Tensor concat(const std::vector<Tensor>& xs, int axis);
+
+// xs[i]: all the same shape S -> S with a new dim of size xs.size() inserted at axis
+// (axis in [-(rank+1), rank])
+Tensor stack(const std::vector<Tensor>& xs, int axis);
+
+}  // namespace mv::ops

@@ -1,0 +1,226 @@
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "autograd/autograd.h"
+#include "engine/safetensors.h"
+#include "models/checkpoint.h"
+#include "models/optim.h"
+#include "models/train.h"
+#include "models/vit.h"
+#include "ops/loss.h"
+#include "tests/helpers.h"
+
+using namespace mv;
+using namespace mv::models;
+
+static ViTConfig tiny_config() { return {28, 1, 7, 16, 2, 2, 32, 10}; }
+
+TEST_CASE("ViT: parameter names, shapes and output") {
+  ViT m(tiny_config(), 0);
+  auto params = m.named_parameters();
+  std::map<std::string, Shape> shapes;
+  for (auto& [n, p] : params) shapes[n] = p.shape();
+  CHECK(shapes.at("patch_embed.weight") == Shape{49, 16});
+  CHECK(shapes.at("cls") == Shape{1, 1, 16});
+  CHECK(shapes.at("pos") == Shape{1, 17, 16});
+  CHECK(shapes.at("blocks.1.attn.qkv.weight") == Shape{16, 48});
+  CHECK(shapes.at("blocks.0.mlp.fc1.bias") == Shape{32});
+  CHECK(shapes.at("head.weight") == Shape{16, 10});
+  Tensor logits = m.forward(randn({3, 1, 28, 28}));
+  CHECK(logits.shape() == Shape{3, 10});
+  // The zero-initialised head gives uniform predictions: loss log(10) exactly.
+  CHECK(ops::cross_entropy(logits, Tensor::from_i64({1, 2, 3}, {3})).item() ==
+        doctest::Approx(std::log(10.0)).epsilon(1e-6));
+  CHECK_THROWS_WITH_AS(m.forward(randn({3, 1, 32, 32})), doctest::Contains("do not match"), Error);
+}
+
+TEST_CASE("ViT: impossible configs and unknown presets fail clearly") {
+  ViTConfig c = tiny_config();
+  c.patch = 5;
+  CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("not a multiple of patch size 5"), Error);
+  c = tiny_config();
+  c.heads = 3;
+  CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("not divisible by 3 heads"), Error);
+  CHECK_THROWS_WITH_AS(vit_preset("vit-huge"), doctest::Contains("unknown model preset 'vit-huge'"), Error);
+}
+
+TEST_CASE("ViT: end-to-end gradient of a few parameters") {
+  ViT m({8, 1, 4, 8, 1, 2, 16, 3}, 1);
+  // The head starts at zero, so nothing below it would get a gradient: give it values.
+  m.head->weight.copy_(test::param({8, 3}, 2, 0.5f).detach());
+  Tensor x = randn({2, 1, 8, 8});
+  Tensor labels = Tensor::from_i64({0, 2}, {2});
+  for (const char* name : {"pos", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.bias", "norm.weight"}) {
+    Tensor p;
+    for (auto& [n, t] : m.named_parameters())
+      if (n == name) p = t;
+    INFO(name);
+    // Finite differences on the model's own parameter (the first 12 elements).
+    p.zero_grad();
+    Tensor loss = ops::cross_entropy(m.forward(x), labels);
+    loss.backward();
+    std::vector<float> analytic = p.grad().to_vector<float>();
+    float* d = p.data<float>();
+    const float eps = 1e-3f;  // gradients here reach ~100: a small step keeps curvature out
+    for (int64_t i = 0; i < std::min<int64_t>(p.numel(), 12); ++i) {
+      autograd::NoGrad ng;
+      const float o = d[i];
+      d[i] = o + eps;
+      const double lp = ops::cross_entropy(m.forward(x), labels).item();
+      d[i] = o - eps;
+      const double lm = ops::cross_entropy(m.forward(x), labels).item();
+      d[i] = o;
+      const double numeric = (lp - lm) / (2 * eps);
+      CHECK(std::fabs(numeric - analytic[size_t(i)]) <= 1e-2 + 2e-2 * std::fabs(numeric));
+    }
+  }
+}
+
+TEST_CASE("AdamW matches a hand-computed first step, and skips decay where it should") {
+  Tensor w = Tensor::from({1.0f, -2.0f, 3.0f, 0.5f}, {2, 2}).set_requires_grad(true);
+  Tensor b = Tensor::from({1.0f, 1.0f}, {2}).set_requires_grad(true);
+  w.set_grad(Tensor::from({0.1f, 0.2f, -0.3f, 0.0f}, {2, 2}));
+  b.set_grad(Tensor::from({0.5f, -0.5f}, {2}));
+  AdamW opt({{"fc.weight", w}, {"fc.bias", b}}, 0.1f);
+  opt.step(0.01f);
+  // First step: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps) = lr * sign(g).
+  test::check_close(w, {1.0f - 0.001f * 1.0f - 0.01f, -2.0f + 0.002f - 0.01f,
+                        3.0f - 0.003f + 0.01f, 0.5f - 0.0005f}, 1e-6f);
+  test::check_close(b, {1.0f - 0.01f, 1.0f + 0.01f}, 1e-6f);
+  CHECK(decays("blocks.0.mlp.fc1.weight", w));
+  CHECK_FALSE(decays("pos", Tensor::zeros({1, 5, 4})));
+  CHECK_FALSE(decays("cls", Tensor::zeros({1, 1, 4})));
+  CHECK_FALSE(decays("norm.weight", b));
+}
+
+TEST_CASE("SGD with momentum and gradient clipping") {
+  Tensor w = Tensor::from({1.0f, 1.0f}, {1, 2}).set_requires_grad(true);
+  w.set_grad(Tensor::from({3.0f, 4.0f}, {1, 2}));  // norm 5
+  ClipResult c = clip_scale({w}, 1.0f);
+  CHECK(c.norm == doctest::Approx(5.0f));
+  CHECK(c.scale == doctest::Approx(0.2f).epsilon(1e-5));
+  CHECK(clip_scale({w}, 10.0f).scale == 1.0f);
+  SGD opt({{"w", w}}, 0.9f, 0.0f);
+  opt.step(0.1f, c.scale);  // buffer = g/5 = (0.6, 0.8)
+  opt.step(0.1f, c.scale);  // buffer = 0.9 * b + g/5 = (1.14, 1.52)
+  test::check_close(w, {1.0f - 0.1f * (0.6f + 1.14f), 1.0f - 0.1f * (0.8f + 1.52f)}, 1e-6f);
+}
+
+TEST_CASE("learning-rate schedules") {
+  CHECK(lr_at(0, 100, 10, 1.0f, Schedule::Cosine) == doctest::Approx(0.1f));
+  CHECK(lr_at(9, 100, 10, 1.0f, Schedule::Cosine) == doctest::Approx(1.0f));
+  CHECK(lr_at(10, 100, 10, 1.0f, Schedule::Cosine) == doctest::Approx(1.0f));
+  CHECK(lr_at(55, 100, 10, 1.0f, Schedule::Cosine) == doctest::Approx(0.5f));
+  CHECK(lr_at(100, 100, 10, 1.0f, Schedule::Cosine) == doctest::Approx(0.0f));
+  CHECK(lr_at(55, 100, 10, 2.0f, Schedule::Linear) == doctest::Approx(1.0f));
+}
+
+TEST_CASE("checkpoints: round trip, and mismatches named") {
+  const std::string path = "/tmp/moevit_test_ckpt.safetensors";
+  ViT a(tiny_config(), 1), b(tiny_config(), 2);
+  AdamW opt(a.named_parameters(), 0.05f);
+  save_checkpoint(path, a, &opt, {{"epoch", "3"}});
+  Metadata meta = load_checkpoint(path, b, nullptr);
+  CHECK(meta.at("epoch") == "3");
+  auto pa = a.named_parameters(), pb = b.named_parameters();
+  for (size_t i = 0; i < pa.size(); ++i) CHECK(pa[i].second.to_vector<float>() == pb[i].second.to_vector<float>());
+  ViTConfig wider = tiny_config();
+  wider.dim = 32, wider.mlp_dim = 64;
+  ViT c(wider, 0);
+  CHECK_THROWS_WITH_AS(load_checkpoint(path, c, nullptr), doctest::Contains("'cls' is F32 (1, 1, 16) cpu but the model expects F32 (1, 1, 32)"), Error);
+  std::remove(path.c_str());
+}
+
+static TrainConfig smoke_config() {
+  TrainConfig c;
+  c.dataset = "synthetic";
+  c.model = "test";
+  c.vit = tiny_config();
+  c.epochs = 2;
+  c.batch = 32;
+  c.eval_batch = 64;
+  c.lr = 3e-3f;
+  c.limit_train = 192;
+  c.limit_test = 64;
+  c.warmup_epochs = 0.5f;
+  return c;
+}
+
+static std::vector<std::string> read_lines(const std::string& path) {
+  std::ifstream f(path);
+  std::vector<std::string> out;
+  for (std::string l; std::getline(f, l);) out.push_back(l);
+  return out;
+}
+
+TEST_CASE("a run resumed from epoch 1 reproduces the uninterrupted run bit for bit") {
+  namespace fs = std::filesystem;
+  const std::string a = "/tmp/moevit_test_run_a", b = "/tmp/moevit_test_run_b";
+  fs::remove_all(a);
+  fs::remove_all(b);
+  TrainConfig c = smoke_config();
+  train(c, a, false, nullptr);
+  train(c, b, false, nullptr, /*stop_after=*/1);
+  CHECK(read_lines(b + "/metrics.jsonl").size() == 1);
+  train(c, b, /*resume=*/true, nullptr);
+  // Losses, accuracies and learning rates of both epochs agree exactly (timings differ).
+  auto la = read_lines(a + "/metrics.jsonl"), lb = read_lines(b + "/metrics.jsonl");
+  REQUIRE(la.size() == 2);
+  REQUIRE(lb.size() == 2);
+  for (size_t i = 0; i < 2; ++i) CHECK(la[i].substr(0, la[i].find("epoch_seconds")) ==
+                                       lb[i].substr(0, lb[i].find("epoch_seconds")));
+  // And so do the final parameters and optimizer state.
+  TensorMap ta = load_safetensors(a + "/checkpoint.safetensors");
+  TensorMap tb = load_safetensors(b + "/checkpoint.safetensors");
+  REQUIRE(ta.size() == tb.size());
+  for (auto& [n, t] : ta) {
+    INFO(n);
+    CHECK(t.to_vector<float>() == tb.at(n).to_vector<float>());
+  }
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
+TEST_CASE("a non-finite loss stops training with the step, and the last checkpoint survives") {
+  namespace fs = std::filesystem;
+  const std::string dir = "/tmp/moevit_test_run_nan";
+  fs::remove_all(dir);
+  TrainConfig c = smoke_config();
+  train(c, dir, false, nullptr, /*stop_after=*/1);
+  std::ifstream f0(dir + "/checkpoint.safetensors", std::ios::binary);
+  std::string before((std::istreambuf_iterator<char>(f0)), {});
+  c.lr = 1e30f;  // the first update overflows the weights
+  CHECK_THROWS_WITH_AS(train(c, dir, false, nullptr), doctest::Contains("at step"), Error);
+  std::ifstream f1(dir + "/checkpoint.safetensors", std::ios::binary);
+  std::string after((std::istreambuf_iterator<char>(f1)), {});
+  CHECK(before == after);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("training configs: impossible values are named") {
+  TrainConfig c = smoke_config();
+  c.epochs = 0;
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--epochs"), Error);
+  c = smoke_config();
+  c.optimizer = "lamb";
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--optimizer must be adamw or sgd"), Error);
+  c = smoke_config();
+  c.dataset = "imagenet";
+  CHECK_THROWS_WITH_AS(train(c, "/tmp/moevit_test_bad", false, nullptr), doctest::Contains("unknown data set 'imagenet'"), Error);
+  CHECK_THROWS_WITH_AS(train(smoke_config(), "/tmp/moevit_test_missing", true, nullptr),
+                       doctest::Contains("no checkpoint at"), Error);
+  CHECK(TrainConfig::from_json(smoke_config().to_json()).to_json() == smoke_config().to_json());
+}
+
+TEST_CASE("slow: vit-tiny learns Fashion-MNIST in one epoch" * doctest::test_suite("slow")) {
+  if (!std::filesystem::exists("/usr/share/datasets/fashion-mnist")) {
+    MESSAGE("skipped: Fashion-MNIST is not installed (scripts/setup installs it)");
+    return;
+  }
+  TrainConfig c;
+  c.epochs = 1;
+  TrainResult r = train(c, "/tmp/moevit_test_fmnist", false, nullptr);
+  CHECK(r.test_accuracy > 0.80);
+  std::filesystem::remove_all("/tmp/moevit_test_fmnist");
+}

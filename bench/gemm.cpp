@@ -2,19 +2,21 @@
 // the same number of threads, at the shapes a ViT-S/MoE training step runs (6400 = 128 images x
 // 50 tokens) plus square references and batched attention products.
 //
-// Two phases: first every shape with ours, then every shape with OpenBLAS. Each library's idle
-// worker threads keep spinning for a while after a call (OpenBLAS's for ~0.1 s), and on a
-// 2-core machine a spinning thread of one library stalls the other's fork-join, so the two never
-// alternate. Per shape: 3 warm-up calls, then the median (and the fastest) of `repeats` timed
-// calls; the fastest shows what the kernel does when no other process took a core. No cache
-// flush between calls. Ours includes allocating the output (from the CPU pool); OpenBLAS writes
-// into a preallocated buffer. The last column compares the two results.
+// Per shape: 3 warm-up calls each, then 5 rounds of (repeats/5 calls of ours, a 20 ms rest,
+// repeats/5 calls of OpenBLAS, a 200 ms rest); the figures are the median and the fastest call
+// over all rounds. Rounds alternate so that load from other processes, which drifts, hits both
+// libraries alike. The rests matter on a 2-core machine: after a call each library's idle
+// worker threads keep spinning for a while (OpenBLAS's for about 2^28 cycles, ~0.1 s), and a
+// spinning thread of one library stalls the other's fork-join. The fastest call shows what the
+// kernel does when no other process took a core. No cache flush between calls. Ours includes
+// allocating the output (from the CPU pool); OpenBLAS writes into a preallocated buffer. The
+// last column compares the two results.
 //
 // Batched shapes: OpenBLAS 0.3.21 has no batched sgemm, so its figure is the faster of (a) a
 // loop of calls with OpenBLAS threaded and (b) an OpenMP loop over the batch with OpenBLAS
 // single-threaded; the row says which.
 //
-//   ./build/bench/bench_gemm [--threads 2] [--repeats 21]
+//   ./build/bench/bench_gemm [--threads 2] [--repeats 25]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -47,24 +49,24 @@ struct Case {
   bool ta = false, tb = false;  // operand stored transposed (ours reads it through a transposed view)
 };
 
-struct Times {
-  double median = NAN, best = NAN;
+// Per-call times (ms) collected over several blocks of calls.
+struct Samples {
+  std::vector<double> t;
+  void block(const std::function<void()>& f, int n) {
+    for (int i = 0; i < n; ++i) {
+      auto a = Clock::now();
+      f();
+      t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - a).count());
+    }
+  }
+  double median() {
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+  }
+  double best() { return *std::min_element(t.begin(), t.end()); }
 };
 
-// Median and fastest time (ms) of `n` calls of f after 3 warm-up calls.
-Times time_ms(const std::function<void()>& f, int n) {
-  for (int i = 0; i < 3; ++i) f();
-  std::vector<double> t;
-  for (int i = 0; i < n; ++i) {
-    auto a = Clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - a).count());
-  }
-  std::sort(t.begin(), t.end());
-  return {t[t.size() / 2], t[0]};
-}
-
-void rest() { std::this_thread::sleep_for(std::chrono::milliseconds(20)); }
+void rest(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
 
 std::string dims(const Case& c) {
   std::string s = std::to_string(c.M) + "x" + std::to_string(c.K) + "x" + std::to_string(c.N);
@@ -74,15 +76,14 @@ std::string dims(const Case& c) {
 struct Data {
   Tensor A, B;  // stored operands: A (batch, M, K), or (batch, K, M) when ta; same for B
   Tensor out;   // ours
-  Times ours, ref;
-  double diff = NAN;
+  double ours_med = NAN, ours_best = NAN, ref_med = NAN, ref_best = NAN, diff = NAN;
   std::string how;
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  int threads = 2, repeats = 21;
+  int threads = 2, repeats = 25;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--threads")) threads = std::stoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--repeats")) repeats = std::stoi(argv[i + 1]);
@@ -91,8 +92,9 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  repeats = std::max(repeats, 1);
   set_num_threads(threads);
+  constexpr int kRounds = 5;
+  const int per_round = std::max(1, repeats / kRounds);
 
   const std::vector<Case> cases = {
       {"linear fwd", 1, 6400, 64, 64},       {"linear fwd", 1, 6400, 64, 192},
@@ -108,8 +110,9 @@ int main(int argc, char** argv) {
   };
 
   std::printf("bench_gemm: %d threads (ours: OpenMP + Eigen; OpenBLAS: openblas_set_num_threads)\n", threads);
-  std::printf("all shapes with ours, then all with OpenBLAS; per shape 3 warm-up calls, median (and best) of %d calls; "
-              "no cache flush; GFLOP/s = 2*batch*M*N*K / time\n", repeats);
+  std::printf("per shape: 3 warm-up calls each, then 5 rounds of (%d calls of ours, 20 ms rest, %d calls of "
+              "OpenBLAS, 200 ms rest);\nmedian and fastest call over all rounds; no cache flush; "
+              "GFLOP/s = 2*batch*M*N*K / time\n", per_round, per_round);
 #ifndef MV_HAVE_OPENBLAS
   std::printf("(built without OpenBLAS: reference columns are empty)\n");
 #endif
@@ -121,7 +124,6 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 20; ++i) ops::matmul(w, w);
   }
   std::vector<Data> data(cases.size());
-  // Phase 1: ours.
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const Case& c = cases[ci];
     Data& d = data[ci];
@@ -133,19 +135,14 @@ int main(int argc, char** argv) {
     }
     d.A = randn(sa, gen);
     d.B = randn(sb, gen);
-    Tensor a = c.ta ? ops::transpose(d.A, -1, -2) : d.A, b = c.tb ? ops::transpose(d.B, -1, -2) : d.B;
-    rest();
-    d.ours = time_ms([&] {
+    const Tensor a = c.ta ? ops::transpose(d.A, -1, -2) : d.A, b = c.tb ? ops::transpose(d.B, -1, -2) : d.B;
+    auto ours = [&] {
       autograd::NoGrad ng;
       d.out = c.batch > 1 ? ops::bmm(a, b) : ops::matmul(a, b);
-    }, repeats);
-  }
+    };
+    for (int i = 0; i < 3; ++i) ours();
+    Samples so, sr;
 #ifdef MV_HAVE_OPENBLAS
-  // Phase 2: OpenBLAS.
-  for (size_t ci = 0; ci < cases.size(); ++ci) {
-    const Case& c = cases[ci];
-    Data& d = data[ci];
-    openblas_set_num_threads(threads);
     std::vector<float> C(size_t(c.batch * c.M * c.N));
     const float *pa = d.A.data<float>(), *pb = d.B.data<float>();
     const int lda = int(c.ta ? c.M : c.K), ldb = int(c.tb ? c.K : c.N);
@@ -154,23 +151,46 @@ int main(int argc, char** argv) {
                   int(c.N), int(c.K), 1.f, pa + i * c.M * c.K, lda, pb + i * c.K * c.N, ldb, 0.f,
                   C.data() + i * c.M * c.N, int(c.N));
     };
-    rest();
-    d.ref = time_ms([&] {
+    std::function<void()> blas = [&] {
       for (int64_t i = 0; i < c.batch; ++i) one(i);
-    }, repeats);
-    if (c.batch > 1) {
-      d.how = " (loop)";
-      openblas_set_num_threads(1);
-      rest();
-      const Times t = time_ms([&] {
+    };
+    int blas_threads = threads;
+    if (c.batch > 1) {  // the faster of a threaded loop and an OpenMP loop of 1-thread calls
+      auto omp_loop = [&] {
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < c.batch; ++i) one(i);
-      }, repeats);
-      if (t.median < d.ref.median) {
-        d.ref = t;
+      };
+      Samples s1, s2;
+      openblas_set_num_threads(threads);
+      s1.block(blas, 3 + per_round);
+      rest(200);
+      openblas_set_num_threads(1);
+      s2.block(omp_loop, 3 + per_round);
+      rest(200);
+      d.how = " (loop)";
+      if (s2.median() < s1.median()) {
+        blas = omp_loop;
+        blas_threads = 1;
         d.how = " (omp loop)";
       }
     }
+    openblas_set_num_threads(blas_threads);
+    for (int i = 0; i < 3; ++i) blas();
+    rest(200);
+#endif
+    for (int r = 0; r < kRounds; ++r) {
+      so.block(ours, per_round);
+#ifdef MV_HAVE_OPENBLAS
+      rest(20);
+      sr.block(blas, per_round);
+      rest(200);
+#endif
+    }
+    d.ours_med = so.median();
+    d.ours_best = so.best();
+#ifdef MV_HAVE_OPENBLAS
+    d.ref_med = sr.median();
+    d.ref_best = sr.best();
     // max |ours - OpenBLAS| / max |OpenBLAS|
     const float* po = d.out.data<float>();
     double md = 0, mr = 0;
@@ -179,8 +199,8 @@ int main(int argc, char** argv) {
       mr = std::max(mr, double(std::fabs(C[i])));
     }
     d.diff = md / mr;
-  }
 #endif
+  }
   std::printf("\n| case | batch x M x K x N | ours ms | ours GFLOP/s | OpenBLAS ms | OpenBLAS GFLOP/s | "
               "ours/OpenBLAS | best-call ours/OpenBLAS GFLOP/s | max rel diff |\n");
   std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -189,9 +209,9 @@ int main(int argc, char** argv) {
     const Data& d = data[ci];
     const double gflop = 2.0 * double(c.batch * c.M * c.N * c.K) * 1e-9;
     std::printf("| %s%s | %s | %.3f | %.1f | %.3f | %.1f | %.2f | %.0f / %.0f | %.1e |\n", c.label.c_str(),
-                d.how.c_str(), dims(c).c_str(), d.ours.median, gflop / d.ours.median * 1e3, d.ref.median,
-                gflop / d.ref.median * 1e3, d.ref.median / d.ours.median, gflop / d.ours.best * 1e3,
-                gflop / d.ref.best * 1e3, d.diff);
+                d.how.c_str(), dims(c).c_str(), d.ours_med, gflop / d.ours_med * 1e3, d.ref_med,
+                gflop / d.ref_med * 1e3, d.ref_med / d.ours_med, gflop / d.ours_best * 1e3,
+                gflop / d.ref_best * 1e3, d.diff);
   }
   return 0;
 }

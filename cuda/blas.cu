@@ -94,19 +94,21 @@ void check_int(const char* fn, int64_t v, const char* what) {
   MV_CHECK(v <= INT_MAX, "cuda::", fn, ": ", what, " = ", v, " exceeds cuBLAS's int range");
 }
 
-// Column-major C(m x n) = A(m x k) B(k x n), contiguous, optionally batched with strides.
+// Column-major C(m x n) = op(A)(m x k) op(B)(k x n), optionally batched with strides;
+// op(X) = X^T where tA / tB (then lda / ldb are the leading dims of the stored, untransposed X).
 void gemm_cm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, int64_t sA,
              const float* B, int64_t ldb, int64_t sB, float* C, int64_t ldc, int64_t sC,
-             int64_t batch, bool tf32) {
+             int64_t batch, bool tf32, bool tA = false, bool tB = false) {
   const float one = 1.f, zero = 0.f;
   const cublasComputeType_t ct = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  const cublasOperation_t oA = tA ? CUBLAS_OP_T : CUBLAS_OP_N, oB = tB ? CUBLAS_OP_T : CUBLAS_OP_N;
   if (batch == 1) {
-    MV_CUBLAS_CHECK(cublasGemmEx(blas(), CUBLAS_OP_N, CUBLAS_OP_N, int(m), int(n), int(k), &one, A,
+    MV_CUBLAS_CHECK(cublasGemmEx(blas(), oA, oB, int(m), int(n), int(k), &one, A,
                                  CUDA_R_32F, int(lda), B, CUDA_R_32F, int(ldb), &zero, C,
                                  CUDA_R_32F, int(ldc), ct, CUBLAS_GEMM_DEFAULT));
   } else {
     MV_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-        blas(), CUBLAS_OP_N, CUBLAS_OP_N, int(m), int(n), int(k), &one, A, CUDA_R_32F, int(lda),
+        blas(), oA, oB, int(m), int(n), int(k), &one, A, CUDA_R_32F, int(lda),
         sA, B, CUDA_R_32F, int(ldb), sB, &zero, C, CUDA_R_32F, int(ldc), sC, int(batch), ct,
         CUBLAS_GEMM_DEFAULT));
   }
@@ -141,6 +143,43 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool tf32) {
     gemm_cm(N, B * M, K, pb, N, 0, pa, K, 0, pc, N, 0, 1, tf32);
   } else {
     gemm_cm(N, M, K, pb, N, K * N, pa, K, a3 ? M * K : 0, pc, N, M * N, B, tf32);
+  }
+  return out;
+}
+
+// The transposed-operand variant, for backward passes (dA = dC B^T, dB = A^T dC) without
+// materialising a transpose. Through the operand swap, C^T = op(b)^T op(a)^T: the bytes of a
+// row-major b are the column-major b^T, so op(b)^T needs no transpose when b is used as stored
+// and cuBLAS's OP_T when b is stored transposed; the same for a.
+Tensor matmul_t(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool tf32) {
+  if (!trans_a && !trans_b) return matmul(a, b, tf32);
+  detail::expect_cuda_f32("matmul_t", "a", a);
+  detail::expect_cuda_f32("matmul_t", "b", b);
+  MV_CHECK((a.ndim() == 2 || a.ndim() == 3) && (b.ndim() == 2 || b.ndim() == 3), "cuda::matmul_t: ",
+           a.str(), " x ", b.str(), ": expected 2-D or 3-D operands");
+  const int64_t M = trans_a ? a.size(-1) : a.size(-2), K = trans_a ? a.size(-2) : a.size(-1);
+  const int64_t N = trans_b ? b.size(-2) : b.size(-1), Kb = trans_b ? b.size(-1) : b.size(-2);
+  MV_CHECK(Kb == K, "cuda::matmul_t: ", a.str(), (trans_a ? "^T" : ""), " x ", b.str(),
+           (trans_b ? "^T" : ""), ": inner sizes differ");
+  const bool a3 = a.ndim() == 3, b3 = b.ndim() == 3;
+  MV_CHECK(!(a3 && b3) || a.size(0) == b.size(0), "cuda::matmul_t: ", a.str(), " x ", b.str(),
+           ": batch sizes differ");
+  const int64_t B = a3 ? a.size(0) : b3 ? b.size(0) : 1;
+  Tensor out = Tensor::empty(a3 || b3 ? Shape{B, M, N} : Shape{M, N}, DType::F32, Device::CUDA);
+  if (out.numel() == 0) return out;
+  if (K == 0) {
+    MV_CUDA_CHECK(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream()));
+    return out;
+  }
+  for (auto [v, what] : {std::pair{M, "M"}, {K, "K"}, {N, "N"}, {B, "batch"}}) check_int("matmul_t", v, what);
+  const int64_t ldb = trans_b ? K : N, lda = trans_a ? M : K;
+  if (!b3 && !trans_a) {  // a's batches are just more rows: one GEMM
+    check_int("matmul_t", B * M, "rows");
+    gemm_cm(N, B * M, K, b.data<float>(), ldb, 0, a.data<float>(), lda, 0, out.data<float>(), N, 0, 1,
+            tf32, trans_b, trans_a);
+  } else {
+    gemm_cm(N, M, K, b.data<float>(), ldb, b3 ? K * N : 0, a.data<float>(), lda, a3 ? M * K : 0,
+            out.data<float>(), N, M * N, B, tf32, trans_b, trans_a);
   }
   return out;
 }

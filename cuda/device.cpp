@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cuda/check.h"
+#include "cuda/kernels.h"
 #include "engine/memory.h"
 
 namespace mv {
@@ -102,7 +103,8 @@ void d2h(void* d, const void* s, size_t n) { MV_CUDA_CHECK(cudaMemcpy(d, s, n, c
 void d2d(void* d, const void* s, size_t n) { MV_CUDA_CHECK(cudaMemcpy(d, s, n, cudaMemcpyDeviceToDevice)); }
 void zero(void* p, size_t n) { MV_CUDA_CHECK(cudaMemset(p, 0, n)); }
 
-const CudaHooks kHooks{device_count, alloc, free_block, h2d, d2h, d2d, zero, stats};
+const CudaHooks kHooks{device_count, alloc, free_block, h2d, d2h, d2d, zero, stats,
+                       cuda::copy_strided};
 
 }  // namespace
 

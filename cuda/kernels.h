@@ -22,6 +22,10 @@ void synchronize();
 // by every batch. tf32: let cuBLAS use TF32 tensor cores (about 1e-3 relative error) instead of
 // full FP32.
 Tensor matmul(const Tensor& a, const Tensor& b, bool tf32 = false);
+// op(a) @ op(b) with op(x) = x^T (the last two dims) where the flag is set: a stored (M, K),
+// (K, M) if trans_a, optionally with a batch dim (B, ., .); b stored (K, N), (N, K) if trans_b,
+// likewise -> (M, N) or (B, M, N). For backward passes: no transposed copy is made.
+Tensor matmul_t(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool tf32 = false);
 // x: (R, in), w: (in, out), bias: (out,) or undefined -> (R, in) @ w + bias: (R, out).
 // One cuBLASLt call with the bias fused as its epilogue (sgemm + bias kernel if Lt declines).
 Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor& bias, bool tf32 = false);
@@ -104,5 +108,19 @@ AttentionOut attention_forward(const Tensor& qkv, int heads);
 // qkv, out, lse from the forward, dout: (B, T, D) -> dqkv: (B, T, 3D). Deterministic (no atomics).
 Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& lse,
                           const Tensor& dout, int heads);
+
+// ---- generic tensor kernels for ops/ (cuda/tensor_ops.cu) ------------------------------------
+// dst, src: CUDA tensors of the same shape and dtype, any strides (views) -> writes src into dst.
+void copy_strided(const Tensor& dst, const Tensor& src);
+// x: any layout -> x itself if contiguous, else a contiguous copy (what Tensor::contiguous uses).
+Tensor contiguous(const Tensor& x);
+// a, b: same shape -> alpha * a + beta * b; b undefined: alpha * a + beta (a scalar shift).
+Tensor axpby(const Tensor& a, const Tensor& b, float alpha, float beta);
+// x: (R, C) -> (C,): sum over the rows (the bias gradient). Deterministic.
+Tensor column_sum(const Tensor& x);
+// x: any shape -> (): scale * sum of all elements. Deterministic.
+Tensor sum_all(const Tensor& x, float scale = 1.f);
+// x: (..., C) -> I64 (...): index of the first largest element of each row (NaN counts as largest).
+Tensor argmax_last(const Tensor& x);
 
 }  // namespace mv::cuda

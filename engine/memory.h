@@ -8,6 +8,8 @@
 
 namespace mv {
 
+class Tensor;
+
 // Bytes a pool hands out and keeps. `in_use`/`peak` count live blocks, `cached` free ones.
 struct PoolStats {
   size_t in_use = 0, peak = 0, cached = 0, system_allocs = 0;
@@ -30,6 +32,8 @@ struct CudaHooks {
   void (*copy_d2d)(void* dst, const void* src, size_t bytes);
   void (*zero)(void* p, size_t bytes);
   PoolStats (*stats)();
+  // Writes the strided CUDA tensor src into dst (same shape and dtype, any strides).
+  void (*copy_strided)(const Tensor& dst, const Tensor& src);
 };
 const CudaHooks* cuda_hooks();
 bool cuda_available();  // built with CUDA and a device is present

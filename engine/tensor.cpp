@@ -124,10 +124,9 @@ static void gather_strided_cpu(const Tensor& src, void* dst) {
 
 Tensor Tensor::contiguous() const {
   if (is_contiguous()) return *this;
-  MV_CHECK(device() == Device::CPU, "Tensor::contiguous: strided CUDA tensors are not supported (",
-           str(), ")");
-  Tensor out = empty(shape(), dtype());
-  gather_strided_cpu(*this, out.raw());
+  Tensor out = empty(shape(), dtype(), device());
+  if (device() == Device::CUDA) cuda_hooks()->copy_strided(out, *this);
+  else gather_strided_cpu(*this, out.raw());
   return out;
 }
 

@@ -1,5 +1,7 @@
 #include "models/layers.h"
 
+#include <cmath>
+
 #include "ops/attention.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
@@ -12,7 +14,8 @@ Tensor init_weight(const Shape& shape, Generator& g, float std) {
 }
 
 Linear::Linear(int64_t in, int64_t out, Generator& g, bool has_bias) {
-  weight = register_parameter("weight", init_weight({in, out}, g));
+  // Xavier (Glorot) scale, as the ViT reference code initialises its dense layers.
+  weight = register_parameter("weight", init_weight({in, out}, g, std::sqrt(2.0f / float(in + out))));
   if (has_bias) bias = register_parameter("bias", Tensor::zeros({out}));
 }
 

@@ -32,6 +32,10 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+
+#ifdef MOEVIT_CUDA
+#include "cuda/kernels.h"
+#endif
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
 #include "ops/shape.h"
@@ -128,8 +132,21 @@ int64_t cost(const Dims& d) { return 4 * d.T * d.T * d.Dh + 8 * d.T * d.T; }
 }  // namespace
 
 Tensor self_attention(const Tensor& qkv_, int heads) {
-  expect_cpu_f32("self_attention", {&qkv_});
+  const bool gpu = on_cuda("self_attention", {&qkv_});
+  if (!gpu) expect_cpu_f32("self_attention", {&qkv_});
   const Dims d = check_qkv("self_attention", qkv_, heads);
+#ifdef MOEVIT_CUDA
+  if (gpu) {  // flash-style kernels; the forward saves lse, the backward recomputes from it
+    const Tensor qkv = qkv_.contiguous();
+    cuda::AttentionOut f = cuda::attention_forward(qkv, heads);
+    if (!autograd::needs_graph({qkv_})) return f.out;
+    return autograd::record("self_attention", f.out, {qkv_},
+                            [qd = qkv.detach(), od = f.out.detach(), lse = f.lse, heads](const Tensor& g) {
+                              return std::vector<Tensor>{
+                                  cuda::attention_backward(qd, od, lse, g.contiguous(), heads)};
+                            });
+  }
+#endif
   Tensor qkv = qkv_.contiguous();
   Tensor out = Tensor::empty({d.B, d.T, d.D});
   const bool grad = autograd::needs_graph({qkv_});

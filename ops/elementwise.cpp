@@ -9,6 +9,10 @@
 #include "ops/common.h"
 #include "ops/fast_math.h"
 
+#ifdef MOEVIT_CUDA
+#include "cuda/kernels.h"
+#endif
+
 namespace mv::ops {
 
 using autograd::record;
@@ -91,8 +95,89 @@ static Tensor unary_kernel(const char* op, const Tensor& x_, F f) {
   return out;
 }
 
+#ifdef MOEVIT_CUDA
+// ---- CUDA: same-shape maps and the bias broadcast ----------------------------------------------
+// The CUDA kernels cover what a transformer needs: equal shapes, and a "bias" operand that only
+// broadcasts along leading dims (its shape, leading 1s dropped, is a suffix of the other's:
+// (C,) or (1, 1, C) against (B, T, C), (1, T, C) against (B, T, C)). Other broadcasts throw.
+
+// The number of trailing elements `small` covers when it is such a bias of `big`; -1 otherwise.
+static int64_t bias_width(const Shape& small, const Shape& big) {
+  size_t lead = 0;
+  while (lead < small.size() && small[lead] == 1) ++lead;
+  const size_t k = small.size() - lead;
+  if (k > big.size() || small.size() > big.size() + lead) return -1;
+  int64_t C = 1;
+  for (size_t i = 0; i < k; ++i) {
+    if (small[lead + i] != big[big.size() - k + i]) return -1;
+    C *= small[lead + i];
+  }
+  return C;
+}
+
+// big + small broadcast as a bias, in big's shape.
+static Tensor cuda_add_bias(const Tensor& big, const Tensor& small, int64_t C) {
+  const int64_t R = C == 0 ? 0 : big.numel() / C;
+  return flat_view(cuda::add_bias(flat_view(big, {R, C}), flat_view(small, {C})), big.shape());
+}
+
+// kind: '+', '-', '*'. Same shapes, or one operand a bias of the other.
+static Tensor cuda_binary(const char* op, const Tensor& a_, const Tensor& b_, char kind) {
+  Tensor a = a_.contiguous(), b = b_.contiguous();
+  if (a.shape() == b.shape()) {
+    if (kind == '+') return cuda::add(a, b);
+    if (kind == '-') return cuda::axpby(a, b, 1.f, -1.f);
+    return cuda::mul(a, b);
+  }
+  const Shape out = broadcast_shape(a.shape(), b.shape(), op);
+  const bool b_small = out == a.shape();
+  const Tensor& big = b_small ? a : b;
+  const Tensor& small = b_small ? b : a;
+  const int64_t C = out == big.shape() ? bias_width(small.shape(), big.shape()) : -1;
+  MV_CHECK(C >= 0, op, ": broadcasting ", a.str(), " with ", b.str(),
+           " has no CUDA kernel yet (only equal shapes or a bias over trailing dims)");
+  if (kind == '*') {  // materialise the bias at full shape, then an equal-shape product
+    Tensor e = cuda_add_bias(Tensor::zeros(big.shape(), DType::F32, Device::CUDA), small, C);
+    return cuda::mul(big, e);
+  }
+  if (kind == '+') return cuda_add_bias(big, small, C);
+  // a - b: negate b, then add
+  if (b_small) return cuda_add_bias(a, cuda::axpby(b, Tensor(), -1.f, 0.f), C);
+  return cuda_add_bias(cuda::axpby(b, Tensor(), -1.f, 0.f), a, C);
+}
+#endif
+
+// a (op) b on either device; f is the CPU map, kind names it for the CUDA path.
+template <class F>
+static Tensor binary_forward(const char* op, const Tensor& a, const Tensor& b, char kind, F f) {
+#ifdef MOEVIT_CUDA
+  if (on_cuda(op, {&a, &b})) return cuda_binary(op, a, b, kind);
+#endif
+  (void)kind;
+  return binary_kernel(op, a, b, f);
+}
+
+// alpha * x + beta on either device; f is the same map for the CPU kernel.
+template <class F>
+static Tensor scalar_forward(const char* op, const Tensor& x, float alpha, float beta, F f) {
+#ifdef MOEVIT_CUDA
+  if (on_cuda(op, {&x})) return cuda::axpby(x.contiguous(), Tensor(), alpha, beta);
+#endif
+  (void)alpha, (void)beta;
+  return unary_kernel(op, x, f);
+}
+
 Tensor sum_to(const Tensor& g_, const Shape& shape) {
   if (g_.shape() == shape) return g_;
+#ifdef MOEVIT_CUDA
+  if (on_cuda("sum_to", {&g_})) {  // a bias gradient: sum over the leading rows
+    const int64_t C = bias_width(shape, g_.shape());
+    MV_CHECK(C >= 0, "sum_to: reducing ", g_.str(), " to ", shape_str(shape),
+             " has no CUDA kernel yet (only sums over leading dims)");
+    const int64_t R = C == 0 ? 0 : g_.numel() / C;
+    return flat_view(cuda::column_sum(flat_view(g_, {R, C})), shape);
+  }
+#endif
   expect_cpu_f32("sum_to", {&g_});
   Tensor g = g_.contiguous();
   const Shape& gs = g.shape();
@@ -120,7 +205,7 @@ Tensor sum_to(const Tensor& g_, const Shape& shape) {
 
 // d(a+b) = (g, g)
 Tensor add(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_kernel("add", a, b, [](float x, float y) { return x + y; });
+  Tensor out = binary_forward("add", a, b, '+', [](float x, float y) { return x + y; });
   return record("add", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
     return std::vector<Tensor>{sum_to(g, sa), sum_to(g, sb)};
   });
@@ -128,7 +213,7 @@ Tensor add(const Tensor& a, const Tensor& b) {
 
 // d(a-b) = (g, -g)
 Tensor sub(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_kernel("sub", a, b, [](float x, float y) { return x - y; });
+  Tensor out = binary_forward("sub", a, b, '-', [](float x, float y) { return x - y; });
   return record("sub", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
     return std::vector<Tensor>{sum_to(g, sa), sum_to(neg(g), sb)};
   });
@@ -136,7 +221,7 @@ Tensor sub(const Tensor& a, const Tensor& b) {
 
 // d(a*b) = (g*b, g*a)
 Tensor mul(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_kernel("mul", a, b, [](float x, float y) { return x * y; });
+  Tensor out = binary_forward("mul", a, b, '*', [](float x, float y) { return x * y; });
   const bool ga = a.requires_grad(), gb = b.requires_grad();
   return record("mul", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb](const Tensor& g) {
     return std::vector<Tensor>{ga ? sum_to(mul(g, bd), ad.shape()) : Tensor(),
@@ -157,19 +242,19 @@ Tensor div(const Tensor& a, const Tensor& b) {
 
 // d(a+s) = g
 Tensor add(const Tensor& a, float s) {
-  Tensor out = unary_kernel("add", a, [s](float x) { return x + s; });
+  Tensor out = scalar_forward("add", a, 1.f, s, [s](float x) { return x + s; });
   return record("add_scalar", out, {a}, [](const Tensor& g) { return std::vector<Tensor>{g}; });
 }
 
 // d(a*s) = g*s
 Tensor mul(const Tensor& a, float s) {
-  Tensor out = unary_kernel("mul", a, [s](float x) { return x * s; });
+  Tensor out = scalar_forward("mul", a, s, 0.f, [s](float x) { return x * s; });
   return record("mul_scalar", out, {a}, [s](const Tensor& g) { return std::vector<Tensor>{mul(g, s)}; });
 }
 
 // d(-x) = -g
 Tensor neg(const Tensor& x) {
-  Tensor out = unary_kernel("neg", x, [](float v) { return -v; });
+  Tensor out = scalar_forward("neg", x, -1.f, 0.f, [](float v) { return -v; });
   return record("neg", out, {x}, [](const Tensor& g) { return std::vector<Tensor>{neg(g)}; });
 }
 
@@ -230,6 +315,16 @@ Tensor relu(const Tensor& x) {
 Tensor gelu(const Tensor& x, GeluForm form) {
   constexpr float c = 0.7978845608028654f, k = 0.044715f, inv_sqrt2 = 0.7071067811865476f,
                   inv_sqrt2pi = 0.3989422804014327f;
+#ifdef MOEVIT_CUDA
+  if (on_cuda("gelu", {&x})) {
+    MV_CHECK(form == GeluForm::Tanh, "gelu: the erf form has no CUDA kernel yet; got ", x.str());
+    Tensor y = cuda::gelu_forward(x.contiguous());
+    if (!autograd::needs_graph({x})) return y;
+    return record("gelu", y, {x}, [xd = x.detach().contiguous()](const Tensor& g) {
+      return std::vector<Tensor>{cuda::gelu_backward(xd, g.contiguous())};
+    });
+  }
+#endif
   if (form == GeluForm::Tanh)
     return unary_op(
         "gelu", x, [](float v) { return 0.5f * v * (1.f + fast_tanh(c * (v + k * v * v * v))); },

@@ -9,20 +9,38 @@
 #include "engine/parallel.h"
 #include "ops/common.h"
 
+#ifdef MOEVIT_CUDA
+#include "cuda/kernels.h"
+#endif
+
 namespace mv::ops {
 
 // loss_n = lse_n - sum_j t_j x_nj with lse = log(sum_j exp(x_nj)), sum_j t_j = 1;
 // dloss/dx_nj = (softmax(x_n)_j - t_j) / N
 Tensor cross_entropy(const Tensor& logits_, const Tensor& labels_, float ls) {
-  expect_cpu_f32("cross_entropy", {&logits_});
-  MV_CHECK(labels_.defined() && labels_.dtype() == DType::I64 && labels_.device() == Device::CPU,
-           "cross_entropy: labels must be an I64 CPU tensor, got ", labels_.str());
+  const bool gpu = on_cuda("cross_entropy", {&logits_, &labels_});
+  if (!gpu) expect_cpu_f32("cross_entropy", {&logits_});
+  MV_CHECK(labels_.defined() && labels_.dtype() == DType::I64,
+           "cross_entropy: labels must be an I64 tensor on the logits' device, got ", labels_.str());
   MV_CHECK(logits_.ndim() == 2 && logits_.size(0) > 0 && logits_.size(1) > 0,
            "cross_entropy: logits ", logits_.str(), " must be (N, C) with N, C > 0");
   const int64_t N = logits_.size(0), C = logits_.size(1);
   MV_CHECK(labels_.shape() == Shape{N}, "cross_entropy: labels ", labels_.str(),
            " must be (N,) = (", N, ") for logits ", logits_.str());
   MV_CHECK(ls >= 0.f && ls <= 1.f, "cross_entropy: label_smoothing ", ls, " is outside [0, 1]");
+#ifdef MOEVIT_CUDA
+  if (gpu) {  // labels are not range-checked on the GPU (no host sync): a bad label gives NaN
+    const Tensor x = logits_.contiguous(), labels = labels_.contiguous();
+    cuda::CrossEntropyOut f = cuda::cross_entropy_forward(x, labels, ls);
+    Tensor out = cuda::sum_all(f.loss, 1.f / float(N));  // the mean over rows
+    if (!autograd::needs_graph({logits_})) return out;
+    return autograd::record("cross_entropy", out, {logits_},
+                            [xd = x.detach(), labels, lse = f.lse, ls](const Tensor& g) {
+                              return std::vector<Tensor>{
+                                  cuda::cross_entropy_backward(xd, labels, lse, ls, g.contiguous())};
+                            });
+  }
+#endif
   Tensor x = logits_.contiguous(), labels = labels_.contiguous();
   const int64_t* py = labels.data<int64_t>();
   for (int64_t n = 0; n < N; ++n)

@@ -7,11 +7,14 @@
 //
 // Threading is ours, not Eigen's (EIGEN_DONT_PARALLELIZE): one product is cut into one block
 // of output rows (or columns) per thread, each an independent serial Eigen GEMM, so a product
-// costs one fork-join. Eigen's own threading syncs its threads by spinning once per depth block;
-// bench/gemm measured it slower at 2 threads on most shapes (docs/benchmarks.md), and far
-// slower when the cores are shared with other work. Many small products (attention: 512
-// batches of 50x16x50) run whole products per thread instead.
+// costs one fork-join. Eigen's own threading (threads sync once per depth block) measured
+// slower at 2 threads on most shapes in bench/gemm, up to 1.4x (docs/benchmarks.md). Many small
+// products (attention: 512 batches of 50x16x50) run whole products per thread instead.
 #include "ops/matmul.h"
+
+#ifdef MOEVIT_CUDA
+#include "cuda/kernels.h"
+#endif
 
 // Eigen 3.4's AVX code trips -Wunused-variable where its templates are instantiated (here).
 #pragma GCC diagnostic ignored "-Wunused-variable"
@@ -215,8 +218,40 @@ void column_sums(const float* g, int64_t rows, int64_t cols, int64_t ld, float* 
 
 }  // namespace
 
+#ifdef MOEVIT_CUDA
+// ---- CUDA: cuBLAS in full FP32 (tf32 off, so results match the CPU to fp32 rounding) ----------
+// The backward's transposed operands go to cuBLAS as op(X) = X^T (cuda::matmul_t): no copies.
+
+// a: (..., M, K), b: (K, N) or (..., K, N), shapes already checked.
+static Tensor cuda_matmul(const Tensor& a, const Tensor& b, int64_t M, int64_t N, int64_t K) {
+  const int64_t nb = M * K == 0 ? 0 : a.numel() / (M * K);
+  const bool shared = b.ndim() == 2;
+  Shape out_shape = a.shape();
+  out_shape.back() = N;
+  Tensor out = shared ? cuda::matmul(flat_view(a, {nb * M, K}), b.contiguous())
+                      : cuda::matmul(flat_view(a, {nb, M, K}), flat_view(b, {nb, K, N}));
+  out = flat_view(out, out_shape);
+  if (!autograd::needs_graph({a, b})) return out;
+  const bool ga = a.requires_grad(), gb = b.requires_grad();
+  return record("matmul", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb, shared, nb, M, N, K](const Tensor& g) {
+    Tensor gA, gB;
+    if (shared) {  // one GEMM over all nb * M rows
+      const Tensor g2 = flat_view(g, {nb * M, N});
+      if (ga) gA = flat_view(cuda::matmul_t(g2, bd.contiguous(), false, true), ad.shape());  // dA = dY B^T
+      if (gb) gB = cuda::matmul_t(flat_view(ad, {nb * M, K}), g2, true, false);  // dB = A^T dY
+    } else {
+      const Tensor g3 = flat_view(g, {nb, M, N});
+      if (ga) gA = flat_view(cuda::matmul_t(g3, flat_view(bd, {nb, K, N}), false, true), ad.shape());
+      if (gb) gB = flat_view(cuda::matmul_t(flat_view(ad, {nb, M, K}), g3, true, false), bd.shape());
+    }
+    return std::vector<Tensor>{gA, gB};
+  });
+}
+#endif
+
 Tensor matmul(const Tensor& a, const Tensor& b) {
-  expect_cpu_f32("matmul", {&a, &b});
+  const bool gpu = on_cuda("matmul", {&a, &b});
+  if (!gpu) expect_cpu_f32("matmul", {&a, &b});
   MV_CHECK(a.ndim() >= 2, "matmul: a ", a.str(), " must have at least 2 dims (..., M, K)");
   MV_CHECK(b.ndim() == 2 || b.ndim() == a.ndim(), "matmul: b ", b.str(),
            " must be (K, N) or have a's rank ", a.ndim(), " (a is ", a.str(), ")");
@@ -228,6 +263,9 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   if (!shared)
     MV_CHECK(Shape(a.shape().begin(), a.shape().end() - 2) == Shape(b.shape().begin(), b.shape().end() - 2),
              "matmul: batch dims of ", a.str(), " and ", b.str(), " differ (no broadcasting)");
+#ifdef MOEVIT_CUDA
+  if (gpu) return cuda_matmul(a, b, M, N, K);
+#endif
   Shape out_shape = a.shape();
   out_shape.back() = N;
   Tensor out = Tensor::empty(out_shape);
@@ -281,8 +319,9 @@ Tensor bmm(const Tensor& a, const Tensor& b) {
 }
 
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
-  expect_cpu_f32("linear", {&x, &w});
-  if (bias.defined()) expect_cpu_f32("linear", {&bias});
+  const bool gpu = on_cuda("linear", {&x, &w, &bias});
+  if (!gpu) expect_cpu_f32("linear", {&x, &w});
+  if (!gpu && bias.defined()) expect_cpu_f32("linear", {&bias});
   MV_CHECK(x.ndim() >= 1 && w.ndim() == 2, "linear: expected x (..., in) and w (in, out), got x ", x.str(),
            " and w ", w.str());
   const int64_t in = w.size(0), nout = w.size(1);
@@ -292,10 +331,28 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
            nout, ") for w ", w.str());
   Shape out_shape = x.shape();
   out_shape.back() = nout;
+  const int64_t rows = in > 0 ? x.numel() / in : shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
+#ifdef MOEVIT_CUDA
+  if (gpu) {  // cuBLASLt with the bias fused; full FP32
+    const Tensor x2 = flat_view(x, {rows, in});
+    Tensor out = flat_view(
+        cuda::linear_forward(x2, w.contiguous(), bias.defined() ? bias.contiguous() : Tensor()), out_shape);
+    if (!autograd::needs_graph({x, w, bias})) return out;
+    const bool gx = x.requires_grad(), gw = w.requires_grad(), gbias = bias.defined() && bias.requires_grad();
+    return record("linear", out, {x, w, bias},
+                  [x2 = x2.detach(), wd = w.detach(), xs = x.shape(), gx, gw, gbias, rows, nout](const Tensor& g) {
+                    const Tensor g2 = flat_view(g, {rows, nout});
+                    Tensor dx, dw, db;
+                    if (gx) dx = flat_view(cuda::matmul_t(g2, wd.contiguous(), false, true), xs);  // dx = dy w^T
+                    if (gw) dw = cuda::matmul_t(x2, g2, true, false);  // dw = x^T dy
+                    if (gbias) db = cuda::column_sum(g2);                // db = column sums of dy
+                    return std::vector<Tensor>{dx, dw, db};
+                  });
+  }
+#endif
   Tensor out = Tensor::empty(out_shape);
   float* po = out.data<float>();
   const Operand X = rows_operand(x), W = operand(w);
-  const int64_t rows = in > 0 ? x.numel() / in : shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
   // The bias is written first and the GEMM accumulates onto it: Eigen's plain `=` would zero
   // the output first anyway, so the bias costs no extra pass.
   if (bias.defined()) {

@@ -12,19 +12,44 @@
 #include "engine/parallel.h"
 #include "ops/common.h"
 
+#ifdef MOEVIT_CUDA
+#include "cuda/kernels.h"
+#endif
+
 namespace mv::ops {
+
+#ifdef MOEVIT_CUDA
+// The same op on the GPU: cuda::layernorm_forward saves mean and rstd; the backward kernel
+// computes the same three gradients (dgamma, dbeta reduced deterministically).
+static Tensor layernorm_cuda(const Tensor& x_, const Tensor& gamma_, const Tensor& beta_, float eps) {
+  const Tensor x = x_.contiguous(), gamma = gamma_.contiguous();
+  cuda::LayerNormOut f = cuda::layernorm_forward(x, gamma, beta_.contiguous(), eps);
+  if (!autograd::needs_graph({x_, gamma_, beta_})) return f.y;
+  const bool gx = x_.requires_grad(), gw = gamma_.requires_grad(), gb = beta_.requires_grad();
+  return autograd::record(
+      "layernorm", f.y, {x_, gamma_, beta_},
+      [xd = x.detach(), wd = gamma.detach(), mean = f.mean, rstd = f.rstd, gx, gw, gb](const Tensor& g) {
+        cuda::LayerNormGrads d = cuda::layernorm_backward(g.contiguous(), xd, wd, mean, rstd);
+        return std::vector<Tensor>{gx ? d.dx : Tensor(), gw ? d.dgamma : Tensor(), gb ? d.dbeta : Tensor()};
+      });
+}
+#endif
 
 // xhat = (x - mean) * rstd, y = xhat * gamma + beta:
 //   dbeta = sum_rows g,  dgamma = sum_rows g * xhat,
 //   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = g * gamma
 Tensor layernorm(const Tensor& x_, const Tensor& gamma_, const Tensor& beta_, float eps) {
-  expect_cpu_f32("layernorm", {&x_, &gamma_, &beta_});
+  const bool gpu = on_cuda("layernorm", {&x_, &gamma_, &beta_});
+  if (!gpu) expect_cpu_f32("layernorm", {&x_, &gamma_, &beta_});
   MV_CHECK(x_.ndim() >= 1 && x_.shape().back() > 0, "layernorm: x ", x_.str(),
            " needs a non-empty last axis");
   const int64_t D = x_.shape().back(), rows = x_.numel() / D;
   MV_CHECK(gamma_.shape() == Shape{D} && beta_.shape() == Shape{D}, "layernorm: x ", x_.str(),
            " needs gamma and beta of shape (", D, "), got ", gamma_.str(), " and ", beta_.str());
   MV_CHECK(eps >= 0.f, "layernorm: eps ", eps, " must be >= 0");
+#ifdef MOEVIT_CUDA
+  if (gpu) return layernorm_cuda(x_, gamma_, beta_, eps);
+#endif
   Tensor x = x_.contiguous(), gamma = gamma_.contiguous(), beta = beta_.contiguous();
   Tensor y = Tensor::empty(x.shape());
   Tensor mean = Tensor::empty({rows}), rstd = Tensor::empty({rows});

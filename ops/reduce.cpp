@@ -10,6 +10,10 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+
+#ifdef MOEVIT_CUDA
+#include "cuda/kernels.h"
+#endif
 #include "ops/elementwise.h"
 
 namespace mv::ops {
@@ -191,10 +195,26 @@ Tensor expand_kernel(const Tensor& g_, const Shape& xs, float scale) {
 // sum (scale 1) and mean (scale 1/count); d/dx = g broadcast back, times scale
 Tensor sum_or_mean(const char* op, const Tensor& x, const std::vector<int>& axes, bool keepdim,
                    bool is_mean) {
-  expect_cpu_f32(op, {&x});
+  const bool gpu = on_cuda(op, {&x});
+  if (!gpu) expect_cpu_f32(op, {&x});
   const std::vector<bool> red = reduced_axes(op, x, axes);
   const int64_t count = reduced_count(x.shape(), red);
   const double scale = is_mean ? 1.0 / double(count) : 1.0;
+#ifdef MOEVIT_CUDA
+  if (gpu) {  // only the reduction of every element (losses, metrics) has a kernel
+    MV_CHECK(count == x.numel(), op, ": reducing ", x.str(),
+             " over some of its axes has no CUDA kernel yet (only over all of them)");
+    Tensor out = cuda::sum_all(x.contiguous(), float(scale));
+    if (keepdim) out = flat_view(out, Shape(x.shape().size(), 1));
+    if (!autograd::needs_graph({x})) return out;
+    // d/dx = g broadcast to every element, times scale
+    return record(op, out, {x}, [xs = x.shape(), s = float(scale)](const Tensor& g) {
+      const int64_t n = shape_numel(xs);
+      Tensor e = cuda::add_bias(Tensor::zeros({n, 1}, DType::F32, Device::CUDA), flat_view(g, {1}));
+      return std::vector<Tensor>{flat_view(cuda::axpby(e, Tensor(), s, 0.f), xs)};
+    });
+  }
+#endif
   Tensor k = sum_keep(x.contiguous(), red, scale);
   Tensor out = keepdim ? k : reshaped(k, drop_shape(x.shape(), red));
   return record(op, out, {x}, [xs = x.shape(), ks = k.shape(), s = float(scale)](const Tensor& g) {
@@ -309,8 +329,16 @@ Tensor max(const Tensor& x, int axis, bool keepdim) {
 }
 
 Tensor argmax(const Tensor& x, int axis, bool keepdim) {
-  expect_cpu_f32("argmax", {&x});
+  const bool gpu = on_cuda("argmax", {&x});
+  if (!gpu) expect_cpu_f32("argmax", {&x});
   const Split s = split_axis("argmax", x, axis, keepdim);
+#ifdef MOEVIT_CUDA
+  if (gpu) {
+    MV_CHECK(s.inner == 1, "argmax: only the last axis has a CUDA kernel yet; got axis ", axis,
+             " of ", x.str());
+    return flat_view(cuda::argmax_last(x.contiguous()), s.out_shape);
+  }
+#endif
   Tensor idx = Tensor::empty(s.out_shape, DType::I64);
   std::vector<float> vals(size_t(s.outer * s.inner));
   max_kernel(x.contiguous(), s.outer, s.n, s.inner, vals.data(), idx.data<int64_t>());

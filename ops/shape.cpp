@@ -1,5 +1,6 @@
 // Shape ops. Views (reshape of a contiguous tensor, permute, slice) only change shape, strides
-// and offset, so they work for any dtype; copies run on the CPU. Every copy here moves whole
+// and offset, so they work for any dtype and device; copies run on the tensor's device (on
+// CUDA through one strided-copy kernel, cuda::copy_strided). Every copy here moves whole
 // runs of contiguous elements (memcpy of rows or blocks) rather than element by element.
 #include "ops/shape.h"
 
@@ -8,6 +9,10 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+
+#ifdef MOEVIT_CUDA
+#include "cuda/kernels.h"
+#endif
 
 namespace mv::ops {
 
@@ -44,7 +49,7 @@ void strided_copy(const Tensor& x, T* out) {
 // x itself when contiguous, else a contiguous copy.
 Tensor dense(const char* op, const Tensor& x) {
   if (x.is_contiguous()) return x;
-  MV_CHECK(x.device() == Device::CPU, op, ": copying a strided CUDA tensor is not supported (", x.str(), ")");
+  if (x.device() == Device::CUDA) return x.contiguous();  // the strided-copy kernel
   Tensor out = Tensor::empty(x.shape(), x.dtype());
   switch (dtype_size(x.dtype())) {
     case 2: strided_copy(x, static_cast<uint16_t*>(out.raw())); break;
@@ -78,6 +83,13 @@ void copy_blocks(const void* src, int64_t src_len, int64_t src_pos, void* dst, i
     for (int64_t o = b; o < e; ++o)
       std::memcpy(d + (o * dst_len + dst_pos) * slab, s + (o * src_len + src_pos) * slab, bytes);
   });
+}
+
+// x's elements [start, start + len) along axis a, as a view (no autograd).
+Tensor slice_view(const Tensor& x, int a, int64_t start, int64_t len) {
+  Shape shape = x.shape();
+  shape[size_t(a)] = len;
+  return x.view_as(shape, x.strides(), x.impl().offset + start * x.strides()[size_t(a)]);
 }
 
 // The permuted view, no autograd.
@@ -172,11 +184,16 @@ Tensor slice(const Tensor& x, int axis, int64_t start, int64_t end) {
   const int64_t s = start < 0 ? start + len : start, e = end < 0 ? end + len : end;
   MV_CHECK(0 <= s && s <= e && e <= len, "slice: range [", start, ", ", end, ") is out of bounds for axis ",
            a, " of size ", len, " in ", x.str());
-  Shape shape = x.shape();
-  shape[size_t(a)] = e - s;
-  Tensor out = x.view_as(shape, x.strides(), x.impl().offset + s * x.strides()[size_t(a)]);
+  Tensor out = slice_view(x, a, s, e - s);
   // d slice = g placed at [s, e) along the axis, zeros elsewhere
   return record("slice", out, {x}, [xs = x.shape(), a, s, e, len](const Tensor& g_) {
+#ifdef MOEVIT_CUDA
+    if (g_.device() == Device::CUDA) {
+      Tensor gx = Tensor::zeros(xs, DType::F32, Device::CUDA);
+      cuda::copy_strided(slice_view(gx, a, s, e - s), g_);
+      return std::vector<Tensor>{gx};
+    }
+#endif
     Tensor g = dense("slice", g_);
     Tensor gx = Tensor::zeros(xs);
     const Split sp = split_at(xs, a);
@@ -189,7 +206,8 @@ Tensor concat(const std::vector<Tensor>& xs, int axis) {
   MV_CHECK(!xs.empty(), "concat: no tensors to concatenate");
   for (const Tensor& t : xs) {
     MV_CHECK(t.defined(), "concat: an input is undefined");
-    MV_CHECK(t.device() == Device::CPU, "concat: has no CUDA kernel yet; got ", t.str());
+    MV_CHECK(t.device() == xs[0].device(), "concat: inputs live on different devices (",
+             xs[0].str(), " and ", t.str(), "); move them with .to()");
   }
   const Tensor& x0 = xs[0];
   const int a = norm_axis("concat", axis, x0.ndim());
@@ -203,6 +221,28 @@ Tensor concat(const std::vector<Tensor>& xs, int axis) {
              "; they must match except along axis ", a);
     shape[size_t(a)] += t.shape()[size_t(a)];
   }
+#ifdef MOEVIT_CUDA
+  if (x0.device() == Device::CUDA) {  // each input copied into its slice of out
+    Tensor out = Tensor::empty(shape, x0.dtype(), Device::CUDA);
+    std::vector<int64_t> pos, lens;
+    std::vector<bool> need;
+    for (int64_t p = 0; const Tensor& t : xs) {
+      const int64_t li = t.shape()[size_t(a)];
+      cuda::copy_strided(slice_view(out, a, p, li), t);
+      pos.push_back(p);
+      lens.push_back(li);
+      need.push_back(t.requires_grad());
+      p += li;
+    }
+    // d concat = the pieces of g along the axis
+    return record("concat", out, xs, [pos, lens, need, a](const Tensor& g) {
+      std::vector<Tensor> grads(lens.size());
+      for (size_t i = 0; i < lens.size(); ++i)
+        if (need[i]) grads[i] = slice_view(g, a, pos[i], lens[i]).contiguous();
+      return grads;
+    });
+  }
+#endif
   Tensor out = Tensor::empty(shape, x0.dtype());
   const Split sp = split_at(shape, a);
   const int64_t slab = sp.inner * int64_t(dtype_size(x0.dtype())), total = shape[size_t(a)];

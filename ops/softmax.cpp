@@ -8,6 +8,10 @@
 #include "engine/parallel.h"
 #include "ops/common.h"
 
+#ifdef MOEVIT_CUDA
+#include "cuda/kernels.h"
+#endif
+
 namespace mv::ops {
 
 namespace {
@@ -50,6 +54,16 @@ Tensor prepare(const char* op, const Tensor& x, int64_t& rows, int64_t& C) {
 
 // dx = y * (g - sum(g * y)) per row
 Tensor softmax(const Tensor& x_) {
+#ifdef MOEVIT_CUDA
+  if (on_cuda("softmax", {&x_})) {
+    MV_CHECK(x_.ndim() >= 1, "softmax: needs at least one axis, got ", x_.str());
+    Tensor y = cuda::softmax_forward(x_.contiguous());
+    if (!autograd::needs_graph({x_})) return y;
+    return autograd::record("softmax", y, {x_}, [yd = y.detach()](const Tensor& g) {
+      return std::vector<Tensor>{cuda::softmax_backward(yd, g.contiguous())};
+    });
+  }
+#endif
   int64_t rows, C;
   Tensor x = prepare("softmax", x_, rows, C);
   Tensor y = Tensor::empty(x.shape());

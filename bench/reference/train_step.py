@@ -32,7 +32,11 @@ class Block(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
+        if hasattr(F, "scaled_dot_product_attention"):  # PyTorch >= 2.0
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:  # Debian 12's 1.13
+            a = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, -1) @ v
+        a = a.transpose(1, 2).reshape(B, T, D)
         x = x + self.proj(a)
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
 

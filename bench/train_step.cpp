@@ -1,0 +1,60 @@
+// bench/train_step: images/s of one whole training step of a ViT preset on the CPU (forward,
+// cross-entropy, backward, gradient-norm clip, AdamW update) on a fixed random batch, the same
+// step that bench/reference/train_step.py times in PyTorch.
+//
+//   bench_train_step --preset vit-tiny --batch 128 --threads 2 --steps 20
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "engine/parallel.h"
+#include "engine/random.h"
+#include "models/optim.h"
+#include "models/vit.h"
+#include "ops/loss.h"
+
+using namespace mv;
+
+int main(int argc, char** argv) {
+  CLI::App app{"Time a ViT training step"};
+  std::string preset = "vit-tiny";
+  int batch = 128, threads = 2, steps = 20, warmup = 3;
+  app.add_option("--preset", preset)->capture_default_str();
+  app.add_option("--batch", batch)->capture_default_str();
+  app.add_option("--threads", threads)->capture_default_str();
+  app.add_option("--steps", steps, "timed steps")->capture_default_str();
+  app.add_option("--warmup", warmup, "untimed steps first")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  try {
+    set_num_threads(threads);
+    models::ViTConfig c = models::vit_preset(preset);
+    models::ViT model(c, 0);
+    models::AdamW opt(model.named_parameters(), 0.05f);
+    Generator g(1);
+    Tensor x = randn({batch, c.channels, c.image_size, c.image_size}, g);
+    std::vector<int64_t> y(static_cast<size_t>(batch));
+    for (int i = 0; i < batch; ++i) y[size_t(i)] = i % c.num_classes;
+    Tensor labels = Tensor::from_i64(y, {batch});
+    const std::vector<Tensor> params = model.parameters();
+    std::vector<double> ms;
+    for (int s = 0; s < warmup + steps; ++s) {
+      auto t0 = std::chrono::steady_clock::now();
+      opt.zero_grad();
+      Tensor loss = ops::cross_entropy(model.forward(x), labels, 0.1f);
+      loss.backward();
+      opt.step(1e-3f, models::clip_scale(params, 1.0f).scale);
+      auto t1 = std::chrono::steady_clock::now();
+      if (s >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    }
+    std::sort(ms.begin(), ms.end());
+    const double med = ms[ms.size() / 2];
+    std::printf("moevit %s batch %d threads %d: median step %.1f ms (min %.1f) over %d steps after "
+                "%d warm-up, %.0f images/s; CPU pool peak %.1f MB\n",
+                preset.c_str(), batch, threads, med, ms.front(), steps, warmup, batch / med * 1e3,
+                double(cpu_pool_stats().peak) / 1e6);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_train_step: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,269 @@
+// The ops:: API on CUDA tensors against the same ops on the CPU: every op that dispatches to a
+// CUDA kernel, forward and backward (through autograd), then a whole tiny ViT forward + backward.
+// Part of moevit_cuda_tests (main in test_cuda.cpp: skips without a device).
+//
+// Each parity check runs f on CPU leaves and on CUDA copies of the same values, compares the
+// outputs, then back-propagates the same random output gradient through both and compares every
+// input's gradient. Tolerance (fp32): |gpu - cpu| <= 1e-5 |cpu| + 1e-5 max|cpu|; the ViT check
+// uses 1e-4 (two blocks of GEMMs, layer norms and attention, summed in different orders).
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cuda/kernels.h"
+#include "engine/random.h"
+#include "engine/tensor.h"
+#include "models/vit.h"
+#include "ops/attention.h"
+#include "ops/elementwise.h"
+#include "ops/loss.h"
+#include "ops/matmul.h"
+#include "ops/norm.h"
+#include "ops/reduce.h"
+#include "ops/shape.h"
+#include "ops/softmax.h"
+
+using namespace mv;
+
+namespace {
+
+Tensor rnd(const Shape& s, uint64_t seed, float scale = 1.f) {
+  Generator g(seed);
+  return ops::mul(randn(s, g), scale);
+}
+
+// gpu (a CUDA tensor) against cpu, elementwise within rtol |cpu| + atol_frac max|cpu|.
+void close(const std::string& what, const Tensor& gpu, const Tensor& cpu, double tol) {
+  REQUIRE(gpu.defined());
+  REQUIRE(cpu.defined());
+  CHECK(gpu.device() == Device::CUDA);
+  REQUIRE(gpu.shape() == cpu.shape());
+  if (cpu.dtype() == DType::I64) {
+    CHECK(gpu.to_vector<int64_t>() == cpu.to_vector<int64_t>());
+    return;
+  }
+  const std::vector<float> g = gpu.to_vector<float>(), c = cpu.to_vector<float>();
+  double big = 0;
+  for (float v : c) big = std::max(big, double(std::fabs(v)));
+  size_t bad = 0, worst = 0;
+  double worst_e = -1;
+  for (size_t i = 0; i < c.size(); ++i) {
+    const double e = std::fabs(double(g[i]) - double(c[i]));
+    const double excess = std::isnan(e) ? INFINITY : e - (tol * std::fabs(c[i]) + tol * big);
+    if (excess > 0) ++bad;
+    if (excess > worst_e) worst_e = excess, worst = i;
+  }
+  std::ostringstream os;
+  os << what << " " << cpu.str() << ": " << bad << " bad of " << c.size();
+  if (!c.empty()) os << "; worst [" << worst << "] gpu " << g[worst] << " cpu " << c[worst];
+  INFO(os.str());
+  CHECK(bad == 0);
+}
+
+using Fn = std::function<Tensor(const std::vector<Tensor>&)>;
+
+// f on CPU leaves and on CUDA copies: outputs, then every F32 input's gradient for the same
+// random output gradient.
+void parity(const std::string& what, const Fn& f, const std::vector<Tensor>& inputs, double tol = 1e-5) {
+  std::vector<Tensor> c, g;
+  for (const Tensor& t : inputs) {
+    Tensor tc = t.clone(), tg = t.to(Device::CUDA);
+    if (t.dtype() == DType::F32) {
+      tc.set_requires_grad(true);
+      tg.set_requires_grad(true);
+    }
+    c.push_back(tc);
+    g.push_back(tg);
+  }
+  const Tensor yc = f(c), yg = f(g);
+  close(what + " forward", yg, yc, tol);
+  if (yc.dtype() != DType::F32 || !yc.requires_grad()) return;
+  const Tensor dy = rnd(yc.shape(), 99);
+  yc.backward(dy);
+  yg.backward(dy.to(Device::CUDA));
+  for (size_t i = 0; i < c.size(); ++i) {
+    if (!c[i].requires_grad()) continue;
+    close(what + " grad of input " + std::to_string(i), g[i].grad(), c[i].grad(), tol);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda ops: elementwise add/sub/mul (equal shapes and bias broadcast), scalars, gelu") {
+  const Shape s{3, 5, 7};
+  auto add = [](const std::vector<Tensor>& x) { return ops::add(x[0], x[1]); };
+  auto sub = [](const std::vector<Tensor>& x) { return ops::sub(x[0], x[1]); };
+  auto mul = [](const std::vector<Tensor>& x) { return ops::mul(x[0], x[1]); };
+  for (const auto& [name, f] : std::vector<std::pair<std::string, Fn>>{{"add", add}, {"sub", sub}, {"mul", mul}}) {
+    parity(name + " same shape", f, {rnd(s, 1), rnd(s, 2)});
+    parity(name + " (B,T,C) (C)", f, {rnd(s, 3), rnd({7}, 4)});
+    parity(name + " (C) (B,T,C)", f, {rnd({7}, 5), rnd(s, 6)});
+    parity(name + " (B,T,C) (1,T,C)", f, {rnd(s, 7), rnd({1, 5, 7}, 8)});
+    parity(name + " (1,1,C) (B,1,C)", f, {rnd({1, 1, 7}, 9), rnd({3, 1, 7}, 10)});
+  }
+  // a strided (permuted) operand goes through the strided-copy kernel first
+  parity("add of a permuted view",
+         [](const std::vector<Tensor>& x) { return ops::add(ops::permute(x[0], {0, 2, 1}), x[1]); },
+         {rnd({3, 7, 5}, 11), rnd(s, 12)});
+  parity("mul scalar", [](const std::vector<Tensor>& x) { return ops::mul(x[0], -2.5f); }, {rnd(s, 13)});
+  parity("add scalar", [](const std::vector<Tensor>& x) { return ops::add(x[0], 0.75f); }, {rnd(s, 14)});
+  parity("neg", [](const std::vector<Tensor>& x) { return ops::neg(x[0]); }, {rnd(s, 15)});
+  parity("gelu (tanh)", [](const std::vector<Tensor>& x) { return ops::gelu(x[0]); }, {rnd(s, 16, 2.f)});
+}
+
+TEST_CASE("cuda ops: sum_to reduces the leading dims (the bias gradient)") {
+  const Tensor g = rnd({4, 5, 6}, 20);
+  const Tensor gd = g.to(Device::CUDA);
+  for (const Shape& to : {Shape{6}, Shape{1, 5, 6}, Shape{5, 6}, Shape{1, 1, 6}, Shape{4, 5, 6}})
+    close("sum_to " + shape_str(to), ops::sum_to(gd, to), ops::sum_to(g, to), 1e-5);
+  // a large column count and many rows: one thread per column walking the rows
+  const Tensor big = rnd({1000, 300}, 21);
+  close("sum_to (1000, 300) -> (300)", ops::sum_to(big.to(Device::CUDA), {300}), ops::sum_to(big, {300}), 1e-5);
+}
+
+TEST_CASE("cuda ops: matmul (2-D, shared weight, batched, transposed view) and linear") {
+  auto mm = [](const std::vector<Tensor>& x) { return ops::matmul(x[0], x[1]); };
+  parity("matmul 2-D", mm, {rnd({9, 13}, 30), rnd({13, 6}, 31)});
+  parity("matmul shared (B,M,K)(K,N)", mm, {rnd({3, 9, 13}, 32), rnd({13, 6}, 33)});
+  parity("matmul batched", mm, {rnd({2, 3, 9, 13}, 34), rnd({2, 3, 13, 6}, 35)});
+  parity("matmul of a transposed view",
+         [](const std::vector<Tensor>& x) { return ops::matmul(ops::transpose(x[0], 1, 2), x[1]); },
+         {rnd({3, 13, 9}, 36), rnd({3, 13, 6}, 37)});
+  auto lin = [](const std::vector<Tensor>& x) { return ops::linear(x[0], x[1], x.size() > 2 ? x[2] : Tensor()); };
+  parity("linear with bias", lin, {rnd({2, 11, 17}, 38), rnd({17, 10}, 39), rnd({10}, 40)});
+  parity("linear without bias", lin, {rnd({11, 17}, 41), rnd({17, 10}, 42)});
+  parity("linear, bias width not a multiple of 4", lin, {rnd({5, 8}, 43), rnd({8, 3}, 44), rnd({3}, 45)});
+}
+
+TEST_CASE("cuda matmul_t: transposed operands through cuBLAS's op(X), against ops::matmul on the CPU") {
+  // op(a): (M, K) = (5, 6), op(b): (K, N) = (6, 3); stored transposed where the flag is set
+  for (bool ta : {false, true})
+    for (bool tb : {false, true})
+      for (int batched = 0; batched < 4; ++batched) {  // 0: 2-D; 1: both 3-D; 2: a 3-D; 3: b 3-D
+        const bool a3 = batched == 1 || batched == 2, b3 = batched == 1 || batched == 3;
+        Shape sa = ta ? Shape{6, 5} : Shape{5, 6}, sb = tb ? Shape{3, 6} : Shape{6, 3};
+        if (a3) sa.insert(sa.begin(), 4);
+        if (b3) sb.insert(sb.begin(), 4);
+        const Tensor a = rnd(sa, 100 + batched), b = rnd(sb, 200 + batched);
+        Tensor ra = ta ? ops::transpose(a, -1, -2) : a, rb = tb ? ops::transpose(b, -1, -2) : b;
+        if (!a3 && b3) ra = ops::stack({ra, ra, ra, ra}, 0);  // the CPU op has no 2-D x 3-D form
+        const Tensor ref = ops::matmul(ra, rb);
+        const Tensor got = cuda::matmul_t(a.to(Device::CUDA), b.to(Device::CUDA), ta, tb);
+        close("matmul_t ta=" + std::to_string(ta) + " tb=" + std::to_string(tb) + " case " +
+                  std::to_string(batched),
+              got, ref, 1e-5);
+      }
+  CHECK_THROWS_WITH_AS(cuda::matmul_t(rnd({5, 6}, 1).to(Device::CUDA), rnd({5, 6}, 2).to(Device::CUDA), false, false),
+                       doctest::Contains("inner sizes differ"), Error);
+  CHECK_THROWS_WITH_AS(cuda::matmul_t(rnd({5, 6}, 1).to(Device::CUDA), rnd({4, 6}, 2).to(Device::CUDA), true, false),
+                       doctest::Contains("inner sizes differ"), Error);
+}
+
+TEST_CASE("cuda ops: layernorm, softmax, cross_entropy, self_attention") {
+  parity("layernorm",
+         [](const std::vector<Tensor>& x) { return ops::layernorm(x[0], x[1], x[2], 1e-6f); },
+         {rnd({3, 5, 24}, 50, 2.f), rnd({24}, 51), rnd({24}, 52)});
+  parity("softmax", [](const std::vector<Tensor>& x) { return ops::softmax(x[0]); }, {rnd({4, 6, 19}, 53, 3.f)});
+  const Tensor labels = Tensor::from_i64({3, 0, 9, 4, 4, 1, 7}, {7});
+  for (float ls : {0.f, 0.1f})
+    parity("cross_entropy ls=" + std::to_string(ls),
+           [ls](const std::vector<Tensor>& x) { return ops::cross_entropy(x[0], x[1], ls); },
+           {rnd({7, 10}, 54, 2.f), labels});
+  parity("self_attention",
+         [](const std::vector<Tensor>& x) { return ops::self_attention(x[0], 2); },
+         {rnd({2, 17, 3 * 16}, 55)});
+}
+
+TEST_CASE("cuda ops: reshape, permute + contiguous, slice, concat") {
+  // patchify's pattern: reshape, permute, reshape (a strided copy on the device)
+  parity("reshape-permute-reshape",
+         [](const std::vector<Tensor>& x) {
+           Tensor t = ops::reshape(x[0], {2, 1, 2, 3, 2, 3});
+           t = ops::permute(t, {0, 2, 4, 1, 3, 5});
+           return ops::reshape(t, {2, 4, 9});
+         },
+         {rnd({2, 1, 6, 6}, 60)});
+  parity("slice middle", [](const std::vector<Tensor>& x) { return ops::slice(x[0], 1, 2, 5); }, {rnd({3, 7, 4}, 61)});
+  parity("slice + reshape (the CLS token)",
+         [](const std::vector<Tensor>& x) { return ops::reshape(ops::slice(x[0], 1, 0, 1), {3, 4}); },
+         {rnd({3, 7, 4}, 62)});
+  parity("concat axis 1",
+         [](const std::vector<Tensor>& x) { return ops::concat({x[0], x[1]}, 1); },
+         {rnd({3, 1, 4}, 63), rnd({3, 6, 4}, 64)});
+  parity("concat axis 0 of a permuted view",
+         [](const std::vector<Tensor>& x) { return ops::concat({ops::transpose(x[0], 0, 1), x[1]}, 0); },
+         {rnd({4, 2}, 65), rnd({3, 4}, 66)});
+  // Tensor::contiguous on the device, I64 too (the strided-copy hook)
+  const Tensor i = Tensor::from_i64({0, 1, 2, 3, 4, 5}, {2, 3});
+  close("I64 transpose contiguous", ops::transpose(i.to(Device::CUDA), 0, 1).contiguous(),
+        ops::transpose(i, 0, 1).contiguous(), 0);
+}
+
+TEST_CASE("cuda ops: argmax (last axis), sum, mean") {
+  Tensor x = rnd({5, 7, 11}, 70);
+  close("argmax last", ops::argmax(x.to(Device::CUDA), -1), ops::argmax(x, -1), 0);
+  close("argmax last keepdim", ops::argmax(x.to(Device::CUDA), 2, true), ops::argmax(x, 2, true), 0);
+  // ties go to the first index, NaN counts as largest
+  const Tensor t = Tensor::from({1.f, 3.f, 3.f, 0.f, NAN, 2.f, NAN, 5.f}, {2, 4});
+  close("argmax ties / NaN", ops::argmax(t.to(Device::CUDA), 1), ops::argmax(t, 1), 0);
+  parity("sum", [](const std::vector<Tensor>& v) { return ops::sum(v[0]); }, {rnd({5, 7, 11}, 71)});
+  parity("mean", [](const std::vector<Tensor>& v) { return ops::mean(v[0]); }, {rnd({5, 7, 11}, 72)});
+  parity("mean keepdim", [](const std::vector<Tensor>& v) { return ops::mean(v[0], {}, true); }, {rnd({3, 4}, 73)});
+}
+
+TEST_CASE("cuda ops: errors name the op") {
+  const Tensor a = rnd({3, 4}, 80), ad = a.to(Device::CUDA);
+  CHECK_THROWS_WITH_AS(ops::add(a, ad), doctest::Contains("different devices"), Error);
+  CHECK_THROWS_WITH_AS(ops::matmul(ad, rnd({4, 2}, 81)), doctest::Contains("different devices"), Error);
+  CHECK_THROWS_WITH_AS(ops::exp(ad), doctest::Contains("exp: has no CUDA kernel yet"), Error);
+  CHECK_THROWS_WITH_AS(ops::gelu(ad, ops::GeluForm::Erf), doctest::Contains("no CUDA kernel"), Error);
+  CHECK_THROWS_WITH_AS(ops::add(rnd({3, 1}, 82).to(Device::CUDA), rnd({1, 4}, 83).to(Device::CUDA)),
+                       doctest::Contains("add: broadcasting"), Error);
+  CHECK_THROWS_WITH_AS(ops::sum(ad, {0}), doctest::Contains("no CUDA kernel"), Error);
+  CHECK_THROWS_WITH_AS(ops::argmax(ad, 0), doctest::Contains("argmax: only the last axis"), Error);
+}
+
+namespace {
+
+// Moves every parameter of m to `d` in place: the module's handles keep pointing at the same
+// TensorImpl, whose storage is swapped for a device copy.
+void move_parameters(models::Module& m, Device d) {
+  for (auto& [name, p] : m.named_parameters()) {
+    Tensor moved = p.detach().to(d);
+    TensorImpl& impl = p.impl();
+    impl.storage = moved.impl().storage;
+    impl.offset = moved.impl().offset;
+    impl.strides = moved.impl().strides;
+    impl.grad.reset();
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda ops: a tiny ViT forward + backward on CUDA matches the CPU (1e-4)") {
+  const models::ViTConfig cfg{28, 1, 7, 16, 2, 2, 32, 10};
+  models::ViT cpu(cfg, 7), gpu(cfg, 7);
+  // The head starts at zero, which would zero every other gradient: give both a random one.
+  const Tensor hw = rnd(cpu.head->weight.shape(), 90, 0.2f);
+  cpu.head->weight.copy_(hw);
+  gpu.head->weight.copy_(hw);
+  move_parameters(gpu, Device::CUDA);
+
+  const Tensor images = rnd({3, 1, 28, 28}, 91);
+  const Tensor labels = Tensor::from_i64({2, 7, 0}, {3});
+  const Tensor lc = ops::cross_entropy(cpu.forward(images), labels, 0.1f);
+  const Tensor lg = ops::cross_entropy(gpu.forward(images.to(Device::CUDA)), labels.to(Device::CUDA), 0.1f);
+  close("ViT loss", lg, lc, 1e-4);
+  lc.backward();
+  lg.backward();
+  const auto pc = cpu.named_parameters(), pg = gpu.named_parameters();
+  REQUIRE(pc.size() == pg.size());
+  for (size_t i = 0; i < pc.size(); ++i) {
+    REQUIRE(pg[i].second.grad().defined());
+    close("ViT grad " + pc[i].first, pg[i].second.grad(), pc[i].second.grad(), 1e-4);
+  }
+}

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
+#include "engine/memory.h"
 #include "engine/parallel.h"
 #include "engine/safetensors.h"
 #include "models/checkpoint.h"
@@ -13,7 +14,7 @@ using namespace mv;
 
 int main(int argc, char** argv) {
   CLI::App app{"Evaluate a moevit checkpoint"};
-  std::string ckpt, data_dir, dump, dataset;
+  std::string ckpt, data_dir, dump, dataset, device = "cpu";
   int batch = 500, threads = 0;
   int64_t limit = 0;
   app.add_option("checkpoint", ckpt, "a checkpoint.safetensors written by train")->required();
@@ -21,6 +22,7 @@ int main(int argc, char** argv) {
   app.add_option("--data-dir", data_dir, "override the data folder");
   app.add_option("--batch", batch)->capture_default_str();
   app.add_option("--limit", limit, "use only the first N test images");
+  app.add_option("--device", device, "cpu | cuda: where the model runs")->capture_default_str();
   app.add_option("--threads", threads, "CPU threads (default: all cores)");
   app.add_option("--dump-logits", dump, "write the logits (and labels) to this safetensors file");
   CLI11_PARSE(app, argc, argv);
@@ -32,8 +34,12 @@ int main(int argc, char** argv) {
     models::TrainConfig c = models::TrainConfig::from_json(meta.at("config"));
     if (!dataset.empty()) c.dataset = dataset;
     if (!data_dir.empty()) c.data_dir = data_dir;
+    MV_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '", device, "'");
+    MV_CHECK(device == "cpu" || cuda_available(), "--device cuda: no CUDA device is available (a "
+             "build without CUDA, or no GPU found); use --device cpu");
     models::ViT model(c.vit, c.seed);
     models::load_checkpoint(ckpt, model, nullptr);
+    model.to(device == "cuda" ? Device::CUDA : Device::CPU);
     datasets::Dataset test = models::load_dataset(c.dataset, c.data_dir, false);
     if (limit > 0) test = datasets::head(test, limit);
     models::EvalResult r = models::evaluate(model, test, c.dataset, batch, !dump.empty());

@@ -1,6 +1,7 @@
 // moevit train: trains a ViT preset on a data set, evaluating on the test set after every epoch.
 //
 //   train --dataset fashion-mnist --model vit-tiny --epochs 10 --out runs/vit-tiny
+//   train --dataset fashion-mnist --model vit-tiny --device cuda --out runs/vit-tiny-gpu
 //   train --resume runs/vit-tiny          # continues that run exactly where it stopped
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -44,6 +45,7 @@ int main(int argc, char** argv) {
   app.add_option("--seed", c.seed)->capture_default_str();
   app.add_option("--limit-train", c.limit_train, "use only the first N training images");
   app.add_option("--limit-test", c.limit_test, "use only the first N test images");
+  app.add_option("--device", c.device, "cpu | cuda: where the model trains")->capture_default_str();
   app.add_option("--threads", threads, "CPU threads (default: all cores)");
   app.add_option("--out", out, "output folder: checkpoint.safetensors, metrics.jsonl")->capture_default_str();
   app.add_option("--stop-after", stop_after, "end after this many epochs of the run (resume later)");

@@ -1,6 +1,7 @@
 // AdamW over a whole list of parameters in one launch (a multi-tensor apply).
 //
-// Per element, in torch.optim.AdamW's order (decoupled weight decay, bias-corrected moments):
+// Per element, in torch.optim.AdamW's order (decoupled weight decay, bias-corrected moments), with
+// g = grad * grad_scale (the clip scale; gradients themselves are never written):
 //   p = p * (1 - lr * wd)
 //   m = m + (g - m) * (1 - beta1)                 (torch's lerp)
 //   v = v * beta2 + (1 - beta2) * g * g
@@ -42,10 +43,11 @@ struct Entry {
 };
 
 struct Hyper {
-  float lr, b1, b2, eps, step_size, sqrt_bc2;
+  float lr, b1, b2, eps, step_size, sqrt_bc2, gs;
 };
 
 __device__ __forceinline__ void adam_one(float& p, float g, float& m, float& v, float wd, const Hyper& h) {
+  g *= h.gs;
   p *= 1.f - h.lr * wd;
   m += (g - m) * (1.f - h.b1);
   v = v * h.b2 + (1.f - h.b2) * g * g;
@@ -111,7 +113,8 @@ Staging& staging() {
 
 void adamw_step(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                 const std::vector<Tensor>& m, const std::vector<Tensor>& v, float lr, float beta1,
-                float beta2, float eps, const std::vector<float>& weight_decays, int64_t step) {
+                float beta2, float eps, const std::vector<float>& weight_decays, int64_t step,
+                float grad_scale) {
   const size_t T = params.size();
   MV_CHECK(grads.size() == T && m.size() == T && v.size() == T && weight_decays.size() == T,
            "cuda::adamw_step: list lengths differ: ", T, " params, ", grads.size(), " grads, ",
@@ -153,7 +156,7 @@ void adamw_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   // Bias corrections in double: beta^step for large steps underflows gracefully to 0.
   const double bc1 = 1.0 - std::pow(double(beta1), double(step));
   const double bc2 = 1.0 - std::pow(double(beta2), double(step));
-  const Hyper h{lr, beta1, beta2, eps, float(double(lr) / bc1), float(std::sqrt(bc2))};
+  const Hyper h{lr, beta1, beta2, eps, float(double(lr) / bc1), float(std::sqrt(bc2)), grad_scale};
 
   const size_t table_bytes = T * sizeof(Entry);
   const size_t bytes = table_bytes + size_t(chunks) * sizeof(int);

@@ -5,10 +5,6 @@
 // pool) and hands them out again, so a training step that repeats its shapes calls cudaMalloc
 // only in its first iteration. When cudaMalloc fails, the cache is released and the request
 // retried once; a second failure names the request and what the allocator holds.
-#include <map>
-#include <mutex>
-#include <vector>
-
 #include "cuda/check.h"
 #include "cuda/kernels.h"
 #include "engine/memory.h"
@@ -16,32 +12,9 @@
 namespace mv {
 namespace {
 
-size_t size_class(size_t bytes) {
-  if (bytes <= 512) return 512;
-  if (bytes <= (1u << 20)) {
-    size_t c = 512;
-    while (c < bytes) c <<= 1;
-    return c;
-  }
-  return (bytes + (1u << 20) - 1) & ~size_t((1u << 20) - 1);
-}
-
-struct DevicePool {
-  std::mutex mu;
-  std::map<size_t, std::vector<void*>> free_blocks;
-  PoolStats stats;
-
-  void release_cache() {
-    for (auto& [size, blocks] : free_blocks)
-      for (void* p : blocks) cudaFree(p);
-    free_blocks.clear();
-    stats.cached = 0;
-  }
-};
-
-DevicePool& pool() {
-  static DevicePool* p = new DevicePool;  // never destroyed: the CUDA context may be gone first
-  return *p;
+BlockCache& cache() {
+  static BlockCache* c = new BlockCache(512);  // never destroyed: the CUDA context may go first
+  return *c;
 }
 
 int device_count() {
@@ -57,46 +30,27 @@ int device_count() {
 }
 
 void* alloc(size_t bytes) {
-  const size_t c = size_class(bytes);
-  DevicePool& P = pool();
-  std::lock_guard<std::mutex> lock(P.mu);
-  P.stats.in_use += c;
-  P.stats.peak = std::max(P.stats.peak, P.stats.in_use);
-  auto it = P.free_blocks.find(c);
-  if (it != P.free_blocks.end() && !it->second.empty()) {
-    void* p = it->second.back();
-    it->second.pop_back();
-    P.stats.cached -= c;
-    return p;
-  }
+  BlockCache& C = cache();
+  const size_t c = C.size_class(bytes);
+  if (void* p = C.take(c)) return p;
   void* p = nullptr;
   if (cudaMalloc(&p, c) != cudaSuccess) {
     cudaGetLastError();
-    P.release_cache();
+    C.release([](void* q) { cudaFree(q); });
     if (cudaMalloc(&p, c) != cudaSuccess) {
       cudaGetLastError();
-      P.stats.in_use -= c;
-      MV_FAIL("CUDA out of memory: asked for ", bytes, " bytes; the allocator holds ",
-              P.stats.in_use, " bytes in use (peak ", P.stats.peak, ")");
+      C.cancel(c);
+      const PoolStats st = C.stats();
+      MV_FAIL("CUDA out of memory: asked for ", bytes, " bytes; the allocator holds ", st.in_use,
+              " bytes in use (peak ", st.peak, ")");
     }
   }
-  P.stats.system_allocs++;
   return p;
 }
 
-void free_block(void* p, size_t bytes) {
-  const size_t c = size_class(bytes);
-  DevicePool& P = pool();
-  std::lock_guard<std::mutex> lock(P.mu);
-  P.free_blocks[c].push_back(p);
-  P.stats.in_use -= c;
-  P.stats.cached += c;
-}
+void free_block(void* p, size_t bytes) { cache().put(p, cache().size_class(bytes)); }
 
-PoolStats stats() {
-  std::lock_guard<std::mutex> lock(pool().mu);
-  return pool().stats;
-}
+PoolStats stats() { return cache().stats(); }
 
 void h2d(void* d, const void* s, size_t n) { MV_CUDA_CHECK(cudaMemcpy(d, s, n, cudaMemcpyHostToDevice)); }
 void d2h(void* d, const void* s, size_t n) { MV_CUDA_CHECK(cudaMemcpy(d, s, n, cudaMemcpyDeviceToHost)); }

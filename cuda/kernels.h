@@ -85,10 +85,12 @@ Tensor mul(const Tensor& a, const Tensor& b);
 //   p *= 1 - lr * wd;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2;
 //   p -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps).
 // params, grads, m, v: equal-length lists of same-shape tensors; weight_decays: one per tensor;
-// step: 1 for the first update.
+// step: 1 for the first update. Every gradient is read times grad_scale (the clip scale: the
+// gradient tensors are not written, as they may be shared between parameters).
 void adamw_step(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                 const std::vector<Tensor>& m, const std::vector<Tensor>& v, float lr, float beta1,
-                float beta2, float eps, const std::vector<float>& weight_decays, int64_t step);
+                float beta2, float eps, const std::vector<float>& weight_decays, int64_t step,
+                float grad_scale = 1.f);
 
 // ---- Philox random numbers (cuda/random.cu) --------------------------------------------------
 // Element i is mv::philox::normal(seed, offset, i) / uniform(seed, offset, i): the same draws as

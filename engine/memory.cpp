@@ -2,91 +2,87 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
-#include <vector>
 
 #include "engine/error.h"
 
 namespace mv {
-namespace {
 
-// Size classes: powers of two up to 1 MiB, then multiples of 1 MiB. Waste stays under 2x for
-// small blocks and under 1 MiB for large ones.
-size_t size_class(size_t bytes) {
-  if (bytes <= 64) return 64;
+size_t BlockCache::size_class(size_t bytes) const {
   if (bytes <= (1u << 20)) {
-    size_t c = 64;
+    size_t c = min_class_;
     while (c < bytes) c <<= 1;
     return c;
   }
   return (bytes + (1u << 20) - 1) & ~size_t((1u << 20) - 1);
 }
 
-struct CpuPool {
-  std::mutex mu;
-  std::map<size_t, std::vector<void*>> free_blocks;
-  PoolStats stats;
-
-  ~CpuPool() { release(); }
-  void release() {
-    for (auto& [size, blocks] : free_blocks)
-      for (void* p : blocks) std::free(p);
-    free_blocks.clear();
-    stats.cached = 0;
+void* BlockCache::take(size_t c) {
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.in_use += c;
+  stats_.peak = std::max(stats_.peak, stats_.in_use);
+  auto it = free_.find(c);
+  if (it == free_.end() || it->second.empty()) {
+    stats_.system_allocs++;
+    return nullptr;
   }
-};
-
-CpuPool& pool() {
-  static CpuPool* p = new CpuPool;  // never destroyed: tensors may outlive static destructors
-  return *p;
+  void* p = it->second.back();
+  it->second.pop_back();
+  stats_.cached -= c;
+  return p;
 }
 
-}  // namespace
+void BlockCache::cancel(size_t c) {
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.in_use -= c;
+  stats_.system_allocs--;
+}
+
+void BlockCache::put(void* p, size_t c) {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_[c].push_back(p);
+  stats_.in_use -= c;
+  stats_.cached += c;
+}
+
+void BlockCache::release(void (*free_block)(void*)) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [size, blocks] : free_)
+    for (void* p : blocks) free_block(p);
+  free_.clear();
+  stats_.cached = 0;
+}
+
+PoolStats BlockCache::stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+static BlockCache& cpu_cache() {
+  static BlockCache* c = new BlockCache(64);  // never destroyed: tensors may outlive statics
+  return *c;
+}
 
 void* cpu_alloc(size_t bytes) {
-  size_t c = size_class(bytes);
-  CpuPool& P = pool();
-  {
-    std::lock_guard<std::mutex> lock(P.mu);
-    auto it = P.free_blocks.find(c);
-    if (it != P.free_blocks.end() && !it->second.empty()) {
-      void* p = it->second.back();
-      it->second.pop_back();
-      P.stats.cached -= c;
-      P.stats.in_use += c;
-      if (P.stats.in_use > P.stats.peak) P.stats.peak = P.stats.in_use;
-      return p;
-    }
-    P.stats.in_use += c;
-    P.stats.system_allocs++;
-    if (P.stats.in_use > P.stats.peak) P.stats.peak = P.stats.in_use;
-  }
+  BlockCache& cache = cpu_cache();
+  const size_t c = cache.size_class(bytes);
+  if (void* p = cache.take(c)) return p;
   void* p = std::aligned_alloc(64, c);
-  MV_CHECK(p != nullptr, "cpu_alloc: out of memory asking for ", bytes, " bytes (pool holds ",
-           P.stats.in_use, " in use, ", P.stats.cached, " cached)");
+  if (!p) {
+    cache.cancel(c);
+    const PoolStats st = cache.stats();
+    MV_FAIL("cpu_alloc: out of memory asking for ", bytes, " bytes (pool holds ", st.in_use,
+            " in use, ", st.cached, " cached)");
+  }
   return p;
 }
 
 void cpu_free(void* p, size_t bytes) {
-  if (!p) return;
-  size_t c = size_class(bytes);
-  CpuPool& P = pool();
-  std::lock_guard<std::mutex> lock(P.mu);
-  P.free_blocks[c].push_back(p);
-  P.stats.in_use -= c;
-  P.stats.cached += c;
+  if (p) cpu_cache().put(p, cpu_cache().size_class(bytes));
 }
 
-PoolStats cpu_pool_stats() {
-  std::lock_guard<std::mutex> lock(pool().mu);
-  return pool().stats;
-}
+PoolStats cpu_pool_stats() { return cpu_cache().stats(); }
 
-void cpu_pool_release() {
-  std::lock_guard<std::mutex> lock(pool().mu);
-  pool().release();
-}
+void cpu_pool_release() { cpu_cache().release(std::free); }
 
 bool cuda_available() {
   const CudaHooks* h = cuda_hooks();

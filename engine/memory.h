@@ -2,7 +2,10 @@
 // (when it is built) provides device memory and copies. The engine never includes CUDA headers.
 #pragma once
 #include <cstddef>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "engine/dtype.h"
 
@@ -13,6 +16,29 @@ class Tensor;
 // Bytes a pool hands out and keeps. `in_use`/`peak` count live blocks, `cached` free ones.
 struct PoolStats {
   size_t in_use = 0, peak = 0, cached = 0, system_allocs = 0;
+};
+
+// Freed blocks kept per size class and handed out again: the cache behind both the CPU pool
+// and the CUDA allocator. Classes are powers of two from `min_class` up to 1 MiB, then multiples
+// of 1 MiB (waste under 2x for small blocks, under 1 MiB for large ones). Thread-safe.
+class BlockCache {
+ public:
+  explicit BlockCache(size_t min_class) : min_class_(min_class) {}
+  size_t size_class(size_t bytes) const;
+  // Counts a block of class c as in use and returns a cached one, or null: then the caller
+  // allocates c bytes itself and, if that fails, calls cancel(c).
+  void* take(size_t c);
+  void cancel(size_t c);
+  void put(void* p, size_t c);
+  // Hands every cached block to free_block(p) and forgets it.
+  void release(void (*free_block)(void*));
+  PoolStats stats();
+
+ private:
+  size_t min_class_;
+  std::mutex mu_;
+  std::map<size_t, std::vector<void*>> free_;
+  PoolStats stats_;
 };
 
 // CPU pool: blocks are rounded up to a size class and reused, so a training step that asks for

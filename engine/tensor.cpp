@@ -42,9 +42,10 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
 
 Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) {
   Tensor t = empty(shape, dtype, device);
+  if (t.nbytes() == 0) return t;  // no storage to clear (and a null pointer)
   if (device == Device::CPU)
     std::memset(t.raw(), 0, t.nbytes());
-  else if (t.nbytes())
+  else
     cuda_hooks()->zero(t.raw(), t.nbytes());
   return t;
 }

@@ -34,6 +34,22 @@ int64_t Module::num_parameters() const {
   return n;
 }
 
+void Module::to(Device device) {
+  for (auto& [name, p] : named_parameters()) {
+    Tensor moved = p.detach().to(device).contiguous();
+    TensorImpl& impl = p.impl();
+    impl.storage = moved.impl().storage;
+    impl.offset = moved.impl().offset;
+    impl.strides = moved.impl().strides;
+    impl.grad.reset();
+  }
+}
+
+Device Module::device() const {
+  const auto ps = named_parameters();
+  return ps.empty() ? Device::CPU : ps.front().second.device();
+}
+
 void Module::train(bool on) {
   training_ = on;
   for (auto& [n, m] : children_) m->train(on);

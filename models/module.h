@@ -20,6 +20,10 @@ class Module {
   int64_t num_parameters() const;
 
   void train(bool on = true);  // this module and every child
+  // Moves every parameter to `device` in place: the storage inside each parameter's TensorImpl is
+  // swapped, so every handle to it (optimizers, callers) stays valid. Gradients are dropped.
+  void to(Device device);
+  Device device() const;  // where the first parameter lives (CPU for a module without any)
   bool training() const { return training_; }
 
  protected:

@@ -2,7 +2,13 @@
 
 #include <cmath>
 
+#include "autograd/autograd.h"
 #include "engine/parallel.h"
+#include "ops/elementwise.h"
+#include "ops/reduce.h"
+#ifdef MOEVIT_CUDA
+#include "cuda/kernels.h"
+#endif
 
 namespace mv::models {
 
@@ -18,15 +24,39 @@ void Optimizer::zero_grad() {
 AdamW::AdamW(NamedTensors params, float wd, float b1, float b2, float eps)
     : Optimizer(std::move(params)), wd_(wd), b1_(b1), b2_(b2), eps_(eps) {
   for (auto& [n, p] : params_) {
-    m_.push_back(Tensor::zeros(p.shape()));
-    v_.push_back(Tensor::zeros(p.shape()));
+    m_.push_back(Tensor::zeros(p.shape(), DType::F32, p.device()));
+    v_.push_back(Tensor::zeros(p.shape(), DType::F32, p.device()));
   }
 }
 
 // p -= lr * wd * p (decoupled decay); m, v moving averages of g and g^2;
 // p -= lr * m_hat / (sqrt(v_hat) + eps), with the bias corrections of Adam.
+// On CUDA the same update (same formula, the decay mask of decays()) is one multi-tensor launch.
 void AdamW::step(float lr, float gs) {
   ++steps_;
+  const bool gpu = !params_.empty() && params_.front().second.device() == Device::CUDA;
+  for (size_t k = 0; k < params_.size(); ++k) {
+    const Tensor& p = params_[k].second;
+    MV_CHECK((p.device() == Device::CUDA) == gpu, "AdamW: parameters '", params_.front().first,
+             "' and '", params_[k].first, "' live on different devices");
+    // The model moved after the optimizer was made: the (still zero or loaded) moments follow it.
+    if (m_[k].device() != p.device()) m_[k] = m_[k].to(p.device()), v_[k] = v_[k].to(p.device());
+  }
+  if (gpu) {
+#ifdef MOEVIT_CUDA
+    std::vector<Tensor> P, G, M, V;
+    std::vector<float> wds;
+    for (size_t k = 0; k < params_.size(); ++k) {
+      auto& [name, p] = params_[k];
+      Tensor g = p.grad();
+      if (!g.defined()) continue;
+      P.push_back(p), G.push_back(g.contiguous()), M.push_back(m_[k]), V.push_back(v_[k]);
+      wds.push_back(decays(name, p) ? wd_ : 0.f);
+    }
+    cuda::adamw_step(P, G, M, V, lr, b1_, b2_, eps_, wds, steps_, gs);
+    return;
+#endif
+  }
   const float c1 = 1.f - std::pow(b1_, float(steps_)), c2 = 1.f - std::pow(b2_, float(steps_));
   for (size_t k = 0; k < params_.size(); ++k) {
     auto& [name, p] = params_[k];
@@ -63,6 +93,9 @@ SGD::SGD(NamedTensors params, float momentum, float wd)
 
 // g += wd * p (coupled L2, as torch.optim.SGD); b = momentum * b + g; p -= lr * b.
 void SGD::step(float lr, float gs) {
+  for (auto& [name, p] : params_)
+    MV_CHECK(p.device() == Device::CPU, "--optimizer sgd has no CUDA kernel yet (parameter '", name,
+             "' is on CUDA); use --optimizer adamw or --device cpu");
   ++steps_;
   for (size_t k = 0; k < params_.size(); ++k) {
     auto& [name, p] = params_[k];
@@ -85,12 +118,22 @@ NamedTensors SGD::state() const {
   return s;
 }
 
+// CUDA gradients: sum of squares on the device, one host read for all of them.
 ClipResult clip_scale(const std::vector<Tensor>& params, float max_norm) {
+  autograd::NoGrad no_grad;
   double sq = 0;
+  Tensor dev_sq;
   for (const Tensor& p : params) {
-    if (!p.grad().defined()) continue;
-    for (float v : p.grad().to_vector<float>()) sq += double(v) * v;
+    const Tensor g = p.grad();
+    if (!g.defined()) continue;
+    if (g.device() == Device::CUDA) {
+      const Tensor s = ops::sum(ops::mul(g, g));
+      dev_sq = dev_sq.defined() ? ops::add(dev_sq, s) : s;
+      continue;
+    }
+    for (float v : g.to_vector<float>()) sq += double(v) * v;
   }
+  if (dev_sq.defined()) sq += double(dev_sq.item());
   const float norm = float(std::sqrt(sq));
   const float scale = (max_norm > 0 && norm > max_norm) ? max_norm / (norm + 1e-6f) : 1.f;
   return {norm, scale};

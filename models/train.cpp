@@ -13,6 +13,7 @@
 #include "datasets/idx.h"
 #include "datasets/loader.h"
 #include "datasets/synthetic.h"
+#include "engine/memory.h"
 #include "models/checkpoint.h"
 #include "models/optim.h"
 #include "ops/loss.h"
@@ -54,6 +55,7 @@ EvalResult evaluate(ViT& model, const datasets::Dataset& data, const std::string
                     int batch, bool keep_logits) {
   autograd::NoGrad no_grad;
   model.train(false);
+  const Device dev = model.device();
   datasets::Loader loader(data, batch, /*shuffle=*/false, 0, /*drop_last=*/false,
                           datasets::Augment::none(), normalization(dataset));
   const int C = model.config.num_classes;
@@ -62,9 +64,9 @@ EvalResult evaluate(ViT& model, const datasets::Dataset& data, const std::string
   std::vector<float> all_logits;
   loader.begin_epoch(0);
   for (datasets::Batch b; loader.next(b);) {
-    Tensor logits = model.forward(b.images);
+    Tensor logits = model.forward(b.images.to(dev));
     const int64_t B = b.labels.numel();
-    r.loss += double(ops::cross_entropy(logits, b.labels).item()) * B;
+    r.loss += double(ops::cross_entropy(logits, b.labels.to(dev)).item()) * B;
     std::vector<int64_t> pred = ops::argmax(logits, 1).to_vector<int64_t>();
     std::vector<int64_t> lab = b.labels.to_vector<int64_t>();
     for (int64_t i = 0; i < B; ++i) {
@@ -100,6 +102,11 @@ void TrainConfig::validate() const {
            schedule, "'");
   MV_CHECK(augment == "none" || augment == "crop" || augment == "crop-flip",
            "--augment must be none, crop or crop-flip, got '", augment, "'");
+  MV_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '", device, "'");
+  MV_CHECK(device != "cuda" || cuda_available(), "--device cuda: no CUDA device is available (a "
+           "build without CUDA, or no GPU found); use --device cpu");
+  MV_CHECK(device != "cuda" || optimizer == "adamw",
+           "--optimizer sgd has no CUDA kernel yet; use --optimizer adamw with --device cuda");
 }
 
 std::string TrainConfig::to_json() const {
@@ -112,7 +119,7 @@ std::string TrainConfig::to_json() const {
       {"weight_decay", weight_decay}, {"momentum", momentum}, {"schedule", schedule},
       {"warmup_epochs", warmup_epochs}, {"label_smoothing", label_smoothing}, {"clip", clip},
       {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
-      {"limit_test", limit_test}};
+      {"limit_test", limit_test}, {"device", device}};
   return j.dump();
 }
 
@@ -129,6 +136,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.warmup_epochs = j.at("warmup_epochs"), c.label_smoothing = j.at("label_smoothing");
     c.clip = j.at("clip"), c.augment = j.at("augment"), c.seed = j.at("seed");
     c.limit_train = j.at("limit_train"), c.limit_test = j.at("limit_test");
+    c.device = j.value("device", std::string("cpu"));  // checkpoints from before --device: CPU
   } catch (const nlohmann::json::exception& e) {
     MV_FAIL("training configuration: ", e.what());
   }
@@ -203,6 +211,8 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
            train_set.num_classes);
 
   ViT model(cfg.vit, cfg.seed);
+  const Device dev = cfg.device == "cuda" ? Device::CUDA : Device::CPU;
+  model.to(dev);  // before the optimizer, so its state is allocated on the same device
   std::unique_ptr<Optimizer> opt;
   if (cfg.optimizer == "adamw") opt = std::make_unique<AdamW>(model.named_parameters(), cfg.weight_decay);
   else opt = std::make_unique<SGD>(model.named_parameters(), cfg.momentum, cfg.weight_decay);
@@ -236,8 +246,9 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
     for (datasets::Batch b; loader.next(b);) {
       const auto ts = Clock::now();
       const int64_t step = opt->steps();
-      Tensor logits = model.forward(b.images);
-      Tensor loss = ops::cross_entropy(logits, b.labels, cfg.label_smoothing);
+      const Tensor images = b.images.to(dev), labels = b.labels.to(dev);
+      Tensor logits = model.forward(images);
+      Tensor loss = ops::cross_entropy(logits, labels, cfg.label_smoothing);
       const float lv = loss.item();
       MV_CHECK(std::isfinite(lv), "training: the loss is ", lv, " at step ", step, " (epoch ",
                epoch + 1, ", batch ", b.batch_index + 1, "); stopping. The last good checkpoint is '",

@@ -23,7 +23,8 @@ struct EvalResult {
   Tensor logits;                   // (n, classes), filled when keep_logits
 };
 
-// Accuracy and mean cross-entropy of `model` on `data`, in batches, without a graph.
+// Accuracy and mean cross-entropy of `model` on `data`, in batches, without a graph. Batches go
+// to the device the model's parameters live on.
 EvalResult evaluate(ViT& model, const datasets::Dataset& data, const std::string& dataset,
                     int batch, bool keep_logits = false);
 
@@ -42,6 +43,7 @@ struct TrainConfig {
   std::string augment = "crop-flip";  // none | crop | crop-flip (pad-2 random crop, h-flip)
   uint64_t seed = 0;
   int64_t limit_train = 0, limit_test = 0;  // use only the first N images (0: all)
+  std::string device = "cpu";       // cpu | cuda (the model, batches and optimizer state)
 
   void validate() const;  // throws naming the flag that is out of range
   std::string to_json() const;

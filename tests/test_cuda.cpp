@@ -554,7 +554,7 @@ TEST_CASE("cuda adamw_step: one launch over many tensors matches PyTorch's AdamW
       g.push_back(randn_vec(sizes[t], 1000 * step + t, step == 2 ? 1e-3f : 1.f));  // step 2: tiny grads
       G.push_back(dev(g.back(), {sizes[t]}));
     }
-    cuda::adamw_step(P, G, M, V, lr, b1, b2, eps, wds, step);
+    cuda::adamw_step(P, G, M, V, lr, b1, b2, eps, wds, step, 1.f);
     const double bc1 = 1 - std::pow(double(b1), double(step)), bc2 = 1 - std::pow(double(b2), double(step));
     for (size_t t = 0; t < sizes.size(); ++t)
       for (size_t i = 0; i < p[t].size(); ++i) {
@@ -573,10 +573,42 @@ TEST_CASE("cuda adamw_step: one launch over many tensors matches PyTorch's AdamW
       check_f32("adamw v", get(V[t]), v[t], 1e-5, 1e-6);
     }
   }
-  CHECK_THROWS_WITH_AS(cuda::adamw_step(P, {}, M, V, lr, b1, b2, eps, wds, 1), doctest::Contains("list lengths differ"), Error);
+  CHECK_THROWS_WITH_AS(cuda::adamw_step(P, {}, M, V, lr, b1, b2, eps, wds, 1, 1.f), doctest::Contains("list lengths differ"), Error);
   CHECK_THROWS_WITH_AS(cuda::adamw_step({Tensor::zeros({3})}, {Tensor::zeros({3})}, {Tensor::zeros({3})}, {Tensor::zeros({3})},
-                                        lr, b1, b2, eps, {0.f}, 1),
+                                        lr, b1, b2, eps, {0.f}, 1, 1.f),
                        doctest::Contains("tensor 0 of params must be a contiguous F32 CUDA tensor"), Error);
+}
+
+TEST_CASE("cuda adamw_step: grad_scale 0.5 equals scale 1 on halved gradients, gradients unchanged") {
+  const std::vector<int64_t> sizes = {7, 40003};
+  const std::vector<float> wds = {0.f, 0.05f};
+  std::vector<Tensor> Pa, Ma, Va, Pb, Mb, Vb;
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    const Vec p0 = randn_vec(sizes[t], 300 + t);
+    Pa.push_back(dev(p0, {sizes[t]})), Pb.push_back(dev(p0, {sizes[t]}));
+    for (auto* L : {&Ma, &Va, &Mb, &Vb}) L->push_back(Tensor::zeros({sizes[t]}, DType::F32, Device::CUDA));
+  }
+  for (int64_t step = 1; step <= 2; ++step) {
+    std::vector<Tensor> G, Gh;
+    std::vector<Vec> g;
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      g.push_back(randn_vec(sizes[t], 700 * step + t));
+      Vec half = g.back();
+      for (float& x : half) x *= 0.5f;  // exact in binary floating point
+      G.push_back(dev(g.back(), {sizes[t]})), Gh.push_back(dev(half, {sizes[t]}));
+    }
+    cuda::adamw_step(Pa, G, Ma, Va, 1e-2f, 0.9f, 0.999f, 1e-8f, wds, step, 0.5f);
+    cuda::adamw_step(Pb, Gh, Mb, Vb, 1e-2f, 0.9f, 0.999f, 1e-8f, wds, step, 1.f);
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      CAPTURE(step);
+      CAPTURE(t);
+      const Vec pa = get(Pa[t]), pb = get(Pb[t]), ma = get(Ma[t]), mb = get(Mb[t]);
+      CHECK(std::memcmp(pa.data(), pb.data(), pa.size() * sizeof(float)) == 0);
+      CHECK(std::memcmp(ma.data(), mb.data(), ma.size() * sizeof(float)) == 0);
+      const Vec ga = get(G[t]);  // the scaled gradient was read, not written
+      CHECK(std::memcmp(ga.data(), g[t].data(), ga.size() * sizeof(float)) == 0);
+    }
+  }
 }
 
 // =============================================================================================

@@ -3,6 +3,7 @@
 #include <fstream>
 
 #include "autograd/autograd.h"
+#include "engine/memory.h"
 #include "engine/safetensors.h"
 #include "models/checkpoint.h"
 #include "models/optim.h"
@@ -211,6 +212,41 @@ TEST_CASE("training configs: impossible values are named") {
   CHECK_THROWS_WITH_AS(train(smoke_config(), "/tmp/moevit_test_missing", true, nullptr),
                        doctest::Contains("no checkpoint at"), Error);
   CHECK(TrainConfig::from_json(smoke_config().to_json()).to_json() == smoke_config().to_json());
+}
+
+TEST_CASE("training configs: --device is validated and saved") {
+  TrainConfig c = smoke_config();
+  c.device = "tpu";
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--device must be cpu or cuda"), Error);
+  c.device = "cuda";
+  if (!cuda_available()) CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--device"), Error);
+  c.optimizer = "sgd";
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--device"), Error);  // either reason
+  c = smoke_config();
+  c.device = "cuda";
+  const TrainConfig r = TrainConfig::from_json(c.to_json());
+  CHECK(r.device == "cuda");
+  CHECK(r.to_json() == c.to_json());
+  // A configuration saved before --device existed reads as CPU.
+  std::string old = smoke_config().to_json();
+  const size_t at = old.find(",\"device\"");
+  REQUIRE(at != std::string::npos);
+  old = old.substr(0, at) + "}";
+  CHECK(TrainConfig::from_json(old).device == "cpu");
+}
+
+TEST_CASE("Module::to(CPU) keeps every handle and drops gradients") {
+  ViT m(tiny_config(), 0);
+  auto before = m.named_parameters();
+  before[0].second.set_grad(Tensor::ones(before[0].second.shape()));
+  const std::vector<float> v = before[0].second.to_vector<float>();
+  m.to(Device::CPU);
+  CHECK(m.device() == Device::CPU);
+  auto after = m.named_parameters();
+  CHECK(after[0].second.same(before[0].second));
+  CHECK(!before[0].second.grad().defined());
+  CHECK(after[0].second.to_vector<float>() == v);
+  CHECK(after[0].second.requires_grad());
 }
 
 TEST_CASE("slow: vit-tiny learns Fashion-MNIST in one epoch" * doctest::test_suite("slow")) {

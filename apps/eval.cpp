@@ -14,6 +14,8 @@ using namespace mv;
 
 int main(int argc, char** argv) {
   CLI::App app{"Evaluate a moevit checkpoint"};
+  // A flag given twice takes its last value, so scripts can append overrides to defaults.
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   std::string ckpt, data_dir, dump, dataset, device = "cpu";
   int batch = 500, threads = 0;
   int64_t limit = 0;

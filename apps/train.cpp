@@ -13,6 +13,8 @@ using namespace mv;
 
 int main(int argc, char** argv) {
   CLI::App app{"Train a (MoE-)ViT with moevit"};
+  // A flag given twice takes its last value, so scripts can append overrides to defaults.
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   models::TrainConfig c;
   std::string out = "runs/default", resume;
   int threads = 0, stop_after = 0;

@@ -4,10 +4,10 @@
 // repeats (the qkv of these shapes, 5 to 19 MB, does not stay in cache anyway).
 //
 //   ./build/bench/bench_attention [--threads 2] [--repeats 15]
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -59,14 +59,10 @@ Timing time_forward_backward(AttnFn f, const Tensor& qkv, const Tensor& g, int h
 
 int main(int argc, char** argv) {
   int threads = 2, repeats = 15;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--threads")) threads = std::stoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--repeats")) repeats = std::stoi(argv[i + 1]);
-    else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--repeats N]\n", argv[0]);
-      return 2;
-    }
-  }
+  CLI::App app{"CPU attention: fused vs composite"};
+  app.add_option("--threads", threads)->capture_default_str();
+  app.add_option("--repeats", repeats)->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
   set_num_threads(threads);
   std::printf("threads %d, median (min) of %d repeats after 2 warm-up runs, ms\n\n", threads,
               repeats);

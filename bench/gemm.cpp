@@ -17,11 +17,11 @@
 // single-threaded; the row says which.
 //
 //   ./build/bench/bench_gemm [--threads 2] [--repeats 25]
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <functional>
 #include <string>
 #include <thread>
@@ -84,14 +84,10 @@ struct Data {
 
 int main(int argc, char** argv) {
   int threads = 2, repeats = 25;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--threads")) threads = std::stoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--repeats")) repeats = std::stoi(argv[i + 1]);
-    else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--repeats N]\n", argv[0]);
-      return 2;
-    }
-  }
+  CLI::App app{"GEMM: ours vs OpenBLAS"};
+  app.add_option("--threads", threads)->capture_default_str();
+  app.add_option("--repeats", repeats)->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
   set_num_threads(threads);
   constexpr int kRounds = 5;
   const int per_round = std::max(1, repeats / kRounds);

@@ -18,20 +18,39 @@ int main(int argc, char** argv) {
   models::TrainConfig c;
   std::string out = "runs/default", resume;
   int threads = 0, stop_after = 0;
-  int dim = 0, depth = 0, heads = 0, mlp_dim = 0, patch = 0;
-  app.add_option("--dataset", c.dataset, "fashion-mnist | mnist | cifar10 | cifar100 | synthetic")
-      ->capture_default_str();
-  app.add_option("--data-dir", c.data_dir, "folder of the data set files (default: per data set)");
-  app.add_option("--model", c.model, "preset: " + [] {
-    std::string s;
-    for (auto& n : models::vit_preset_names()) s += (s.empty() ? "" : " | ") + n;
-    return s;
-  }())->capture_default_str();
-  app.add_option("--dim", dim, "override the preset's width");
-  app.add_option("--depth", depth, "override the number of blocks");
-  app.add_option("--heads", heads, "override the number of attention heads");
-  app.add_option("--mlp-dim", mlp_dim, "override the MLP hidden width");
-  app.add_option("--patch", patch, "override the patch size");
+  // Model overrides, applied to the preset only when given.
+  models::ViTConfig o;
+  models::RouterConfig& r = o.moe.router;
+  std::string group;
+  app.add_option("--dim", o.dim, "override the preset's width");
+  app.add_option("--depth", o.depth, "override the number of blocks");
+  app.add_option("--heads", o.heads, "override the number of attention heads");
+  app.add_option("--mlp-dim", o.mlp_dim, "override the MLP hidden width");
+  app.add_option("--patch", o.patch, "override the patch size");
+  app.add_option("--moe", o.moe_placement, "MoE blocks: none | every-2 | last-n");
+  app.add_option("--moe-last-n", o.moe_last_n, "n of --moe last-n");
+  app.add_option("--router", r.type, "topk | expert_choice | soft | cosine | perturbed_cosine | "
+                 "multi_centroid | attention_vote");
+  app.add_option("--experts", r.experts, "experts per MoE layer");
+  app.add_option("--k", r.k, "experts per token (token-choice routers)");
+  app.add_option("--expert-mlp-dim", o.moe.mlp_dim, "hidden width of each expert");
+  app.add_option("--capacity", r.capacity_train, "capacity factor in training");
+  app.add_option("--eval-capacity", r.capacity_eval, "capacity factor in evaluation");
+  app.add_option("--bpr", r.bpr, "Batch Prioritized Routing (true | false)");
+  app.add_option("--renormalize", r.renormalize, "combine weights of a token's k choices sum to 1");
+  app.add_option("--round-capacity", r.round_to_4, "round capacity up to a multiple of 4");
+  app.add_option("--noise-std", r.noise_std, "router noise in training (negative: 1/E)");
+  app.add_option("--importance-weight", r.importance_weight, "V-MoE importance loss weight");
+  app.add_option("--load-weight", r.load_weight, "V-MoE load loss weight");
+  app.add_option("--ec-capacity", r.ec_capacity, "expert choice capacity factor");
+  app.add_option("--slots", r.slots, "Soft MoE slots per expert");
+  app.add_option("--proj-dim", r.proj_dim, "cosine routers' projection width");
+  app.add_option("--centroids", r.centroids, "multi_centroid: centroids per expert");
+  app.add_option("--separation-weight", r.separation_weight, "multi_centroid separation loss");
+  app.add_option("--vote-dim", r.vote_dim, "attention_vote query/key width");
+  app.add_option("--global-query", r.global_query, "attention_vote: one query for all experts");
+  app.add_option("--group", group, "route tokens per image (default) or per batch")
+      ->check(CLI::IsMember({"image", "batch"}));
   app.add_option("--epochs", c.epochs)->capture_default_str();
   app.add_option("--batch", c.batch)->capture_default_str();
   app.add_option("--eval-batch", c.eval_batch)->capture_default_str();
@@ -61,11 +80,37 @@ int main(int argc, char** argv) {
       c.vit.image_size = 32, c.vit.channels = 3;
       c.vit.num_classes = c.dataset == "cifar10" ? 10 : 100;
     }
-    if (dim) c.vit.dim = dim;
-    if (depth) c.vit.depth = depth;
-    if (heads) c.vit.heads = heads;
-    if (mlp_dim) c.vit.mlp_dim = mlp_dim;
-    if (patch) c.vit.patch = patch;
+    // Each override the command line gave replaces the preset's value.
+    auto given = [&](const char* flag) { return app.count(flag) > 0; };
+    models::ViTConfig& v = c.vit;
+    models::RouterConfig& vr = v.moe.router;
+    if (given("--dim")) v.dim = o.dim;
+    if (given("--depth")) v.depth = o.depth;
+    if (given("--heads")) v.heads = o.heads;
+    if (given("--mlp-dim")) v.mlp_dim = o.mlp_dim;
+    if (given("--patch")) v.patch = o.patch;
+    if (given("--moe")) v.moe_placement = o.moe_placement;
+    if (given("--moe-last-n")) v.moe_last_n = o.moe_last_n;
+    if (given("--expert-mlp-dim")) v.moe.mlp_dim = o.moe.mlp_dim;
+    if (given("--group")) v.moe.group_per_batch = group == "batch";
+    if (given("--router")) vr.type = r.type;
+    if (given("--experts")) vr.experts = r.experts;
+    if (given("--k")) vr.k = r.k;
+    if (given("--capacity")) vr.capacity_train = r.capacity_train;
+    if (given("--eval-capacity")) vr.capacity_eval = r.capacity_eval;
+    if (given("--bpr")) vr.bpr = r.bpr;
+    if (given("--renormalize")) vr.renormalize = r.renormalize;
+    if (given("--round-capacity")) vr.round_to_4 = r.round_to_4;
+    if (given("--noise-std")) vr.noise_std = r.noise_std;
+    if (given("--importance-weight")) vr.importance_weight = r.importance_weight;
+    if (given("--load-weight")) vr.load_weight = r.load_weight;
+    if (given("--ec-capacity")) vr.ec_capacity = r.ec_capacity;
+    if (given("--slots")) vr.slots = r.slots;
+    if (given("--proj-dim")) vr.proj_dim = r.proj_dim;
+    if (given("--centroids")) vr.centroids = r.centroids;
+    if (given("--separation-weight")) vr.separation_weight = r.separation_weight;
+    if (given("--vote-dim")) vr.vote_dim = r.vote_dim;
+    if (given("--global-query")) vr.global_query = r.global_query;
     const bool is_resume = !resume.empty();
     models::TrainResult r = models::train(c, is_resume ? resume : out, is_resume, stdout, stop_after);
     std::printf("done: %d epochs, test accuracy %.2f%%, test loss %.4f, %.0f train images/s, "

@@ -1,8 +1,10 @@
 // bench/train_step: images/s of one whole training step of a ViT preset on the CPU (forward,
 // cross-entropy, backward, gradient-norm clip, AdamW update) on a fixed random batch, the same
-// step that bench/reference/train_step.py times in PyTorch.
+// step that bench/reference/train_step.py times in PyTorch. MoE presets (vmoe-tiny, ec-tiny, ...)
+// train with their routers' auxiliary losses added to the loss, as apps/train does.
 //
 //   bench_train_step --preset vit-tiny --batch 128 --threads 2 --steps 20
+//   bench_train_step --preset vmoe-tiny --threads 2
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -12,6 +14,7 @@
 #include "engine/random.h"
 #include "models/optim.h"
 #include "models/vit.h"
+#include "ops/elementwise.h"
 #include "ops/loss.h"
 
 using namespace mv;
@@ -42,6 +45,8 @@ int main(int argc, char** argv) {
       auto t0 = std::chrono::steady_clock::now();
       opt.zero_grad();
       Tensor loss = ops::cross_entropy(model.forward(x), labels, 0.1f);
+      const Tensor aux = model.aux_loss();  // MoE routers' weighted losses; undefined if none
+      if (aux.defined()) loss = ops::add(loss, aux);
       loss.backward();
       opt.step(1e-3f, models::clip_scale(params, 1.0f).scale);
       auto t1 = std::chrono::steady_clock::now();
@@ -50,9 +55,23 @@ int main(int argc, char** argv) {
     std::sort(ms.begin(), ms.end());
     const double med = ms[ms.size() / 2];
     std::printf("moevit %s batch %d threads %d: median step %.1f ms (min %.1f) over %d steps after "
-                "%d warm-up, %.0f images/s; CPU pool peak %.1f MB\n",
+                "%d warm-up, %.0f images/s; CPU pool peak %.1f MB; %lld parameters\n",
                 preset.c_str(), batch, threads, med, ms.front(), steps, warmup, batch / med * 1e3,
-                double(cpu_pool_stats().peak) / 1e6);
+                double(cpu_pool_stats().peak) / 1e6, (long long)model.num_parameters());
+    const std::vector<models::MoELayer*> moe = model.moe_layers();
+    if (!moe.empty()) {
+      int64_t choices = 0, dropped = 0;
+      for (const models::MoELayer* m : moe) choices += m->stats.choices, dropped += m->stats.dropped;
+      // MoEStats::dropped: token choice counts (token, choice) pairs that found their buffer
+      // full; expert choice and attention vote count tokens that no expert took; soft: none.
+      const char* what = c.moe.router.token_choice() ? "of token choices dropped"
+                                                     : "of tokens taken by no expert";
+      std::printf("  %zu MoE layers, router %s, E %d, capacity per group %lld; %.1f%% %s over "
+                  "all steps\n",
+                  moe.size(), c.moe.router.type.c_str(), c.moe.router.experts,
+                  (long long)moe.front()->last.capacity,
+                  choices ? 100.0 * double(dropped) / double(choices) : 0.0, what);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_train_step: error: %s\n", e.what());
     return 1;

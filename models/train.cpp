@@ -1,5 +1,6 @@
 #include "models/train.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include "engine/memory.h"
 #include "models/checkpoint.h"
 #include "models/optim.h"
+#include "ops/elementwise.h"
 #include "ops/loss.h"
 #include "ops/reduce.h"
 
@@ -107,6 +109,37 @@ void TrainConfig::validate() const {
            "build without CUDA, or no GPU found); use --device cpu");
   MV_CHECK(device != "cuda" || optimizer == "adamw",
            "--optimizer sgd has no CUDA kernel yet; use --optimizer adamw with --device cuda");
+  MV_CHECK(device != "cuda" || vit.moe_placement == "none", "model '", model,
+           "' has MoE layers, which have no CUDA kernels yet; use --device cpu");
+}
+
+// The MoE part of a ViT config, every field, so a checkpoint rebuilds exactly its model.
+static nlohmann::ordered_json moe_json(const ViTConfig& v) {
+  const RouterConfig& r = v.moe.router;
+  return {{"placement", v.moe_placement}, {"last_n", v.moe_last_n}, {"mlp_dim", v.moe.mlp_dim},
+          {"group_per_batch", v.moe.group_per_batch}, {"router", r.type}, {"experts", r.experts},
+          {"k", r.k}, {"capacity_train", r.capacity_train}, {"capacity_eval", r.capacity_eval},
+          {"round_to_4", r.round_to_4}, {"bpr", r.bpr}, {"renormalize", r.renormalize},
+          {"noise_std", r.noise_std}, {"importance_weight", r.importance_weight},
+          {"load_weight", r.load_weight}, {"ec_capacity", r.ec_capacity}, {"slots", r.slots},
+          {"proj_dim", r.proj_dim}, {"tau1", r.tau1}, {"tau2", r.tau2},
+          {"centroids", r.centroids}, {"separation_weight", r.separation_weight},
+          {"vote_dim", r.vote_dim}, {"global_query", r.global_query}};
+}
+
+static void moe_from_json(const nlohmann::json& j, ViTConfig& v) {
+  RouterConfig& r = v.moe.router;
+  v.moe_placement = j.at("placement"), v.moe_last_n = j.at("last_n");
+  v.moe.mlp_dim = j.at("mlp_dim"), v.moe.group_per_batch = j.at("group_per_batch");
+  r.type = j.at("router"), r.experts = j.at("experts"), r.k = j.at("k");
+  r.capacity_train = j.at("capacity_train"), r.capacity_eval = j.at("capacity_eval");
+  r.round_to_4 = j.at("round_to_4"), r.bpr = j.at("bpr"), r.renormalize = j.at("renormalize");
+  r.noise_std = j.at("noise_std"), r.importance_weight = j.at("importance_weight");
+  r.load_weight = j.at("load_weight"), r.ec_capacity = j.at("ec_capacity");
+  r.slots = j.at("slots"), r.proj_dim = j.at("proj_dim"), r.tau1 = j.at("tau1");
+  r.tau2 = j.at("tau2"), r.centroids = j.at("centroids");
+  r.separation_weight = j.at("separation_weight"), r.vote_dim = j.at("vote_dim");
+  r.global_query = j.at("global_query");
 }
 
 std::string TrainConfig::to_json() const {
@@ -120,6 +153,7 @@ std::string TrainConfig::to_json() const {
       {"warmup_epochs", warmup_epochs}, {"label_smoothing", label_smoothing}, {"clip", clip},
       {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
       {"limit_test", limit_test}, {"device", device}};
+  if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
   return j.dump();
 }
 
@@ -130,6 +164,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.dataset = j.at("dataset"), c.data_dir = j.at("data_dir"), c.model = j.at("model");
     c.vit = {j.at("image_size"), j.at("channels"), j.at("patch"), j.at("dim"), j.at("depth"),
              j.at("heads"), j.at("mlp_dim"), j.at("num_classes")};
+    if (j.contains("moe")) moe_from_json(j.at("moe"), c.vit);
     c.epochs = j.at("epochs"), c.batch = j.at("batch"), c.eval_batch = j.at("eval_batch");
     c.optimizer = j.at("optimizer"), c.lr = j.at("lr"), c.weight_decay = j.at("weight_decay");
     c.momentum = j.at("momentum"), c.schedule = j.at("schedule");
@@ -180,6 +215,41 @@ class Progress {
   bool tty_;
 };
 
+// Per MoE layer, the routing of the epoch's training steps: the share of filled buffer slots
+// each expert had, the fraction of dropped choices, and the mean unweighted auxiliary losses.
+nlohmann::ordered_json moe_stats_json(const ViT& model) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  for (size_t b = 0; b < model.blocks.size(); ++b) {
+    const MoELayer* m = model.blocks[b]->moe.get();
+    if (!m) continue;
+    const MoEStats& s = m->stats;
+    int64_t filled = 0;
+    for (int64_t l : s.load) filled += l;
+    std::vector<double> share;
+    for (int64_t l : s.load) share.push_back(filled ? double(l) / double(filled) : 0.0);
+    const double f = double(std::max<int64_t>(s.forwards, 1));
+    out.push_back({{"block", b}, {"router", m->config.router.type}, {"load", share},
+                   {"dropped", s.choices ? double(s.dropped) / double(s.choices) : 0.0},
+                   {"importance_loss", s.importance_loss / f}, {"load_loss", s.load_loss / f},
+                   {"separation_loss", s.separation_loss / f}});
+  }
+  return out;
+}
+
+// One line per MoE layer: dropped choices and the least and most loaded expert (1 = even).
+void print_moe_stats(FILE* log, const nlohmann::ordered_json& moe) {
+  for (auto& l : moe) {
+    const std::vector<double> share = l.at("load");
+    const auto [lo, hi] = std::minmax_element(share.begin(), share.end());
+    const double even = 1.0 / double(share.size());
+    std::fprintf(log, "  block %d (%s): dropped %.2f%%, expert load %.2f..%.2f of even, "
+                 "importance loss %.4f, load loss %.4f\n",
+                 int(l.at("block")), std::string(l.at("router")).c_str(),
+                 100 * double(l.at("dropped")), *lo / even, *hi / even,
+                 double(l.at("importance_loss")), double(l.at("load_loss")));
+  }
+}
+
 }  // namespace
 
 TrainResult train(const TrainConfig& given, const std::string& out_dir, bool resume, FILE* log,
@@ -188,9 +258,10 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
   const std::string ckpt = out_dir + "/checkpoint.safetensors";
   TrainConfig cfg = given;
   int start_epoch = 0;
+  Metadata meta;
   if (resume) {
     MV_CHECK(fs::exists(ckpt), "--resume: no checkpoint at '", ckpt, "'");
-    Metadata meta = read_checkpoint_metadata(ckpt);
+    meta = read_checkpoint_metadata(ckpt);
     MV_CHECK(meta.count("config") && meta.count("epoch"), "--resume: '", ckpt,
              "' has no training configuration in its metadata");
     cfg = TrainConfig::from_json(meta.at("config"));
@@ -216,7 +287,11 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
   std::unique_ptr<Optimizer> opt;
   if (cfg.optimizer == "adamw") opt = std::make_unique<AdamW>(model.named_parameters(), cfg.weight_decay);
   else opt = std::make_unique<SGD>(model.named_parameters(), cfg.momentum, cfg.weight_decay);
-  if (resume) load_checkpoint(ckpt, model, opt.get());
+  if (resume) {
+    load_checkpoint(ckpt, model, opt.get());
+    if (meta.count("route_noise_offset"))
+      model.route_noise->offset = std::stoull(meta.at("route_noise_offset"));
+  }
   if (log) {
     std::fprintf(log, "model %s: %lld parameters; data %s: %lld train, %lld test images\n",
                  cfg.model.c_str(), (long long)model.num_parameters(), cfg.dataset.c_str(),
@@ -242,6 +317,7 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
     double compute_s = 0, loss_sum = 0, correct = 0;
     int64_t seen = 0;
     Progress bar(log, epoch + 1, cfg.epochs, per_epoch);
+    for (MoELayer* m : model.moe_layers()) m->stats.reset(m->config.router.experts);
     loader.begin_epoch(epoch);
     for (datasets::Batch b; loader.next(b);) {
       const auto ts = Clock::now();
@@ -249,10 +325,13 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
       const Tensor images = b.images.to(dev), labels = b.labels.to(dev);
       Tensor logits = model.forward(images);
       Tensor loss = ops::cross_entropy(logits, labels, cfg.label_smoothing);
-      const float lv = loss.item();
-      MV_CHECK(std::isfinite(lv), "training: the loss is ", lv, " at step ", step, " (epoch ",
-               epoch + 1, ", batch ", b.batch_index + 1, "); stopping. The last good checkpoint is '",
-               ckpt, "'");
+      const float lv = loss.item();  // the classification loss is what the logs show
+      const Tensor aux = model.aux_loss();
+      if (aux.defined()) loss = loss + aux;
+      const float total_v = aux.defined() ? loss.item() : lv;
+      MV_CHECK(std::isfinite(total_v), "training: the loss is ", total_v, " at step ", step,
+               " (epoch ", epoch + 1, ", batch ", b.batch_index + 1,
+               "); stopping. The last good checkpoint is '", ckpt, "'");
       opt->zero_grad();
       loss.backward();
       const ClipResult clip = clip_scale(params, cfg.clip);
@@ -270,10 +349,12 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
                  el / double(b.batch_index + 1) * double(per_epoch - b.batch_index - 1));
     }
     const double epoch_s = since(t0);
+    const nlohmann::ordered_json moe = moe_stats_json(model);  // of training, before evaluation
     EvalResult ev = evaluate(model, test_set, cfg.dataset, cfg.eval_batch);
-    Metadata meta{{"config", cfg.to_json()}, {"epoch", std::to_string(epoch + 1)},
-                  {"test_accuracy", std::to_string(ev.accuracy)}};
-    save_checkpoint(ckpt, model, opt.get(), meta);
+    Metadata save_meta{{"config", cfg.to_json()}, {"epoch", std::to_string(epoch + 1)},
+                       {"test_accuracy", std::to_string(ev.accuracy)},
+                       {"route_noise_offset", std::to_string(model.route_noise->offset)}};
+    save_checkpoint(ckpt, model, opt.get(), save_meta);
 
     res.epochs_done = epoch + 1;
     res.train_loss = loss_sum / double(seen);
@@ -286,11 +367,14 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
         {"train_accuracy", correct / double(seen)}, {"test_loss", ev.loss},
         {"test_accuracy", ev.accuracy}, {"lr", lr_at(opt->steps() - 1, total, warmup, cfg.lr, kind)},
         {"epoch_seconds", epoch_s}, {"images_per_second", res.images_per_second}};
+    if (!moe.empty()) line["moe"] = moe;
     metrics << line.dump() << "\n" << std::flush;
-    if (log)
+    if (log) {
       std::fprintf(log, "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",
                    epoch + 1, cfg.epochs, res.train_loss, ev.loss, 100 * ev.accuracy,
                    format_seconds(epoch_s).c_str());
+      print_moe_stats(log, moe);
+    }
   }
   return res;
 }

@@ -13,6 +13,50 @@ void ViTConfig::validate() const {
            " must all be positive (classes >= 2)");
   MV_CHECK(heads > 0 && dim > 0 && dim % heads == 0, "ViT config: width ", dim,
            " is not divisible by ", heads, " heads");
+  MV_CHECK(moe_placement == "none" || moe_placement == "every-2" || moe_placement == "last-n",
+           "ViT config: MoE placement '", moe_placement, "' must be none, every-2 or last-n");
+  if (moe_placement == "none") return;
+  const int odd_blocks = depth / 2;
+  MV_CHECK(odd_blocks > 0, "ViT config: MoE placement ", moe_placement, " needs depth >= 2, got ",
+           depth);
+  MV_CHECK(moe_placement != "last-n" || (moe_last_n >= 1 && moe_last_n <= odd_blocks),
+           "ViT config: last-n MoE placement with n = ", moe_last_n, " must have 1 <= n <= ",
+           odd_blocks, " (the odd blocks of ", depth, ")");
+  MV_CHECK(moe.mlp_dim > 0, "ViT config: expert hidden width ", moe.mlp_dim, " must be positive");
+  moe.router.validate();
+}
+
+bool ViTConfig::is_moe_block(int i) const {
+  if (moe_placement == "none" || i % 2 == 0) return false;
+  return moe_placement == "every-2" || i >= depth - 2 * moe_last_n;
+}
+
+// vit-tiny with 8 experts (expert width = the dense MLP's) in blocks 1, 3 and 5.
+static ViTConfig tiny_moe(const std::string& router) {
+  ViTConfig c{28, 1, 4, 64, 6, 4, 128, 10};
+  c.moe_placement = "every-2";
+  c.moe.mlp_dim = 128;
+  c.moe.router.type = router;
+  c.moe.router.experts = 8;
+  return c;
+}
+
+// Soft MoE with E * slots close to the 50 tokens of an image, as the paper matches slots to
+// tokens, so that experts process about as many vectors as the dense MLP does.
+static ViTConfig soft_tiny() {
+  ViTConfig c = tiny_moe("soft");
+  c.moe.router.slots = 6;
+  return c;
+}
+
+// V-MoE-S-like for CIFAR at 32 px (patch 4, 64 patches): 8 blocks, width 512, MLP 2048, 8 heads,
+// 8 experts, k = 2, in the last 2 odd blocks (5 and 7), as PRC's V-MoE-S/32.
+static ViTConfig vmoe_s_cifar() {
+  ViTConfig c{32, 3, 4, 512, 8, 8, 2048, 10};
+  c.moe_placement = "last-n";
+  c.moe.mlp_dim = 2048;
+  c.moe.router.experts = 8;
+  return c;
 }
 
 static const std::map<std::string, ViTConfig>& presets() {
@@ -22,6 +66,14 @@ static const std::map<std::string, ViTConfig>& presets() {
       {"vit-small", {28, 1, 4, 128, 6, 4, 256, 10}},
       // CIFAR, 32 px: 8x8 patches of 4 px.
       {"vit-cifar", {32, 3, 4, 192, 8, 3, 384, 10}},
+      {"vmoe-tiny", tiny_moe("topk")},
+      {"ec-tiny", tiny_moe("expert_choice")},
+      {"soft-tiny", soft_tiny()},
+      {"cosine-tiny", tiny_moe("cosine")},
+      {"pcosine-tiny", tiny_moe("perturbed_cosine")},
+      {"mcentroid-tiny", tiny_moe("multi_centroid")},
+      {"vote-tiny", tiny_moe("attention_vote")},
+      {"vmoe-s-cifar", vmoe_s_cifar()},
   };
   return p;
 }
@@ -51,11 +103,14 @@ Tensor patchify(const Tensor& x, int p) {
   return ops::reshape(t, {B, gh * gw, C * p * p});
 }
 
-Block::Block(const ViTConfig& c, Generator& g) {
+Block::Block(const ViTConfig& c, int i, Generator& g, Generator* noise) {
   ln1 = register_module("ln1", std::make_shared<LayerNorm>(c.dim));
   attn = register_module("attn", std::make_shared<MultiHeadAttention>(c.dim, c.heads, g));
   ln2 = register_module("ln2", std::make_shared<LayerNorm>(c.dim));
-  ffn = register_module<FeedForward>("mlp", std::make_shared<MLP>(c.dim, c.mlp_dim, g));
+  if (c.is_moe_block(i))
+    ffn = moe = register_module("moe", std::make_shared<MoELayer>(c.dim, c.moe, g, noise));
+  else
+    ffn = register_module<FeedForward>("mlp", std::make_shared<MLP>(c.dim, c.mlp_dim, g));
 }
 
 Tensor Block::forward(const Tensor& x) {
@@ -63,7 +118,8 @@ Tensor Block::forward(const Tensor& x) {
   return h + ffn->forward(ln2->forward(h));
 }
 
-ViT::ViT(const ViTConfig& c, uint64_t seed) : config(c) {
+ViT::ViT(const ViTConfig& c, uint64_t seed)
+    : config(c), route_noise(std::make_shared<Generator>(seed ^ 0x9E3779B97F4A7C15ull)) {
   c.validate();
   Generator g(seed);
   patch_embed = register_module(
@@ -71,7 +127,8 @@ ViT::ViT(const ViTConfig& c, uint64_t seed) : config(c) {
   cls = register_parameter("cls", Tensor::zeros({1, 1, c.dim}));
   pos = register_parameter("pos", init_weight({1, c.tokens(), c.dim}, g));
   for (int i = 0; i < c.depth; ++i)
-    blocks.push_back(register_module("blocks." + std::to_string(i), std::make_shared<Block>(c, g)));
+    blocks.push_back(register_module("blocks." + std::to_string(i),
+                                     std::make_shared<Block>(c, i, g, route_noise.get())));
   norm = register_module("norm", std::make_shared<LayerNorm>(c.dim));
   head = register_module("head", std::make_shared<Linear>(c.dim, c.num_classes, g));
   head->weight.fill_(0.f);  // zero head: the first loss is exactly log(classes), as in big_vision
@@ -91,6 +148,20 @@ Tensor ViT::forward(const Tensor& images) {
   x = norm->forward(x);
   Tensor first = ops::reshape(ops::slice(x, 1, 0, 1), {B, int64_t(c.dim)});
   return head->forward(first);
+}
+
+Tensor ViT::aux_loss() const {
+  Tensor sum;
+  for (MoELayer* m : moe_layers())
+    if (m->last.aux_loss.defined()) sum = sum.defined() ? sum + m->last.aux_loss : m->last.aux_loss;
+  return sum;
+}
+
+std::vector<MoELayer*> ViT::moe_layers() const {
+  std::vector<MoELayer*> out;
+  for (auto& b : blocks)
+    if (b->moe) out.push_back(b->moe.get());
+  return out;
 }
 
 }  // namespace mv::models

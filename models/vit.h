@@ -1,11 +1,13 @@
 // Vision Transformer (Dosovitskiy et al., 2021): patch embedding, a learned CLS token, learned
 // position embeddings, pre-LayerNorm blocks x += Attn(LN(x)); x += FFN(LN(x)), a final
-// LayerNorm and a linear head on the CLS token.
+// LayerNorm and a linear head on the CLS token. An MoE-ViT (V-MoE, Riquelme et al., 2021)
+// replaces the MLP of some blocks by an MoE layer (models/moe.h).
 #pragma once
 #include <map>
 #include <string>
 
 #include "models/layers.h"
+#include "models/moe.h"
 
 namespace mv::models {
 
@@ -13,27 +15,40 @@ struct ViTConfig {
   int image_size = 28, channels = 1, patch = 4;
   int dim = 64, depth = 6, heads = 4, mlp_dim = 128;
   int num_classes = 10;
+  // MoE: which blocks get an MoE layer. "none" (dense), "every-2" (the odd blocks 1, 3, 5, ...),
+  // "last-n" (the last moe_last_n odd blocks).
+  std::string moe_placement = "none";
+  int moe_last_n = 2;
+  MoEConfig moe{};
+  bool is_moe_block(int i) const;
   int tokens() const { return (image_size / patch) * (image_size / patch) + 1; }
   void validate() const;  // throws naming the first impossible field
 };
 
-// Named presets (see README): "vit-tiny" is the default dense model for Fashion-MNIST.
+// Named presets (see README): "vit-tiny" is the default dense model for Fashion-MNIST; the
+// "*-tiny" MoE presets are vit-tiny with 8 experts in every other block, one per router family.
 ViTConfig vit_preset(const std::string& name);
 std::vector<std::string> vit_preset_names();
 
 class Block : public Module {
  public:
-  Block(const ViTConfig& c, Generator& g);
+  // Block i of the model: its MLP is an MoE layer when c.is_moe_block(i).
+  Block(const ViTConfig& c, int i, Generator& g, Generator* noise);
   Tensor forward(const Tensor& x);  // (B, T, D) -> (B, T, D)
   std::shared_ptr<LayerNorm> ln1, ln2;
   std::shared_ptr<MultiHeadAttention> attn;
   std::shared_ptr<FeedForward> ffn;
+  std::shared_ptr<MoELayer> moe;  // == ffn in an MoE block, else null
 };
 
 class ViT : public Module {
  public:
   ViT(const ViTConfig& c, uint64_t seed);
   Tensor forward(const Tensor& images);  // (B, C, H, W) -> logits (B, num_classes)
+  // The weighted auxiliary losses of the last forward's routers, summed (a scalar), or an
+  // undefined tensor when there are none (dense model, or routers without such losses).
+  Tensor aux_loss() const;
+  std::vector<MoELayer*> moe_layers() const;
 
   ViTConfig config;
   std::shared_ptr<Linear> patch_embed;  // (C*p*p, D): a stride-p convolution as a matmul
@@ -41,6 +56,9 @@ class ViT : public Module {
   std::vector<std::shared_ptr<Block>> blocks;
   std::shared_ptr<LayerNorm> norm;
   std::shared_ptr<Linear> head;
+  // Routing noise of the MoE layers, seeded from the model seed; checkpoints save its offset so
+  // that a resumed run draws the same noise.
+  std::shared_ptr<Generator> route_noise;
 };
 
 // (B, C, H, W) -> (B, (H/p)*(W/p), C*p*p), patches in row-major order, each flattened (c, i, j).

@@ -29,6 +29,8 @@ Tensor pow(const Tensor& x, float p);
 Tensor relu(const Tensor& x);
 enum class GeluForm { Tanh, Erf };
 Tensor gelu(const Tensor& x, GeluForm form = GeluForm::Tanh);
+// Standard normal CDF Phi(x) = erfc(-x / sqrt 2) / 2 (erfc keeps the far left tail accurate)
+Tensor normal_cdf(const Tensor& x);
 
 // mask (any shape broadcastable to a and b, nonzero = take a), a and b broadcastable
 Tensor where(const Tensor& mask, const Tensor& a, const Tensor& b);

@@ -101,3 +101,20 @@ TEST_CASE("fast exp and tanh stay close to libm over their whole range") {
   CHECK(ops::fast_tanh(100.f) == 1.f);
   CHECK(ops::fast_tanh(-100.f) == -1.f);
 }
+
+TEST_CASE("normal_cdf: values against erfc, the far tail, and the gradient") {
+  std::vector<float> xs = {-8.f, -3.f, -1.f, -0.25f, 0.f, 0.5f, 1.f, 2.5f, 6.f};
+  std::vector<float> e;
+  for (float v : xs) e.push_back(float(0.5 * std::erfc(-double(v) / std::sqrt(2.0))));
+  Tensor y = ops::normal_cdf(Tensor::from(xs, {3, 3}));
+  CHECK(y.shape() == Shape{3, 3});
+  check_close(y, e, 1e-7f, 1e-5f);  // relative: Phi(-8) = 6.2e-16 must not collapse to 0
+  check_close(ops::normal_cdf(Tensor::from({0.f, 1.f, -3.f}, {3})),
+              {0.5f, 0.8413447460685429f, 0.0013498980316301f}, 1e-7f, 1e-5f);
+  check_grad([](const std::vector<Tensor>& x) { return ops::normal_cdf(x[0]); }, {param({3, 5}, 10)});
+  // The gradient is the normal density: phi(0) = 1/sqrt(2 pi), phi(2) = e^-2 / sqrt(2 pi).
+  Tensor x = Tensor::from({0.f, 2.f}, {2}).set_requires_grad(true);
+  ops::normal_cdf(x).backward(Tensor::from({1.f, 3.f}, {2}));
+  check_close(x.grad(), {0.3989422804f, 3.f * 0.0539909665f}, 1e-7f, 1e-5f);
+  CHECK_THROWS_WITH_AS(ops::normal_cdf(Tensor::arange(3)), doctest::Contains("normal_cdf: expected an F32 tensor"), Error);
+}

@@ -1,0 +1,48 @@
+// The MoE layer (methods.md section 3): router + dispatch + all experts in one batched matmul +
+// combine. It replaces the MLP of some ViT blocks. Experts are GELU MLPs d -> h -> d whose
+// weights are stored stacked, (E, d, h) and (E, h, d), so every expert runs at once on an
+// (E, G*C, d) buffer.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "models/layers.h"
+#include "models/router.h"
+
+namespace mv::models {
+
+struct MoEConfig {
+  RouterConfig router;
+  int mlp_dim = 128;             // hidden width of each expert
+  bool group_per_batch = false;  // route the whole batch as one group (default: each image)
+};
+
+// Routing statistics of forward passes, summed until reset (the training loop logs them).
+struct MoEStats {
+  std::vector<int64_t> load;  // (E,) filled buffer slots per expert
+  int64_t choices = 0;        // token choices made (token choice: tokens * k; else tokens)
+  int64_t dropped = 0;        // token choice: choices that found their buffer full;
+                              // expert choice / attention vote: tokens no expert took; soft: 0
+  double importance_loss = 0, load_loss = 0, separation_loss = 0;  // sums over forwards
+  int64_t forwards = 0;
+  void reset(int experts);
+};
+
+class MoELayer : public FeedForward {
+ public:
+  // Parameters drawn from init; routing noise (training only) from *noise, which must outlive
+  // the layer (the ViT owns it and saves it in checkpoints).
+  MoELayer(int64_t dim, const MoEConfig& config, Generator& init, Generator* noise);
+  Tensor forward(const Tensor& x) override;  // x: (B, T, D) -> (B, T, D)
+
+  MoEConfig config;
+  std::shared_ptr<Router> router;
+  Tensor w1, b1, w2, b2;  // (E, D, H), (E, H), (E, H, D), (E, D)
+  Route last;             // the last forward's routing (aux loss, PRC, metrics, pictures)
+  MoEStats stats;
+
+ private:
+  Generator* noise_;
+};
+
+}  // namespace mv::models

@@ -1,0 +1,215 @@
+// The MoE layer and MoE-ViT: equivalence with the dense MLP, placement, statistics,
+// reproducibility, configs and a resumed MoE run.
+#include <filesystem>
+#include <fstream>
+
+#include "autograd/autograd.h"
+#include "engine/safetensors.h"
+#include "models/moe.h"
+#include "models/train.h"
+#include "models/vit.h"
+#include "ops/elementwise.h"
+#include "ops/loss.h"
+#include "ops/reduce.h"
+#include "ops/shape.h"
+#include "tests/helpers.h"
+
+using namespace mv;
+using namespace mv::models;
+
+static Tensor param_named(const Module& m, const std::string& name) {
+  for (auto& [n, t] : m.named_parameters())
+    if (n == name) return t;
+  MV_FAIL("no parameter ", name);
+}
+
+// A small MoE-ViT: 28 px, patch 7 (17 tokens), width 16, depth 2 (block 1 is MoE).
+static ViTConfig small_moe(const std::string& router) {
+  ViTConfig c{28, 1, 7, 16, 2, 2, 32, 10};
+  c.moe_placement = "every-2";
+  c.moe.mlp_dim = 24;
+  c.moe.router.type = router;
+  c.moe.router.experts = 4;
+  c.moe.router.slots = 2;
+  return c;
+}
+
+TEST_CASE("MoE layer: one expert, k = 1, ample capacity is the dense MLP with the same weights") {
+  Generator g(3);
+  MoEConfig c;
+  c.mlp_dim = 12;
+  c.router.experts = 1;
+  c.router.k = 1;
+  c.router.capacity_train = c.router.capacity_eval = 1.f;
+  c.router.noise_std = 0.f;
+  MoELayer moe(8, c, g, &g);
+  MLP mlp(8, 12, g);
+  mlp.fc1->weight.copy_(ops::reshape(moe.w1, {8, 12}).detach());
+  mlp.fc1->bias.copy_(ops::reshape(moe.b1, {12}).detach());
+  mlp.fc2->weight.copy_(ops::reshape(moe.w2, {12, 8}).detach());
+  mlp.fc2->bias.copy_(test::param({8}, 5).detach());
+  moe.b2.copy_(ops::reshape(mlp.fc2->bias, {1, 8}).detach());
+  Tensor x = randn({3, 5, 8});
+  for (bool group_batch : {false, true}) {
+    moe.config.group_per_batch = group_batch;
+    test::check_close(moe.forward(x), mlp.forward(x).to_vector<float>(), 1e-5f, 1e-4f);
+  }
+  CHECK(moe.stats.dropped == 0);
+  CHECK(moe.stats.load[0] == 2 * 15);  // every token of both forwards
+}
+
+TEST_CASE("MoE layer: gradient to tokens, experts and router") {
+  Generator g(4);
+  MoEConfig c;
+  c.mlp_dim = 6;
+  c.router.experts = 2;
+  c.router.k = 2;  // every token visits both experts: the routing set cannot flip
+  c.router.capacity_eval = 2.f;
+  MoELayer moe(4, c, g, &g);
+  moe.train(false);
+  Tensor x = test::param({2, 3, 4}, 7);
+  Tensor r = test::param({2, 3, 4}, 8).detach();
+  auto f = [&](const std::vector<Tensor>&) { return ops::sum(moe.forward(x) * r); };
+  test::check_grad(f, {x, moe.w1, moe.b2, param_named(moe, "router.weight")});
+}
+
+TEST_CASE("MoE-ViT: placements, parameter names and presets") {
+  ViTConfig c{28, 1, 7, 16, 8, 2, 32, 10};
+  c.moe_placement = "every-2";
+  std::vector<int> moe_blocks;
+  for (int i = 0; i < 8; ++i)
+    if (c.is_moe_block(i)) moe_blocks.push_back(i);
+  CHECK(moe_blocks == std::vector<int>{1, 3, 5, 7});
+  c.moe_placement = "last-n";  // V-MoE "Last 2" on 8 blocks: 5 and 7
+  moe_blocks.clear();
+  for (int i = 0; i < 8; ++i)
+    if (c.is_moe_block(i)) moe_blocks.push_back(i);
+  CHECK(moe_blocks == std::vector<int>{5, 7});
+
+  ViT m(small_moe("topk"), 0);
+  CHECK(m.moe_layers().size() == 1);
+  CHECK(param_named(m, "blocks.1.moe.w1").shape() == Shape{4, 16, 24});
+  CHECK(param_named(m, "blocks.1.moe.b2").shape() == Shape{4, 16});
+  CHECK(param_named(m, "blocks.1.moe.router.weight").shape() == Shape{16, 4});
+  CHECK(param_named(m, "blocks.0.mlp.fc1.weight").shape() == Shape{16, 32});
+  for (const std::string p : {"vmoe-tiny", "ec-tiny", "soft-tiny", "cosine-tiny", "pcosine-tiny",
+                              "mcentroid-tiny", "vote-tiny"}) {
+    INFO(p);
+    const ViTConfig v = vit_preset(p);
+    CHECK(v.moe_placement == "every-2");
+    CHECK(v.moe.router.experts == 8);
+    CHECK_NOTHROW(v.validate());
+  }
+  const ViTConfig s = vit_preset("vmoe-s-cifar");
+  CHECK((s.depth == 8 && s.dim == 512 && s.moe.router.k == 2 && s.is_moe_block(5) &&
+         s.is_moe_block(7) && !s.is_moe_block(3)));
+}
+
+TEST_CASE("MoE-ViT: every router trains a step; aux losses reach the loss") {
+  for (const std::string& router : router_types()) {
+    INFO(router);
+    ViT m(small_moe(router), 1);
+    m.head->weight.copy_(test::param({16, 10}, 2, 0.5f).detach());
+    Tensor loss = ops::cross_entropy(m.forward(randn({3, 1, 28, 28})),
+                                     Tensor::from_i64({1, 2, 3}, {3}));
+    const Tensor aux = m.aux_loss();
+    CHECK(aux.defined() == (router == "topk" || router == "cosine" || router == "perturbed_cosine" ||
+                            router == "multi_centroid"));
+    if (aux.defined()) loss = loss + aux;
+    loss.backward();
+    CHECK(std::isfinite(loss.item()));
+    for (auto& [n, p] : m.named_parameters()) {
+      if (n.find("moe.router") == std::string::npos && n.find("moe.w1") == std::string::npos)
+        continue;
+      INFO(n);
+      REQUIRE(p.grad().defined());
+      CHECK(ops::sum(p.grad() * p.grad()).item() > 0.f);  // the router learns through combine
+    }
+  }
+}
+
+TEST_CASE("MoE-ViT: routing noise is reproducible under a seed") {
+  ViTConfig c = small_moe("topk");
+  c.moe.router.noise_std = 1.f;  // large, so it changes routing
+  ViT a(c, 5), b(c, 5);
+  Tensor x = randn({2, 1, 28, 28});
+  CHECK(a.forward(x).to_vector<float>() == b.forward(x).to_vector<float>());
+  const Tensor ea = a.moe_layers()[0]->last.expert;
+  const std::vector<float> second = a.forward(x).to_vector<float>();  // new noise, same input
+  CHECK(a.moe_layers()[0]->last.expert.to_vector<int64_t>() != ea.to_vector<int64_t>());
+  CHECK(second == b.forward(x).to_vector<float>());
+}
+
+TEST_CASE("MoE-ViT: statistics count loads and drops") {
+  ViTConfig c = small_moe("topk");
+  c.moe.router.capacity_train = 0.25f;  // C = ceil(17 * 2 * 0.25 / 4) = 3 of 17 * 2 choices
+  ViT m(c, 2);
+  m.forward(randn({2, 1, 28, 28}));
+  const MoEStats& s = m.moe_layers()[0]->stats;
+  int64_t filled = 0;
+  for (int64_t l : s.load) filled += l;
+  CHECK(s.choices == 2 * 17 * 2);
+  CHECK(filled + s.dropped == s.choices);
+  CHECK(filled <= 2 * 4 * 3);
+}
+
+TEST_CASE("MoE-ViT: impossible configs are named") {
+  ViTConfig c = small_moe("topk");
+  c.moe.router.k = 5;
+  CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("k = 5"), Error);
+  c = small_moe("hash");
+  CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("hash"), Error);
+  c = small_moe("topk");
+  c.moe_placement = "every-3";
+  CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("every-3"), Error);
+  c = small_moe("topk");
+  c.moe_placement = "last-n";
+  c.moe_last_n = 2;  // depth 2 has one odd block
+  CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("last-n"), Error);
+  c = small_moe("soft");
+  c.moe.router.slots = 0;
+  CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("slots"), Error);
+}
+
+static TrainConfig moe_smoke(const std::string& router) {
+  TrainConfig c;
+  c.dataset = "synthetic";
+  c.model = "custom";
+  c.vit = small_moe(router);
+  c.epochs = 2, c.batch = 32, c.eval_batch = 64, c.lr = 3e-3f;
+  c.limit_train = 128, c.limit_test = 64, c.warmup_epochs = 0.5f;
+  return c;
+}
+
+TEST_CASE("MoE training configs round-trip through JSON") {
+  for (const std::string& router : router_types()) {
+    TrainConfig c = moe_smoke(router);
+    c.vit.moe.router.bpr = true, c.vit.moe.router.k = 1, c.vit.moe.group_per_batch = true;
+    CHECK(TrainConfig::from_json(c.to_json()).to_json() == c.to_json());
+  }
+}
+
+TEST_CASE("an MoE run resumed from epoch 1 reproduces the uninterrupted run bit for bit") {
+  namespace fs = std::filesystem;
+  const std::string a = "/tmp/moevit_test_moe_a", b = "/tmp/moevit_test_moe_b";
+  fs::remove_all(a);
+  fs::remove_all(b);
+  TrainConfig c = moe_smoke("topk");  // with routing noise
+  train(c, a, false, nullptr);
+  train(c, b, false, nullptr, /*stop_after=*/1);
+  train(c, b, /*resume=*/true, nullptr);
+  TensorMap ta = load_safetensors(a + "/checkpoint.safetensors");
+  TensorMap tb = load_safetensors(b + "/checkpoint.safetensors");
+  REQUIRE(ta.size() == tb.size());
+  for (auto& [n, t] : ta) {
+    INFO(n);
+    CHECK(t.to_vector<float>() == tb.at(n).to_vector<float>());
+  }
+  // The epoch lines carry the routing statistics of each MoE layer.
+  std::ifstream f(a + "/metrics.jsonl");
+  std::string line;
+  std::getline(f, line);
+  CHECK(line.find("\"moe\":[{\"block\":1,\"router\":\"topk\",\"load\":[") != std::string::npos);
+  fs::remove_all(a);
+  fs::remove_all(b);
+}

@@ -1,0 +1,481 @@
+// Sparse MoE ops (ops/moe.h): routing against hand-worked cases and naive references, routing
+// invariants on random gates, dispatch/combine against loops, gradients, and errors.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "ops/moe.h"
+#include "ops/shape.h"
+#include "ops/softmax.h"
+#include "tests/helpers.h"
+
+using namespace mv;
+using test::check_close;
+using test::check_grad;
+using test::param;
+
+namespace {
+
+std::vector<int64_t> ints(const Tensor& t) { return t.to_vector<int64_t>(); }
+
+// gates[g, n, e] for one group, rows given by hand.
+Tensor hand_gates() {
+  return Tensor::from({0.3f, 0.5f, 0.2f,     // t0: e1 then e0
+                       0.2f, 0.45f, 0.35f,   // t1: e1 then e2
+                       0.6f, 0.1f, 0.3f,     // t2: e0 then e2
+                       0.7f, 0.2f, 0.1f},    // t3: e0 then e1
+                      {1, 4, 3});
+}
+
+ops::TopKOptions opts(int k, float c, bool bpr = false, bool renorm = false) {
+  ops::TopKOptions o;
+  o.k = k;
+  o.capacity_factor = c;
+  o.bpr = bpr;
+  o.renormalize = renorm;
+  return o;
+}
+
+// Gates whose entries in a row differ by >= 0.1 and whose rows' maxima differ by >= 0.03, so a
+// finite-difference step of 0.01 changes no routing decision (no top-k or BPR order flips).
+Tensor separated_gates(int64_t G, int64_t N, int64_t E) {
+  std::vector<float> v;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t e = 0; e < E; ++e) v.push_back(0.1f * float(1 + (e + 3 * n + g) % E) + 0.03f * float(n));
+  return Tensor::from(v, {G, N, E}).set_requires_grad(true);
+}
+
+// The routing order of the brief: larger value first, ties to the lower index.
+std::vector<int64_t> naive_order(const std::vector<float>& v) {
+  std::vector<int64_t> idx(v.size());
+  std::iota(idx.begin(), idx.end(), int64_t(0));
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return v[size_t(a)] > v[size_t(b)]; });
+  return idx;
+}
+
+}  // namespace
+
+TEST_CASE("topk_capacity: ceil(N k c / E), rounded to 4, capped at N, at least 1") {
+  CHECK(ops::topk_capacity(50, 2, 1.05f, 8, false) == 14);  // ceil(13.125)
+  CHECK(ops::topk_capacity(50, 2, 1.05f, 8, true) == 16);
+  CHECK(ops::topk_capacity(16, 2, 1.0f, 8, false) == 4);    // exact: no round-up
+  CHECK(ops::topk_capacity(10, 1, 1.1f, 11, false) == 1);   // 1.1f is 1.10000002: still exactly 1
+  CHECK(ops::topk_capacity(10, 2, 4.0f, 2, false) == 10);   // 40 capped at N
+  CHECK(ops::topk_capacity(10, 1, 1.0f, 1, true) == 10);    // 12 after rounding, capped at N
+  CHECK(ops::topk_capacity(3, 1, 0.1f, 8, false) == 1);
+  CHECK(ops::topk_capacity(0, 1, 1.0f, 4, false) == 1);
+}
+
+TEST_CASE("topk_route: a hand-worked routing, sequence order and BPR") {
+  Tensor gates = hand_gates();
+  SUBCASE("C = 2, sequence order") {
+    // rank 0: t0->e1 s0, t1->e1 s1, t2->e0 s0, t3->e0 s1 (later tokens' rank-0 choices fill e0),
+    // rank 1: t0->e0 full (dropped), t1->e2 s0, t2->e2 s1, t3->e1 full (dropped).
+    ops::TopKRouting r = ops::topk_route(gates, opts(2, 0.75f));
+    CHECK(r.capacity == 2);
+    CHECK(r.assign.token.shape() == Shape{3, 1, 2});
+    CHECK(ints(r.expert) == std::vector<int64_t>{1, 0, 1, 2, 0, 2, 0, 1});
+    CHECK(ints(r.slot) == std::vector<int64_t>{0, -1, 1, 0, 0, 1, 1, -1});
+    CHECK(ints(r.assign.token) == std::vector<int64_t>{2, 3, 0, 1, 1, 2});
+    check_close(r.assign.weight, {0.6f, 0.7f, 0.5f, 0.45f, 0.35f, 0.3f});
+    // renormalize divides by the sum of both chosen gates, dropped one included
+    ops::TopKRouting rn = ops::topk_route(gates, opts(2, 0.75f, false, true));
+    CHECK(ints(rn.assign.token) == ints(r.assign.token));
+    check_close(rn.assign.weight, {0.6f / 0.9f, 0.7f / 0.9f, 0.5f / 0.8f, 0.45f / 0.8f, 0.35f / 0.8f, 0.3f / 0.9f});
+  }
+  SUBCASE("C = 2, BPR: tokens by best gate, t3 t2 t0 t1") {
+    ops::TopKRouting r = ops::topk_route(gates, opts(2, 0.75f, true));
+    CHECK(ints(r.slot) == std::vector<int64_t>{0, -1, 1, 1, 1, 0, 0, -1});
+    CHECK(ints(r.assign.token) == std::vector<int64_t>{3, 2, 0, 1, 2, 1});
+    check_close(r.assign.weight, {0.7f, 0.6f, 0.5f, 0.45f, 0.3f, 0.35f});
+  }
+  SUBCASE("C = 1: BPR keeps other tokens") {
+    ops::TopKRouting seq = ops::topk_route(gates, opts(2, 0.375f));
+    CHECK(seq.capacity == 1);
+    CHECK(ints(seq.assign.token) == std::vector<int64_t>{2, 0, 1});
+    CHECK(ints(seq.slot) == std::vector<int64_t>{0, -1, -1, 0, 0, -1, -1, -1});
+    ops::TopKRouting bpr = ops::topk_route(gates, opts(2, 0.375f, true));
+    CHECK(ints(bpr.assign.token) == std::vector<int64_t>{3, 0, 2});
+    CHECK(ints(bpr.slot) == std::vector<int64_t>{0, -1, -1, -1, -1, 0, 0, -1});
+    check_close(bpr.assign.weight, {0.7f, 0.5f, 0.3f});
+  }
+  SUBCASE("ties go to the lower expert; an unfilled slot is -1 with weight 0") {
+    Tensor t = Tensor::from({0.4f, 0.4f, 0.2f, 0.1f, 0.45f, 0.45f}, {1, 2, 3});
+    ops::TopKRouting r = ops::topk_route(t, opts(1, 3.0f));
+    CHECK(r.capacity == 2);
+    CHECK(ints(r.expert) == std::vector<int64_t>{0, 1});
+    CHECK(ints(r.assign.token) == std::vector<int64_t>{0, -1, 1, -1, -1, -1});
+    check_close(r.assign.weight, {0.4f, 0, 0.45f, 0, 0, 0});
+  }
+}
+
+TEST_CASE("topk_route: invariants on random gates") {
+  const int64_t G = 3, N = 17, E = 5;
+  const int k = 2;
+  int64_t drops_seen = 0;
+  for (uint64_t seed : {1u, 2u, 3u}) {
+    Generator gen(seed);
+    Tensor gates = ops::softmax(randn({G, N, E}, gen));
+    const std::vector<float> gv = gates.to_vector<float>();
+    for (float c : {0.5f, 1.0f, 1.25f, 2.5f}) {
+      for (bool bpr : {false, true}) {
+        CAPTURE(seed);
+        CAPTURE(c);
+        CAPTURE(bpr);
+        ops::TopKRouting r = ops::topk_route(gates, opts(k, c, bpr));
+        const int64_t C = r.capacity;
+        CHECK(C == ops::topk_capacity(N, k, c, E, false));
+        REQUIRE(r.assign.token.shape() == Shape{E, G, C});
+        REQUIRE(r.expert.shape() == Shape{G, N, k});
+        const auto ex = ints(r.expert), sl = ints(r.slot), tok = ints(r.assign.token);
+        const auto w = r.assign.weight.to_vector<float>();
+        int64_t kept = 0, filled = 0;
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t n = 0; n < N; ++n) {
+            // the k best experts, by a full sort
+            std::vector<float> row(gv.begin() + (g * N + n) * E, gv.begin() + (g * N + n + 1) * E);
+            const auto best = naive_order(row);
+            for (int j = 0; j < k; ++j) {
+              const int64_t t = (g * N + n) * k + j, e = ex[size_t(t)];
+              CHECK(e == best[size_t(j)]);
+              if (sl[size_t(t)] < 0) continue;
+              ++kept;
+              const int64_t i = (e * G + g) * C + sl[size_t(t)];
+              CHECK(tok[size_t(i)] == n);
+              CHECK(w[size_t(i)] == row[size_t(e)]);
+            }
+          }
+          for (int64_t e = 0; e < E; ++e) {
+            // filled slots are a prefix; empty ones carry weight 0
+            int64_t cnt = 0;
+            for (int64_t s = 0; s < C; ++s) {
+              const int64_t i = (e * G + g) * C + s;
+              if (tok[size_t(i)] >= 0) {
+                CHECK(s == cnt);
+                ++cnt;
+              } else {
+                CHECK(w[size_t(i)] == 0.f);
+              }
+            }
+            filled += cnt;
+            // rank-0 pickers of e in priority order; the first min(C, count) are kept, and a
+            // rank-1 choice of e is kept only if every rank-0 choice of e was
+            std::vector<int64_t> pick0;
+            bool rank1_kept = false;
+            for (int64_t n = 0; n < N; ++n) {
+              if (ex[size_t((g * N + n) * k)] == e) pick0.push_back(n);
+              if (ex[size_t((g * N + n) * k + 1)] == e && sl[size_t((g * N + n) * k + 1)] >= 0) rank1_kept = true;
+            }
+            if (bpr)
+              std::stable_sort(pick0.begin(), pick0.end(), [&](int64_t a, int64_t b) {
+                return *std::max_element(gv.begin() + (g * N + a) * E, gv.begin() + (g * N + a + 1) * E) >
+                       *std::max_element(gv.begin() + (g * N + b) * E, gv.begin() + (g * N + b + 1) * E);
+              });
+            for (size_t q = 0; q < pick0.size(); ++q) {
+              const int64_t s = sl[size_t((g * N + pick0[q]) * k)];
+              CHECK(s == (int64_t(q) < C ? int64_t(q) : -1));
+              if (rank1_kept) CHECK(s >= 0);
+            }
+          }
+        }
+        CHECK(filled == kept);  // with the lookups above: every kept choice in exactly one slot
+        const int64_t dropped = G * N * k - kept;
+        drops_seen += dropped;
+        if (c == 2.5f) CHECK(dropped == 0);  // c = E / k: room for every choice
+      }
+    }
+  }
+  CHECK(drops_seen > 0);  // the low capacities did exercise dropping
+}
+
+TEST_CASE("expert_choice_route: each expert takes its top-C tokens") {
+  const int64_t G = 2, N = 11, E = 3, C = 4;
+  Generator gen(5);
+  Tensor raw = randn({G, N, E}, gen);
+  std::vector<float> sv = raw.to_vector<float>();
+  for (float& v : sv) v = std::round(v * 2) / 2;  // coarse values: many ties
+  Tensor scores = Tensor::from(sv, {G, N, E});
+  Tensor wts = param({G, N, E}, 6);
+  const std::vector<float> wv = wts.to_vector<float>();
+  ops::Assignment a = ops::expert_choice_route(scores, C);
+  ops::Assignment b = ops::expert_choice_route(scores, C, wts);
+  REQUIRE(a.token.shape() == Shape{E, G, C});
+  const auto ta = ints(a.token), tb = ints(b.token);
+  const auto wa = a.weight.to_vector<float>(), wb = b.weight.to_vector<float>();
+  CHECK(ta == tb);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<float> col;
+      for (int64_t n = 0; n < N; ++n) col.push_back(sv[size_t((g * N + n) * E + e)]);
+      const auto order = naive_order(col);
+      for (int64_t c = 0; c < C; ++c) {
+        const size_t i = size_t((e * G + g) * C + c);
+        const int64_t n = order[size_t(c)];
+        CHECK(ta[i] == n);
+        CHECK(wa[i] == sv[size_t((g * N + n) * E + e)]);
+        CHECK(wb[i] == wv[size_t((g * N + n) * E + e)]);
+      }
+    }
+}
+
+TEST_CASE("expert_choice_route: negative scores, signed zeros and NaN") {
+  // order: NaN (as largest), 0 and -0 (equal: lower token first), -0.5, -1, -2
+  Tensor s = Tensor::from({-1.f, -0.5f, 0.f, -0.f, -2.f, NAN}, {1, 6, 1});
+  ops::Assignment a = ops::expert_choice_route(s, 5);
+  CHECK(ints(a.token) == std::vector<int64_t>{5, 2, 3, 1, 0});
+  Tensor t = Tensor::from({-0.f, 0.f, -3.f}, {1, 3, 1});
+  CHECK(ints(ops::expert_choice_route(t, 3).token) == std::vector<int64_t>{0, 1, 2});
+  // shifting every score down keeps the routing
+  Tensor u = Tensor::from({-3.f, -2.5f, -2.f, -2.f, -4.f, -1.75f}, {1, 6, 1});
+  CHECK(ints(ops::expert_choice_route(u, 4).token) == std::vector<int64_t>{5, 2, 3, 1});
+}
+
+TEST_CASE("dispatch and combine, forward and backward, against naive loops") {
+  struct Case {
+    int64_t G, N, E, d;
+    float c;
+  };
+  // The second case has one group and wide rows: the scatters then split columns across threads.
+  for (Case cs : {Case{2, 9, 4, 6, 1.0f}, Case{1, 20, 4, 81, 1.25f}}) {
+    const int64_t G = cs.G, N = cs.N, E = cs.E, d = cs.d;
+    CAPTURE(G);
+    Generator gen(11);
+    Tensor gates = ops::softmax(randn({G, N, E}, gen));
+    ops::TopKRouting r = ops::topk_route(gates, opts(2, cs.c));
+    const int64_t C = r.capacity;
+    const auto tok = ints(r.assign.token);
+    const auto w = r.assign.weight.to_vector<float>();
+    REQUIRE(std::count(tok.begin(), tok.end(), -1) > 0);  // more slots than choices: some empty
+    Tensor x = randn({G, N, d}, gen).set_requires_grad(true);
+    const auto xv = x.to_vector<float>();
+    Tensor buf = ops::dispatch(x, r.assign);
+    REQUIRE(buf.shape() == Shape{E, G, C, d});
+    std::vector<float> expect(size_t(E * G * C * d), 0.f);
+    for (int64_t i = 0; i < E * G * C; ++i) {
+      const int64_t g = (i / C) % G, n = tok[size_t(i)];
+      for (int64_t j = 0; j < d && n >= 0; ++j) expect[size_t(i * d + j)] = xv[size_t((g * N + n) * d + j)];
+    }
+    check_close(buf, expect, 0, 0);
+    // dispatch backward: each token row sums the gradients of its slots
+    Tensor gb = randn({E, G, C, d}, gen);
+    const auto gbv = gb.to_vector<float>();
+    buf.backward(gb);
+    std::vector<double> gx(size_t(G * N * d), 0.0);
+    for (int64_t i = 0; i < E * G * C; ++i) {
+      const int64_t g = (i / C) % G, n = tok[size_t(i)];
+      for (int64_t j = 0; j < d && n >= 0; ++j) gx[size_t((g * N + n) * d + j)] += gbv[size_t(i * d + j)];
+    }
+    check_close(x.grad(), std::vector<float>(gx.begin(), gx.end()), 1e-6f, 1e-5f);
+
+    Tensor y = randn({E, G, C, d}, gen).set_requires_grad(true);
+    Tensor wt = r.assign.weight.detach().clone().set_requires_grad(true);
+    const auto yv = y.to_vector<float>();
+    std::vector<double> out(size_t(G * N * d), 0.0);
+    for (int64_t i = 0; i < E * G * C; ++i) {
+      const int64_t g = (i / C) % G, n = tok[size_t(i)];
+      for (int64_t j = 0; j < d && n >= 0; ++j)
+        out[size_t((g * N + n) * d + j)] += double(w[size_t(i)]) * yv[size_t(i * d + j)];
+    }
+    Tensor comb = ops::combine(y, ops::Assignment{r.assign.token, wt}, N);
+    check_close(comb, std::vector<float>(out.begin(), out.end()), 1e-6f, 1e-5f);
+    // combine backward: dy = w g_out[token], dw = g_out[token] . y; empty slots get 0
+    Tensor go = randn({G, N, d}, gen);
+    const auto gov = go.to_vector<float>();
+    comb.backward(go);
+    std::vector<float> dy(size_t(E * G * C * d), 0.f), dw(size_t(E * G * C), 0.f);
+    for (int64_t i = 0; i < E * G * C; ++i) {
+      const int64_t g = (i / C) % G, n = tok[size_t(i)];
+      double s = 0;
+      for (int64_t j = 0; j < d && n >= 0; ++j) {
+        dy[size_t(i * d + j)] = w[size_t(i)] * gov[size_t((g * N + n) * d + j)];
+        s += double(gov[size_t((g * N + n) * d + j)]) * yv[size_t(i * d + j)];
+      }
+      dw[size_t(i)] = float(s);
+    }
+    check_close(y.grad(), dy, 1e-6f, 1e-5f);
+    check_close(wt.grad(), dw, 1e-5f, 1e-5f);
+
+    // Weights 1 and nothing dropped: every token comes back k times.
+    ops::TopKRouting full = ops::topk_route(gates, opts(2, 2.0f));
+    const auto full_slots = ints(full.slot);
+    REQUIRE(std::count(full_slots.begin(), full_slots.end(), -1) == 0);
+    std::vector<float> ones;
+    for (int64_t t : ints(full.assign.token)) ones.push_back(t >= 0 ? 1.f : 0.f);
+    ops::Assignment a1{full.assign.token, Tensor::from(ones, full.assign.token.shape())};
+    Tensor back = ops::combine(ops::dispatch(x.detach(), a1), a1, N);
+    std::vector<float> twice;
+    for (float v : xv) twice.push_back(2 * v);
+    check_close(back, twice);
+  }
+}
+
+TEST_CASE("sparse MoE ops: gradients") {
+  const int64_t G = 2, N = 6, E = 4, d = 5;
+  Tensor gates = separated_gates(G, N, E);
+  SUBCASE("dispatch and combine") {
+    ops::TopKRouting r = ops::topk_route(gates.detach(), opts(2, 0.75f));
+    const ops::Assignment a = r.assign;
+    const int64_t C = r.capacity;
+    check_grad([&](const std::vector<Tensor>& v) { return ops::dispatch(v[0], a); }, {param({G, N, d}, 21)});
+    check_grad([&](const std::vector<Tensor>& v) { return ops::combine(v[0], ops::Assignment{a.token, v[1]}, N); },
+               {param({E, G, C, d}, 22), param({E, G, C}, 23)});
+  }
+  SUBCASE("topk_route weights w.r.t. the gates") {
+    for (bool bpr : {false, true})
+      for (bool renorm : {false, true}) {
+        CAPTURE(bpr);
+        CAPTURE(renorm);
+        const ops::TopKOptions o = opts(2, 0.75f, bpr, renorm);
+        const auto sl = ints(ops::topk_route(gates, o).slot);
+        REQUIRE(std::count(sl.begin(), sl.end(), -1) > 0);  // a dropped choice (its gate is in the sum)
+        check_grad([&](const std::vector<Tensor>& v) { return ops::topk_route(v[0], o).assign.weight; }, {gates});
+        // end to end: the combine-weight gradient reaches the gates
+        check_grad([&](const std::vector<Tensor>& v) {
+          return ops::combine(v[1], ops::topk_route(v[0], o).assign, N);
+        }, {gates, param({E, G, 3, d}, 24)});
+      }
+  }
+  SUBCASE("expert_choice_route weights") {
+    const int64_t M = 11;
+    std::vector<float> sv;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t n = 0; n < M; ++n)
+        for (int64_t e = 0; e < E; ++e) sv.push_back(0.1f * float((7 * n + 3 * e + 5 * g) % M));  // distinct per column
+    Tensor scores = Tensor::from(sv, {G, M, E}).set_requires_grad(true);
+    check_grad([&](const std::vector<Tensor>& v) { return ops::expert_choice_route(v[0], 3).weight; }, {scores});
+    check_grad([&](const std::vector<Tensor>& v) { return ops::expert_choice_route(scores.detach(), 3, v[0]).weight; },
+               {param({G, M, E}, 25)});
+  }
+  SUBCASE("expert_matmul") {
+    check_grad([](const std::vector<Tensor>& v) { return ops::expert_matmul(v[0], v[1], v[2]); },
+               {param({3, 4, 5}, 26), param({3, 5, 2}, 27), param({3, 2}, 28)});
+    check_grad([](const std::vector<Tensor>& v) { return ops::expert_matmul(v[0], v[1]); },
+               {param({3, 4, 5}, 29), param({3, 5, 2}, 30)});
+  }
+  SUBCASE("soft_dispatch and soft_combine") {
+    check_grad([](const std::vector<Tensor>& v) { return ops::soft_dispatch(v[0], v[1], 3); },
+               {param({2, 5, 3}, 31), param({2, 5, 6}, 32)});
+    check_grad([](const std::vector<Tensor>& v) { return ops::soft_combine(v[0], v[1]); },
+               {param({3, 2, 2, 4}, 33), param({2, 5, 6}, 34)});
+  }
+}
+
+TEST_CASE("soft MoE: dispatch weights sum to 1 over tokens, combine weights over slots") {
+  const int64_t G = 2, N = 5, E = 3, p = 2, S = E * p;
+  Tensor logits = param({G, N, S}, 41, 2.0f).detach();
+  const auto lv = logits.to_vector<float>();
+  // x = identity rows: slot (e, g, j) then holds its weights over the N tokens
+  std::vector<float> eye;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < N; ++j) eye.push_back(n == j ? 1.f : 0.f);
+  Tensor slots = ops::soft_dispatch(Tensor::from(eye, {G, N, N}), logits, E);
+  REQUIRE(slots.shape() == Shape{E, G, p, N});
+  std::vector<float> expect;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < p; ++j) {
+        double z = 0;
+        for (int64_t n = 0; n < N; ++n) z += std::exp(double(lv[size_t((g * N + n) * S + e * p + j)]));
+        for (int64_t n = 0; n < N; ++n) expect.push_back(float(std::exp(double(lv[size_t((g * N + n) * S + e * p + j)])) / z));
+      }
+  check_close(slots, expect, 1e-6f);
+  const auto slv = slots.contiguous().to_vector<float>();
+  for (int64_t r = 0; r < E * G * p; ++r)
+    CHECK(std::accumulate(slv.begin() + r * N, slv.begin() + (r + 1) * N, 0.0) == doctest::Approx(1.0).epsilon(1e-6));
+  // y[e, g, j] = one-hot(e p + j): token n's output is its weights over the slots
+  std::vector<float> onehot;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < p; ++j)
+        for (int64_t s = 0; s < S; ++s) onehot.push_back(s == e * p + j ? 1.f : 0.f);
+  Tensor out = ops::soft_combine(Tensor::from(onehot, {E, G, p, S}), logits);
+  REQUIRE(out.shape() == Shape{G, N, S});
+  std::vector<float> cw;
+  for (int64_t r = 0; r < G * N; ++r) {
+    double z = 0;
+    for (int64_t s = 0; s < S; ++s) z += std::exp(double(lv[size_t(r * S + s)]));
+    for (int64_t s = 0; s < S; ++s) cw.push_back(float(std::exp(double(lv[size_t(r * S + s)])) / z));
+  }
+  check_close(out, cw, 1e-6f);
+  const auto ov = out.to_vector<float>();
+  for (int64_t r = 0; r < G * N; ++r)
+    CHECK(std::accumulate(ov.begin() + r * S, ov.begin() + (r + 1) * S, 0.0) == doctest::Approx(1.0).epsilon(1e-6));
+}
+
+TEST_CASE("one expert, k = 1, ample capacity: the MoE path is x w + b") {
+  const int64_t G = 2, N = 7, d = 4, h = 3;
+  Tensor gates = Tensor::full({G, N, 1}, 0.7f);
+  ops::TopKRouting r = ops::topk_route(gates, opts(1, 1.0f));
+  REQUIRE(r.capacity == N);
+  ops::Assignment a{r.assign.token, Tensor::ones({1, G, N})};
+  Tensor x = param({G, N, d}, 51), w = param({1, d, h}, 52), b = param({1, h}, 53);
+  Tensor buf = ops::reshape(ops::dispatch(x, a), {1, G * N, d});
+  Tensor y = ops::reshape(ops::expert_matmul(buf, w, b), {1, G, N, h});
+  Tensor out = ops::combine(y, a, N);
+  const auto xv = x.to_vector<float>(), wv = w.to_vector<float>(), bv = b.to_vector<float>();
+  std::vector<float> expect;
+  for (int64_t t = 0; t < G * N; ++t)
+    for (int64_t j = 0; j < h; ++j) {
+      double s = bv[size_t(j)];
+      for (int64_t i = 0; i < d; ++i) s += double(xv[size_t(t * d + i)]) * wv[size_t(i * h + j)];
+      expect.push_back(float(s));
+    }
+  check_close(out, expect, 1e-5f, 1e-5f);
+}
+
+TEST_CASE("sparse MoE ops: errors name the op, the shapes and the values") {
+  Tensor gates = hand_gates();  // (1, 4, 3)
+  Tensor two = Tensor::full({1, 4, 2}, 0.5f);
+  CHECK_THROWS_WITH_AS(ops::topk_route(two, opts(3, 1.f)),
+                       doctest::Contains("topk_route: k = 3 is larger than the 2 experts"), Error);
+  CHECK_THROWS_WITH_AS(ops::topk_route(gates, opts(0, 1.f)), doctest::Contains("k = 0 must be at least 1"), Error);
+  CHECK_THROWS_WITH_AS(ops::topk_route(gates, opts(1, 0.f)), doctest::Contains("capacity factor 0 must be > 0"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::topk_capacity(10, 1, -1.f, 4, false),
+                       doctest::Contains("topk_capacity: capacity factor -1 must be > 0"), Error);
+  CHECK_THROWS_WITH_AS(ops::topk_route(Tensor::full({4, 3}, 0.3f), opts(1, 1.f)),
+                       doctest::Contains("topk_route: gates must be (G, N, E), got F32 (4, 3)"), Error);
+
+  CHECK_THROWS_WITH_AS(ops::expert_choice_route(gates, 5),
+                       doctest::Contains("expert_choice_route: capacity 5 is outside [1, 4]"), Error);
+  CHECK_THROWS_WITH_AS(ops::expert_choice_route(gates, 0), doctest::Contains("capacity 0 is outside [1, 4]"), Error);
+  CHECK_THROWS_WITH_AS(ops::expert_choice_route(gates, 2, Tensor::zeros({1, 4, 2})),
+                       doctest::Contains("expert_choice_route: weights F32 (1, 4, 2) cpu must match scores"), Error);
+
+  ops::TopKRouting r = ops::topk_route(gates, opts(2, 0.75f));  // (E, G, C) = (3, 1, 2)
+  CHECK_THROWS_WITH_AS(ops::dispatch(Tensor::zeros({2, 4, 5}), r.assign),
+                       doctest::Contains("dispatch: assignment I64 (3, 1, 2) cpu has 1 groups, x F32 (2, 4, 5) cpu has 2"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::dispatch(Tensor::zeros({4, 5}), r.assign),
+                       doctest::Contains("dispatch: x must be (G, N, d)"), Error);
+  CHECK_THROWS_WITH_AS(ops::dispatch(Tensor::zeros({1, 3, 5}), r.assign),
+                       doctest::Contains("dispatch: slot 1 holds token 3, outside [-1, 3)"), Error);
+  CHECK_THROWS_WITH_AS(ops::dispatch(Tensor::zeros({1, 4, 5}), ops::Assignment{r.assign.weight, r.assign.weight}),
+                       doctest::Contains("dispatch: assignment tokens must be an I64 (E, G, C)"), Error);
+  CHECK_THROWS_WITH_AS(ops::combine(Tensor::zeros({3, 1, 3, 5}), r.assign, 4),
+                       doctest::Contains("combine: y F32 (3, 1, 3, 5) cpu does not match the assignment I64 (3, 1, 2)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::combine(Tensor::zeros({3, 1, 2, 5}), r.assign, 2),
+                       doctest::Contains("combine: slot 0 holds token 2, outside [-1, 2)"), Error);
+  CHECK_THROWS_WITH_AS(ops::combine(Tensor::zeros({3, 1, 2, 5}), ops::Assignment{r.assign.token, Tensor::zeros({3, 2})}, 4),
+                       doctest::Contains("combine: assignment weights F32 (3, 2) cpu do not match"), Error);
+
+  CHECK_THROWS_WITH_AS(ops::expert_matmul(Tensor::zeros({3, 4, 5}), Tensor::zeros({3, 6, 2})),
+                       doctest::Contains("expert_matmul: w F32 (3, 6, 2) cpu must be (3, 5, h)"), Error);
+  CHECK_THROWS_WITH_AS(ops::expert_matmul(Tensor::zeros({3, 4, 5}), Tensor::zeros({2, 5, 2})),
+                       doctest::Contains("expert_matmul: w F32 (2, 5, 2) cpu must be (3, 5, h)"), Error);
+  CHECK_THROWS_WITH_AS(ops::expert_matmul(Tensor::zeros({3, 4, 5}), Tensor::zeros({3, 5, 2}), Tensor::zeros({2})),
+                       doctest::Contains("expert_matmul: bias F32 (2) cpu must be (3, 2)"), Error);
+  CHECK_THROWS_WITH_AS(ops::expert_matmul(Tensor::zeros({4, 5}), Tensor::zeros({3, 5, 2})),
+                       doctest::Contains("expert_matmul: expected x (E, M, d) and w (E, d, h)"), Error);
+
+  CHECK_THROWS_WITH_AS(ops::soft_dispatch(Tensor::zeros({2, 5, 3}), Tensor::zeros({2, 5, 7}), 3),
+                       doctest::Contains("soft_dispatch: 7 slots in logits"), Error);
+  CHECK_THROWS_WITH_AS(ops::soft_dispatch(Tensor::zeros({2, 5, 3}), Tensor::zeros({2, 4, 6}), 3),
+                       doctest::Contains("must have the (G, N) of x"), Error);
+  CHECK_THROWS_WITH_AS(ops::soft_combine(Tensor::zeros({3, 2, 2, 4}), Tensor::zeros({2, 5, 5})),
+                       doctest::Contains("soft_combine: logits F32 (2, 5, 5) cpu must be (2, N, 6)"), Error);
+}

@@ -3,6 +3,7 @@
 //   train --dataset fashion-mnist --model vit-tiny --epochs 10 --out runs/vit-tiny
 //   train --dataset fashion-mnist --model vit-tiny --device cuda --out runs/vit-tiny-gpu
 //   train --resume runs/vit-tiny          # continues that run exactly where it stopped
+//   train --model vmoe-tiny --k 1 --bpr true --out runs/top1   # an MoE-ViT preset, overridden
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
@@ -18,6 +19,14 @@ int main(int argc, char** argv) {
   models::TrainConfig c;
   std::string out = "runs/default", resume;
   int threads = 0, stop_after = 0;
+  app.add_option("--dataset", c.dataset, "fashion-mnist | mnist | cifar10 | cifar100 | synthetic")
+      ->capture_default_str();
+  app.add_option("--data-dir", c.data_dir, "folder of the data set files (default: per data set)");
+  app.add_option("--model", c.model, "preset: " + [] {
+    std::string s;
+    for (auto& n : models::vit_preset_names()) s += (s.empty() ? "" : " | ") + n;
+    return s;
+  }())->capture_default_str();
   // Model overrides, applied to the preset only when given.
   models::ViTConfig o;
   models::RouterConfig& r = o.moe.router;
@@ -89,9 +98,11 @@ int main(int argc, char** argv) {
     if (given("--heads")) v.heads = o.heads;
     if (given("--mlp-dim")) v.mlp_dim = o.mlp_dim;
     if (given("--patch")) v.patch = o.patch;
+    // A dense preset made MoE gets experts as wide as its MLP unless told otherwise.
+    if (given("--moe") && v.moe_placement == "none") v.moe.mlp_dim = v.mlp_dim;
+    if (given("--expert-mlp-dim")) v.moe.mlp_dim = o.moe.mlp_dim;
     if (given("--moe")) v.moe_placement = o.moe_placement;
     if (given("--moe-last-n")) v.moe_last_n = o.moe_last_n;
-    if (given("--expert-mlp-dim")) v.moe.mlp_dim = o.moe.mlp_dim;
     if (given("--group")) v.moe.group_per_batch = group == "batch";
     if (given("--router")) vr.type = r.type;
     if (given("--experts")) vr.experts = r.experts;

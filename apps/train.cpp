@@ -58,6 +58,12 @@ int main(int argc, char** argv) {
   app.add_option("--separation-weight", r.separation_weight, "multi_centroid separation loss");
   app.add_option("--vote-dim", r.vote_dim, "attention_vote query/key width");
   app.add_option("--global-query", r.global_query, "attention_vote: one query for all experts");
+  app.add_flag("--prc", c.prc, "Pairwise Router Consistency: two views per image, PRC loss on "
+               "every MoE layer (router auxiliary losses off unless their weights are given)");
+  app.add_option("--prc-diag-weight", c.prc_diag_weight)->capture_default_str();
+  app.add_option("--prc-off-weight", c.prc_off_weight)->capture_default_str();
+  app.add_flag("--prc-reference-diagonal", c.prc_reference_diagonal,
+               "the reference code's per-position diagonal term instead of the paper's");
   app.add_option("--group", group, "route tokens per image (default) or per batch")
       ->check(CLI::IsMember({"image", "batch"}));
   app.add_option("--epochs", c.epochs)->capture_default_str();
@@ -121,6 +127,8 @@ int main(int argc, char** argv) {
     if (given("--centroids")) vr.centroids = r.centroids;
     if (given("--separation-weight")) vr.separation_weight = r.separation_weight;
     if (given("--vote-dim")) vr.vote_dim = r.vote_dim;
+    if (c.prc && !given("--importance-weight")) vr.importance_weight = 0.f;  // as PRC's reference
+    if (c.prc && !given("--load-weight")) vr.load_weight = 0.f;
     if (given("--global-query")) vr.global_query = r.global_query;
     const bool is_resume = !resume.empty();
     models::TrainResult r = models::train(c, is_resume ? resume : out, is_resume, stdout, stop_after);

@@ -4,8 +4,10 @@
 // Dense twin hidden width: token choice (topk and the cosine family) k*h, since each token runs k
 // experts of width h; expert choice and attention vote round(c*h), since the E experts take
 // about c*T tokens per image; soft round(h*E*slots/T), since E*slots slot vectors replace the T
-// tokens. The MoE also spends FLOPs the count leaves out: capacity padding (empty slots still
-// go through their expert), the router and its auxiliary losses; the output states both.
+// tokens. The MoE also spends work the count leaves out: the router and its auxiliary losses,
+// dispatch and combine, and elementwise passes (GELU) over the whole padded buffer. Token-choice
+// buffers are packed (ops/moe.h), so the expert matmuls multiply only the rows in use: the
+// output states rows computed against the buffer's E*C rows and the k*T active ones.
 //
 // One step = forward with a graph, then backward of sum(out * g) + the router's aux loss (what a
 // training step sees; the dense twin gets sum(out * g)), g a fixed random (B, T, D) tensor; the
@@ -94,7 +96,7 @@ int64_t dense_hidden(const models::RouterConfig& rc, const Setup& s, std::string
 // Times the topk layer's public ops one by one, as MoELayer::forward calls them.
 void topk_breakdown(models::MoELayer& layer, const Tensor& x0, const Tensor& g, Generator& noise,
                     const Setup& s, int warmup, int steps) {
-  const int64_t B = s.B, T = s.T, D = s.D, E = s.E;
+  const int64_t B = s.B, T = s.T, D = s.D;
   const std::vector<Tensor> params = layer.parameters();
   Stat router, dispatch, experts, combine, backward;
   for (int it = 0; it < warmup + steps; ++it) {
@@ -104,16 +106,15 @@ void topk_breakdown(models::MoELayer& layer, const Tensor& x0, const Tensor& g, 
     const Tensor xg = ops::reshape(x, {B, T, D});
     models::Route r = layer.router->route(xg, noise);
     const double t_router = ms_since(t);
-    const int64_t C = r.capacity;
     t = Clock::now();
-    Tensor buf = ops::dispatch(xg, r.assign);
+    Tensor buf = ops::dispatch(xg, r.assign);  // (E, B*C, D), packed
     const double t_dispatch = ms_since(t);
     t = Clock::now();
-    Tensor hid = ops::gelu(ops::expert_matmul(ops::reshape(buf, {E, B * C, D}), layer.w1, layer.b1));
-    Tensor y = ops::reshape(ops::expert_matmul(hid, layer.w2, layer.b2), {E, B, C, D});
+    Tensor hid = ops::gelu(ops::expert_matmul(buf, layer.w1, layer.b1, r.assign.rows));
+    Tensor y = ops::expert_matmul(hid, layer.w2, layer.b2, r.assign.rows);
     const double t_experts = ms_since(t);
     t = Clock::now();
-    Tensor out = ops::reshape(ops::combine(y, r.assign, T), {B, T, D});
+    Tensor out = ops::reshape(ops::combine(y, r.assign), {B, T, D});
     const double t_combine = ms_since(t);
     Tensor loss = step_loss(out, g, r.aux_loss);
     t = Clock::now();
@@ -217,8 +218,12 @@ int main(int argc, char** argv) {
         const double b = ms_since(t0);
         if (it >= warmup) tm.add(a), td.add(b), tmf.add(af), tdf.add(bf);
       }
-      // Expert rows computed per image: E*C buffer slots (soft: E*slots).
-      const double rows = double(s.E * C), active = double(s.k * s.T);
+      // Expert rows computed per image: the rows in use (token choice: kept choices; expert
+      // choice: all E*C; soft: E*slots), averaged over every forward of the run.
+      int64_t used = 0;
+      for (int64_t l : moe.stats.load) used += l;
+      const double rows = double(used) / double(moe.stats.forwards) / double(s.B);
+      const double buffer = double(s.E * C), active = double(s.k * s.T);
       const double expert_flops = 2.0 * 2.0 * double(s.B) * rows * double(s.D * s.h);
       const double dense_flops = 2.0 * 2.0 * double(s.B * s.T) * double(s.D * dh);
       std::printf("\n%-16s MoE %7.2f (%6.2f) ms | dense hidden %lld %7.2f (%6.2f) ms | "
@@ -228,11 +233,12 @@ int main(int argc, char** argv) {
       std::printf("  dense twin: hidden %lld = %s\n", (long long)dh, why.c_str());
       std::printf("  of which forward (with the loss): MoE %.2f (%.2f), dense %.2f (%.2f) ms\n",
                   tmf.median(), tmf.min(), tdf.median(), tdf.min());
-      std::printf("  MoE experts compute %lld buffer rows per image (E*C, C = %lld), %.2f "
-                  "GFLOP forward in the expert matmuls vs the twin's %.2f GFLOP",
-                  (long long)(s.E * C), (long long)C, expert_flops * 1e-9, dense_flops * 1e-9);
+      std::printf("  MoE experts compute %.1f rows per image of the %.0f buffer rows (E*C, C = %lld), "
+                  "%.2f GFLOP forward in the expert matmuls vs the twin's %.2f GFLOP",
+                  rows, buffer, (long long)C, expert_flops * 1e-9, dense_flops * 1e-9);
       if (mc.router.token_choice())
-        std::printf(" (k*T = %.0f active rows: padding %.2fx)", active, rows / active);
+        std::printf(" (k*T = %.0f active rows: computed %.2fx, buffer %.2fx of them)", active,
+                    rows / active, buffer / active);
       std::printf("; params MoE %lld, dense %lld\n", (long long)moe.num_parameters(),
                   (long long)dense.num_parameters());
       if (mc.router.token_choice()) {

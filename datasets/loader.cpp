@@ -74,7 +74,7 @@ void Loader::begin_epoch(int epoch) {
     started_ = true;
     build_s_ = 0;
   }
-  worker_ = std::thread(&Loader::work, this, epoch, std::move(order), hook_);
+  worker_ = std::thread(&Loader::work, this, epoch, std::move(order), hook_, two_view_);
 }
 
 bool Loader::next(Batch& out) {
@@ -118,17 +118,73 @@ Batch Loader::build(int64_t k, const std::vector<int64_t>& order, Generator& g) 
   return b;
 }
 
-void Loader::work(int epoch, std::vector<int64_t> order, std::function<void(Batch&)> hook) {
+void Loader::set_two_view(std::optional<TwoViewConfig> cfg) {
+  if (cfg) {
+    MV_CHECK(aug_.crop == CropMode::None && aug_.hflip_p == 0.f && aug_.size == 0,
+             "Loader: two-view mode cuts its own crops and flips (TwoViewConfig); construct the "
+             "Loader with Augment::none()");
+    cfg->validate(data_.height, data_.width);
+  }
+  two_view_ = std::move(cfg);
+}
+
+Batch Loader::build_two_view(int64_t k, const std::vector<int64_t>& order, Generator& g,
+                             const TwoViewConfig& cfg) const {
+  const int64_t begin = k * batch_size_;
+  const int64_t B = std::min<int64_t>(batch_size_, data_.n - begin);
+  const int64_t C = data_.channels, H = data_.height, W = data_.width;
+  const int oh = cfg.out_h(H), ow = cfg.out_w(W);
+
+  Batch b;
+  b.batch_index = k;
+  b.indices.assign(order.begin() + begin, order.begin() + begin + B);
+  TwoViewBoxes boxes = sample_two_views(B, H, W, cfg, g);
+  b.boxes = std::move(boxes.view1);
+  b.boxes2 = std::move(boxes.view2);
+  b.images = Tensor::empty({B, C, oh, ow});
+  b.images2 = Tensor::empty({B, C, oh, ow});
+  b.labels = Tensor::empty({B}, DType::I64);
+  float *img = b.images.data<float>(), *img2 = b.images2.data<float>();
+  int64_t* lab = b.labels.data<int64_t>();
+  const int64_t plane = int64_t(oh) * ow;
+  for (int64_t i = 0; i < B; ++i) {  // serial, as in build()
+    const int64_t idx = b.indices[size_t(i)];
+    lab[i] = data_.labels[size_t(idx)];
+    const uint8_t* src = data_.image(idx);
+    crop_image_u8(src, C, H, W, b.boxes[size_t(i)], oh, ow, img + i * C * plane, norm_);
+    crop_image_u8(src, C, H, W, b.boxes2[size_t(i)], oh, ow, img2 + i * C * plane, norm_);
+  }
+  b.pairs = pair_batch(b.boxes, b.boxes2, oh, ow, cfg.patch, cfg.cls_pair);
+  return b;
+}
+
+void Loader::work(int epoch, std::vector<int64_t> order, std::function<void(Batch&)> hook,
+                  std::optional<TwoViewConfig> two_view) {
   Generator g(mix(seed_, uint64_t(epoch), 2));  // crops and flips of this epoch
+  // Two views: batch k reads its own range of Philox blocks of a separate stream, reserved for a
+  // full batch (measured once by sampling one), so its boxes depend on (seed, epoch, k) only.
+  Generator g2(mix(seed_, uint64_t(epoch), 3));
   const int64_t nb = batches_per_epoch();
   try {
+    uint64_t blocks = 0;
+    if (two_view) {
+      Generator probe(0);
+      sample_two_views(batch_size_, data_.height, data_.width, *two_view, probe);
+      blocks = probe.offset;
+    }
     for (int64_t k = 0; k < nb; ++k) {
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (stop_) return;
       }
       const auto t0 = std::chrono::steady_clock::now();
-      Batch b = build(k, order, g);
+      Batch b;
+      if (two_view) {
+        g2.offset = uint64_t(k) * blocks;
+        b = build_two_view(k, order, g2, *two_view);
+      } else {
+        b = build(k, order, g);
+      }
       if (hook) hook(b);
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       std::unique_lock<std::mutex> lock(mu_);

@@ -7,6 +7,9 @@
 //     loader.begin_epoch(epoch);
 //     for (Batch b; loader.next(b);) step(b.images, b.labels);
 //   }
+//
+// Two views for PRC: a Loader with Augment::none(), then
+// loader.set_two_view(TwoViewConfig::for_image_size(28)); batches also carry images2 and pairs.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -14,11 +17,13 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "datasets/dataset.h"
 #include "datasets/transforms.h"
+#include "datasets/two_view.h"
 #include "engine/tensor.h"
 
 namespace mv::datasets {
@@ -29,6 +34,11 @@ struct Batch {
   std::vector<int64_t> indices;  // the B data set indices, in batch order
   std::vector<CropBox> boxes;    // the box each image was cut with (source pixel units)
   int64_t batch_index = 0;       // position in the epoch
+  // Two-view mode only (Loader::set_two_view; else undefined/empty): `images` and `boxes` are
+  // view 1, these view 2 of the same images, and `pairs` = pair_batch(boxes, boxes2, ...).
+  Tensor images2;                // (B, C, H, W) F32
+  Tensor pairs;                  // (B, T) I64: per view-1 token, the view-2 token or -1
+  std::vector<CropBox> boxes2;
 };
 
 class Loader {
@@ -58,11 +68,19 @@ class Loader {
   // Runs on the worker after a batch is built (extra views, noise, ...); exceptions it throws
   // reach next(). Taken by each begin_epoch: a running epoch keeps the hook it started with.
   void set_batch_hook(std::function<void(Batch&)> hook) { hook_ = std::move(hook); }
+  // Two-view mode (PRC, datasets/two_view.h), from the next begin_epoch; std::nullopt turns it
+  // off. Both views are cut by `cfg` (the Loader's Augment must be none); batch k's boxes depend
+  // on (seed, epoch, k) only. Throws here on a bad config.
+  void set_two_view(std::optional<TwoViewConfig> cfg);
+  const std::optional<TwoViewConfig>& two_view() const { return two_view_; }
 
  private:
   void stop_worker();
-  void work(int epoch, std::vector<int64_t> order, std::function<void(Batch&)> hook);
+  void work(int epoch, std::vector<int64_t> order, std::function<void(Batch&)> hook,
+            std::optional<TwoViewConfig> two_view);
   Batch build(int64_t k, const std::vector<int64_t>& order, Generator& g) const;
+  Batch build_two_view(int64_t k, const std::vector<int64_t>& order, Generator& g,
+                       const TwoViewConfig& cfg) const;
 
   const Dataset& data_;
   int batch_size_;
@@ -72,6 +90,7 @@ class Loader {
   Normalize norm_;
   size_t prefetch_;
   std::function<void(Batch&)> hook_;
+  std::optional<TwoViewConfig> two_view_;
 
   std::thread worker_;
   std::mutex mu_;

@@ -1,5 +1,6 @@
 #include "models/moe.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "ops/elementwise.h"
@@ -32,13 +33,21 @@ Tensor MoELayer::forward(const Tensor& x) {
   const bool soft = config.router.type == "soft";
   const int64_t C = last.capacity;
 
-  // (E, G, C, D) buffers -> (E, G*C, D): one batched matmul per expert layer for all groups.
-  Tensor buf = soft ? ops::soft_dispatch(xg, last.soft_logits, E) : ops::dispatch(xg, last.assign);
-  Tensor h = ops::gelu(ops::expert_matmul(ops::reshape(buf, {E, G * C, D}), w1, b1));
-  Tensor y = ops::reshape(ops::expert_matmul(h, w2, b2), {E, G, C, D});
-  Tensor out = soft ? ops::soft_combine(y, last.soft_logits) : ops::combine(y, last.assign, N);
+  // Buffers (E, G*C, D): one batched matmul per expert layer runs all experts on all groups.
+  // Token routings are packed (ops/moe.h): only the rows in use are multiplied.
+  Tensor out;
+  if (soft) {
+    Tensor buf = ops::reshape(ops::soft_dispatch(xg, last.soft_logits, E), {E, G * C, D});
+    Tensor h = ops::gelu(ops::expert_matmul(buf, w1, b1));
+    Tensor y = ops::reshape(ops::expert_matmul(h, w2, b2), {E, G, C, D});
+    out = ops::soft_combine(y, last.soft_logits);
+  } else {
+    const ops::Assignment& a = last.assign;
+    Tensor h = ops::gelu(ops::expert_matmul(ops::dispatch(xg, a), w1, b1, a.rows));
+    out = ops::combine(ops::expert_matmul(h, w2, b2, a.rows), a);
+  }
 
-  // Statistics: buffer fill per expert and what routing left out.
+  // Statistics: rows in use per expert and what routing left out.
   ++stats.forwards;
   stats.importance_loss += last.importance_loss;
   stats.load_loss += last.load_loss;
@@ -47,23 +56,19 @@ Tensor MoELayer::forward(const Tensor& x) {
     for (auto& l : stats.load) l += G * C;
     stats.choices += G * N;
   } else {
-    const bool token_choice = last.expert.defined();
-    const Tensor tok = last.assign.token.to(Device::CPU);
-    const int64_t* t = tok.data<int64_t>();
-    std::vector<char> taken(token_choice ? 0 : size_t(G * N), 0);
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t i = 0; i < G * C; ++i)
-        if (int64_t n = t[e * G * C + i]; n >= 0) {
-          ++stats.load[size_t(e)];
-          if (!token_choice) taken[size_t(i / C * N + n)] = 1;
-        }
-    if (token_choice) {  // token choice: every (token, choice) that lost its slot
+    const std::vector<int64_t> rows = last.assign.rows.to_vector<int64_t>();
+    for (int64_t e = 0; e < E; ++e) stats.load[size_t(e)] += rows[size_t(e)];
+    if (last.expert.defined()) {  // token choice: every (token, choice) that lost its slot
       const Tensor slot = last.slot.to(Device::CPU);
       const int64_t* s = slot.data<int64_t>();
       for (int64_t i = 0; i < slot.numel(); ++i) stats.dropped += s[i] < 0;
       stats.choices += slot.numel();
     } else {  // expert choice: tokens that no expert took
-      for (char c : taken) stats.dropped += !c;
+      const Tensor tr = last.assign.token_rows.contiguous();
+      const int64_t* p = tr.data<int64_t>();
+      const int64_t K = tr.size(2);
+      for (int64_t t = 0; t < G * N; ++t)
+        stats.dropped += std::all_of(p + t * K, p + (t + 1) * K, [](int64_t r) { return r < 0; });
       stats.choices += G * N;
     }
   }

@@ -1,7 +1,7 @@
 // The MoE layer (methods.md section 3): router + dispatch + all experts in one batched matmul +
 // combine. It replaces the MLP of some ViT blocks. Experts are GELU MLPs d -> h -> d whose
 // weights are stored stacked, (E, d, h) and (E, h, d), so every expert runs at once on an
-// (E, G*C, d) buffer.
+// (E, G*C, d) buffer; with token routings only each expert's rows in use are computed.
 #pragma once
 #include <memory>
 #include <vector>
@@ -19,7 +19,7 @@ struct MoEConfig {
 
 // Routing statistics of forward passes, summed until reset (the training loop logs them).
 struct MoEStats {
-  std::vector<int64_t> load;  // (E,) filled buffer slots per expert
+  std::vector<int64_t> load;  // (E,) buffer rows in use per expert (soft: its slots)
   int64_t choices = 0;        // token choices made (token choice: tokens * k; else tokens)
   int64_t dropped = 0;        // token choice: choices that found their buffer full;
                               // expert choice / attention vote: tokens no expert took; soft: 0

@@ -14,7 +14,6 @@
 #include "ops/reduce.h"
 #include "ops/shape.h"
 #include "ops/softmax.h"
-#include "ops/topk.h"
 
 namespace mv::models {
 
@@ -59,7 +58,13 @@ Route token_choice_step(const Tensor& z, const RouterConfig& c, float noise_std,
   MV_CHECK(z.ndim() == 3 && z.size(2) == c.experts, "router: logits ", z.str(), " are not (G, N, ",
            c.experts, ")");
   const bool noisy = training && noise_std > 0.f;
-  Tensor zn = noisy ? ops::add(z, ops::mul(randn(z.shape(), g).to(z.device()), noise_std)) : z;
+  Tensor zn = z;
+  if (noisy) {  // the noise needs no graph: scaled in place, not by another op
+    Tensor eps = randn(z.shape(), g);
+    float* pe = eps.data<float>();
+    for (int64_t i = 0, n = eps.numel(); i < n; ++i) pe[i] *= noise_std;
+    zn = ops::add(z, eps.to(z.device()));
+  }
   Tensor gates = ops::softmax(zn);
   ops::TopKOptions opt;
   opt.k = c.k;
@@ -87,12 +92,14 @@ Route token_choice_step(const Tensor& z, const RouterConfig& c, float noise_std,
   }
   // Load: with t the token's k-th largest noisy logit, P[g, n, e] = 1 - Phi((t - z) / std) =
   // Phi((z - t) / std), the chance that z plus fresh noise would still reach t. The second form
-  // avoids the cancellation of 1 - Phi near 1. Gradients reach z directly and through t.
+  // avoids the cancellation of 1 - Phi near 1. t is zn at the token's k-th choice, which the
+  // routing already found (no second top-k: softmax keeps the order of zn, up to ties its
+  // rounding may create between logits a few ulps apart); gradients reach z directly and
+  // through t.
   if (noisy) {
     std::optional<autograd::NoGrad> ng;
     if (c.load_weight == 0.f) ng.emplace();
-    Tensor t = ops::slice(ops::topk(zn, c.k).values, -1, c.k - 1, c.k);  // (G, N, 1)
-    Tensor P = ops::normal_cdf(ops::mul(ops::sub(z, t), 1.f / noise_std));
+    Tensor P = ops::topk_load_probs(z, zn, r.expert, noise_std);
     Tensor l_load = cv_squared(ops::mean(P, {1}));
     out.load_loss = double(l_load.item());
     add_aux(out.aux_loss, l_load, c.load_weight);

@@ -1,5 +1,5 @@
 // MoE routers (methods.md section 2): each one maps a group of token vectors to a routing, i.e.
-// which buffer slot of which expert each token fills and with what combine weight.
+// which buffer row of which expert each token fills and with what combine weight.
 //
 //   topk              V-MoE noisy top-k token choice, capacity, BPR, importance and load losses
 //   expert_choice     each expert takes its top-C tokens (Zhou et al.)
@@ -50,11 +50,11 @@ std::vector<std::string> router_types();
 struct Route {
   Tensor probs;           // (G, N, E) clean router probabilities: softmax over experts of the
                           // noise-free scores (PRC and routing metrics read them)
-  ops::Assignment assign;  // (E, G, C) slot-major routing; undefined for soft
+  ops::Assignment assign;  // packed routing, (E, G*C) buffer rows (ops/moe.h); undefined for soft
   Tensor soft_logits;      // (G, N, E*slots) soft only
-  Tensor expert, slot;     // (G, N, k) token-choice routers only: choices and their slots (-1:
-                           // dropped)
-  int64_t capacity = 0;    // C (slots per expert per group)
+  Tensor expert, slot;     // (G, N, k) token-choice routers only: choices and their rows in the
+                           // expert's packed buffer (-1: dropped)
+  int64_t capacity = 0;    // C (most tokens an expert takes per group; soft: slots per expert)
   Tensor aux_loss;         // scalar, the weighted sum of the router's auxiliary losses, or
                            // undefined when it has none
   double importance_loss = 0, load_loss = 0, separation_loss = 0;  // unweighted, for logs

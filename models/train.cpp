@@ -19,7 +19,9 @@
 #include "models/optim.h"
 #include "ops/elementwise.h"
 #include "ops/loss.h"
+#include "ops/prc.h"
 #include "ops/reduce.h"
+#include "ops/shape.h"
 
 namespace mv::models {
 
@@ -111,6 +113,12 @@ void TrainConfig::validate() const {
            "--optimizer sgd has no CUDA kernel yet; use --optimizer adamw with --device cuda");
   MV_CHECK(device != "cuda" || vit.moe_placement == "none", "model '", model,
            "' has MoE layers, which have no CUDA kernels yet; use --device cpu");
+  MV_CHECK(!prc || vit.moe_placement != "none", "--prc needs a model with MoE layers (an MoE "
+           "preset such as vmoe-tiny, or --moe every-2); model '", model, "' is dense");
+  MV_CHECK(!prc || vit.moe.router.type != "soft", "--prc needs a router that assigns tokens to "
+           "experts; Soft MoE mixes tokens into slots");
+  MV_CHECK(prc_diag_weight >= 0 && prc_off_weight >= 0, "--prc-diag-weight and "
+           "--prc-off-weight must be >= 0, got ", prc_diag_weight, " and ", prc_off_weight);
 }
 
 // The MoE part of a ViT config, every field, so a checkpoint rebuilds exactly its model.
@@ -152,7 +160,9 @@ std::string TrainConfig::to_json() const {
       {"weight_decay", weight_decay}, {"momentum", momentum}, {"schedule", schedule},
       {"warmup_epochs", warmup_epochs}, {"label_smoothing", label_smoothing}, {"clip", clip},
       {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
-      {"limit_test", limit_test}, {"device", device}};
+      {"limit_test", limit_test}, {"device", device}, {"prc", prc},
+      {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
+      {"prc_reference_diagonal", prc_reference_diagonal}};
   if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
   return j.dump();
 }
@@ -172,6 +182,10 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.clip = j.at("clip"), c.augment = j.at("augment"), c.seed = j.at("seed");
     c.limit_train = j.at("limit_train"), c.limit_test = j.at("limit_test");
     c.device = j.value("device", std::string("cpu"));  // checkpoints from before --device: CPU
+    c.prc = j.value("prc", false);                      // ... and from before --prc
+    c.prc_diag_weight = j.value("prc_diag_weight", c.prc_diag_weight);
+    c.prc_off_weight = j.value("prc_off_weight", c.prc_off_weight);
+    c.prc_reference_diagonal = j.value("prc_reference_diagonal", false);
   } catch (const nlohmann::json::exception& e) {
     MV_FAIL("training configuration: ", e.what());
   }
@@ -250,6 +264,24 @@ void print_moe_stats(FILE* log, const nlohmann::ordered_json& moe) {
   }
 }
 
+// PRC (methods.md section 4) of every MoE layer of the last forward, whose batch held view 1 of
+// B images then view 2 of the same images; pairs: (B, T). Summed over the layers.
+Tensor prc_loss(const std::vector<MoELayer*>& layers, const Tensor& pairs, const TrainConfig& cfg) {
+  ops::PrcOptions opt;
+  opt.reference_diagonal = cfg.prc_reference_diagonal;
+  opt.diag_weight = cfg.prc_diag_weight;
+  opt.off_weight = cfg.prc_off_weight;
+  const int64_t B = pairs.size(0), T = pairs.size(1);
+  Tensor sum;
+  for (MoELayer* m : layers) {
+    const Tensor& probs = m->last.probs;  // (G, N, E) with G * N = 2B * T, images in order
+    const Tensor p = ops::reshape(probs, {2 * B, T, probs.size(2)});
+    const Tensor l = ops::prc_loss(ops::slice(p, 0, 0, B), ops::slice(p, 0, B, 2 * B), pairs, opt);
+    sum = sum.defined() ? sum + l : l;
+  }
+  return sum;
+}
+
 }  // namespace
 
 TrainResult train(const TrainConfig& given, const std::string& out_dir, bool resume, FILE* log,
@@ -299,8 +331,17 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
     if (resume) std::fprintf(log, "resuming %s after epoch %d\n", ckpt.c_str(), start_epoch);
   }
 
+  // With PRC the loader cuts two views per image (their own crops and flips) instead of the
+  // usual augmentation.
   datasets::Loader loader(train_set, cfg.batch, /*shuffle=*/true, cfg.seed, /*drop_last=*/true,
-                          augment_for(cfg.augment), normalization(cfg.dataset));
+                          cfg.prc ? datasets::Augment::none() : augment_for(cfg.augment),
+                          normalization(cfg.dataset));
+  if (cfg.prc) {
+    datasets::TwoViewConfig views = datasets::TwoViewConfig::for_image_size(cfg.vit.image_size);
+    views.patch = cfg.vit.patch;
+    loader.set_two_view(views);
+  }
+  const std::vector<MoELayer*> prc_layers = cfg.prc ? model.moe_layers() : std::vector<MoELayer*>{};
   const int64_t per_epoch = loader.batches_per_epoch();
   MV_CHECK(per_epoch > 0, "--batch ", cfg.batch, " is larger than the ", train_set.n,
            " training images");
@@ -314,7 +355,7 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
   const int end_epoch = stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs;
   for (int epoch = start_epoch; epoch < end_epoch; ++epoch) {
     const auto t0 = Clock::now();
-    double compute_s = 0, loss_sum = 0, correct = 0;
+    double compute_s = 0, loss_sum = 0, correct = 0, prc_sum = 0;
     int64_t seen = 0;
     Progress bar(log, epoch + 1, cfg.epochs, per_epoch);
     for (MoELayer* m : model.moe_layers()) m->stats.reset(m->config.router.experts);
@@ -322,13 +363,20 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
     for (datasets::Batch b; loader.next(b);) {
       const auto ts = Clock::now();
       const int64_t step = opt->steps();
-      const Tensor images = b.images.to(dev), labels = b.labels.to(dev);
+      // PRC: both views in one batch (view 1 first), the classification loss on both.
+      const Tensor images = (cfg.prc ? ops::concat({b.images, b.images2}, 0) : b.images).to(dev);
+      const Tensor labels = (cfg.prc ? ops::concat({b.labels, b.labels}, 0) : b.labels).to(dev);
       Tensor logits = model.forward(images);
       Tensor loss = ops::cross_entropy(logits, labels, cfg.label_smoothing);
       const float lv = loss.item();  // the classification loss is what the logs show
-      const Tensor aux = model.aux_loss();
-      if (aux.defined()) loss = loss + aux;
-      const float total_v = aux.defined() ? loss.item() : lv;
+      Tensor extra = model.aux_loss();
+      if (cfg.prc) {
+        const Tensor prc = prc_loss(prc_layers, b.pairs.to(dev), cfg);
+        prc_sum += double(prc.item());
+        extra = extra.defined() ? extra + prc : prc;
+      }
+      if (extra.defined()) loss = loss + extra;
+      const float total_v = extra.defined() ? loss.item() : lv;
       MV_CHECK(std::isfinite(total_v), "training: the loss is ", total_v, " at step ", step,
                " (epoch ", epoch + 1, ", batch ", b.batch_index + 1,
                "); stopping. The last good checkpoint is '", ckpt, "'");
@@ -338,9 +386,9 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
       opt->step(lr_at(step, total, warmup, cfg.lr, kind), clip.scale);
       compute_s += since(ts);
 
-      const int64_t B = b.labels.numel();
+      const int64_t B = labels.numel();
       std::vector<int64_t> pred = ops::argmax(logits.detach(), 1).to_vector<int64_t>();
-      std::vector<int64_t> lab = b.labels.to_vector<int64_t>();
+      std::vector<int64_t> lab = labels.to_vector<int64_t>();
       for (int64_t i = 0; i < B; ++i) correct += pred[size_t(i)] == lab[size_t(i)];
       loss_sum += double(lv) * B;
       seen += B;
@@ -368,6 +416,7 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
         {"test_accuracy", ev.accuracy}, {"lr", lr_at(opt->steps() - 1, total, warmup, cfg.lr, kind)},
         {"epoch_seconds", epoch_s}, {"images_per_second", res.images_per_second}};
     if (!moe.empty()) line["moe"] = moe;
+    if (cfg.prc) line["prc_loss"] = prc_sum / double(per_epoch);  // weighted, summed over layers
     metrics << line.dump() << "\n" << std::flush;
     if (log) {
       std::fprintf(log, "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",

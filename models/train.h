@@ -44,6 +44,11 @@ struct TrainConfig {
   uint64_t seed = 0;
   int64_t limit_train = 0, limit_test = 0;  // use only the first N images (0: all)
   std::string device = "cpu";       // cpu | cuda (the model, batches and optimizer state)
+  // Pairwise Router Consistency (methods.md section 4): two views of each image (replacing
+  // `augment`), cross-entropy on both, ops::prc_loss on every MoE layer's clean probabilities.
+  bool prc = false;
+  float prc_diag_weight = 0.005f, prc_off_weight = 0.05f;
+  bool prc_reference_diagonal = false;  // the reference code's per-position diagonal term
 
   void validate() const;  // throws naming the flag that is out of range
   std::string to_json() const;

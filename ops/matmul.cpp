@@ -311,6 +311,17 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   });
 }
 
+void detail::gemm_on_thread(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, bool trans_a,
+                            const float* b, int64_t ldb, bool trans_b, float* c, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
+    return;
+  }
+  gemm_serial(M, N, K, Mat{a, lda, trans_a}, Mat{b, ldb, trans_b}, c, ldc, accumulate);
+}
+
 Tensor bmm(const Tensor& a, const Tensor& b) {
   MV_CHECK(a.defined() && b.defined() && a.ndim() == 3 && b.ndim() == 3, "bmm: expected (B, M, K) x (B, K, N), got ",
            a.str(), " x ", b.str());

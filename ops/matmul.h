@@ -17,4 +17,15 @@ Tensor bmm(const Tensor& a, const Tensor& b);
 // y = x w + bias (weights stored in -> out, the flax convention).
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
 
+namespace detail {
+// Internal GEMM, no autograd, for ops that schedule their own products over the threads
+// (ops/moe.cpp gives each thread pieces of several experts' rows, one fork-join for all):
+// c (M x N, row stride ldc) = op(a) op(b), or c += op(a) op(b) when accumulate, computed on the
+// calling thread only (call it from inside parallel_for). op(a) is M x K with element (i, j) at
+// a[i * lda + j], or at a[j * lda + i] when trans_a; op(b) is K x N, likewise. K = 0 gives zeros
+// (or leaves c unchanged when accumulating).
+void gemm_on_thread(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, bool trans_a,
+                    const float* b, int64_t ldb, bool trans_b, float* c, int64_t ldc, bool accumulate);
+}  // namespace detail
+
 }  // namespace mv::ops

@@ -1,9 +1,10 @@
 // Sparse MoE ops on the CPU (methods.md sections 2 and 3).
 //
-// Routing is integer bookkeeping over O(G N k) choices; dispatch and combine are gathers and
-// scatters of d-wide rows over the E*G*C slots, so every op here costs O(size), with no one-hot
-// (N x E x C) tensors. Writes are partitioned so that no two threads touch the same row: slots
-// for gathers, (group, column block) for scatters into token rows.
+// Routing is integer bookkeeping over O(G N k) choices; dispatch and combine move d-wide rows
+// between token rows and packed buffer rows through the Assignment's two index tables (row ->
+// token, token -> rows), so every op costs O(size), with no one-hot (N x E x C) tensors, and
+// every one is a gather: each thread writes only its own rows. expert_matmul multiplies only the
+// rows in use, all experts' pieces spread over the threads in one fork-join.
 #include "ops/moe.h"
 
 #include <algorithm>
@@ -64,39 +65,106 @@ int64_t capacity_for(const char* op, int64_t tokens, int k, float c, int64_t exp
   return std::max<int64_t>(1, std::min(C, tokens));
 }
 
-// Checks an Assignment's token table: I64 (E, G, C) on the CPU, weight (when asked) F32 of the
-// same shape.
+std::string str_of(const Tensor& t) { return t.defined() ? t.str() : std::string("undefined"); }
+bool is_cpu_i64(const Tensor& t, int ndim) {
+  return t.defined() && t.dtype() == DType::I64 && t.device() == Device::CPU && t.ndim() == ndim;
+}
+
+// Throws unless `a` is a consistent Assignment: shapes, index ranges, used rows first, and every
+// token_rows entry naming a row that holds that token. That is O(E R + G N K) integer reads,
+// small next to the d-wide rows the ops move, and it keeps a hand-made Assignment from sending
+// an op out of bounds.
 void check_assignment(const char* op, const Assignment& a, bool need_weight) {
-  MV_CHECK(a.token.defined(), op, ": the assignment has no token table");
-  MV_CHECK(a.token.dtype() == DType::I64 && a.token.device() == Device::CPU && a.token.ndim() == 3, op,
-           ": assignment tokens must be an I64 (E, G, C) CPU tensor, got ", a.token.str());
-  if (!need_weight) return;
-  MV_CHECK(a.weight.defined(), op, ": the assignment has no weights");
-  expect_cpu_f32(op, {&a.weight});
-  MV_CHECK(a.weight.shape() == a.token.shape(), op, ": assignment weights ", a.weight.str(),
-           " do not match its tokens ", a.token.str());
-}
-
-// Throws unless every entry of tok (n values) is -1 or a token index in [0, N).
-void check_tokens(const char* op, const int64_t* tok, int64_t n, int64_t N) {
-  for (int64_t i = 0; i < n; ++i)
-    MV_CHECK(tok[i] >= -1 && tok[i] < N, op, ": slot ", i, " holds token ", tok[i], ", outside [-1, ", N, ")");
-}
-
-// Scatter work over the token rows of G groups, d columns wide: f(g, c0, c1) for every group
-// and column block, each (g, block) on one thread, so writes to out[g, n, c0:c1] never race.
-// With few groups (G = 1: the whole batch routed at once) the columns are split instead.
-template <class F>
-void for_groups_and_columns(int64_t G, int64_t d, int64_t cost_per_group, F f) {
-  const int64_t T = num_threads();
-  int64_t blocks = 1;
-  if (G < T && d >= 64) blocks = std::min<int64_t>((T + G - 1) / G, d / 32);
-  const int64_t bw = (d + blocks - 1) / std::max<int64_t>(blocks, 1);
-  parallel_for(G * blocks, cost_per_group / blocks + 1, [&](int64_t s, int64_t e) {
-    for (int64_t i = s; i < e; ++i) {
-      const int64_t g = i / blocks, c0 = (i % blocks) * bw, c1 = std::min(d, c0 + bw);
-      if (c0 < c1) f(g, c0, c1);
+  MV_CHECK(is_cpu_i64(a.token, 2), op, ": assignment tokens must be an I64 (E, R) CPU tensor, got ",
+           str_of(a.token));
+  const int64_t E = a.token.size(0), R = a.token.size(1), G = a.G, N = a.N;
+  MV_CHECK(G >= 0 && N >= 0 && a.C >= 0 && R == G * a.C, op, ": assignment tokens ", a.token.str(),
+           " do not have R = G*C = ", G, "*", a.C, " rows per expert");
+  MV_CHECK(is_cpu_i64(a.rows, 1) && a.rows.size(0) == E, op, ": assignment rows must be I64 (", E,
+           ") for tokens ", a.token.str(), ", got ", str_of(a.rows));
+  MV_CHECK(is_cpu_i64(a.token_rows, 3) && a.token_rows.size(0) == G && a.token_rows.size(1) == N, op,
+           ": assignment token_rows must be I64 (", G, ", ", N, ", K), got ", str_of(a.token_rows));
+  if (need_weight) {
+    MV_CHECK(a.weight.defined(), op, ": the assignment has no weights");
+    expect_cpu_f32(op, {&a.weight});
+    MV_CHECK(a.weight.shape() == a.token.shape(), op, ": assignment weights ", a.weight.str(),
+             " do not match its tokens ", a.token.str());
+  }
+  const Tensor tok = a.token.contiguous(), rows = a.rows.contiguous(), trows = a.token_rows.contiguous();
+  const int64_t* pt = tok.data<int64_t>();
+  const int64_t* pr = rows.data<int64_t>();
+  const int64_t* ptr = trows.data<int64_t>();
+  for (int64_t e = 0; e < E; ++e) {
+    MV_CHECK(pr[e] >= 0 && pr[e] <= R, op, ": assignment rows[", e, "] = ", pr[e], " is outside [0, ", R, "]");
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = pt[e * R + r];
+      if (r < pr[e])
+        MV_CHECK(t >= 0 && t < G * N, op, ": row (", e, ", ", r, ") holds token ", t, ", outside [0, ", G * N,
+                 ") = [0, G*N)");
+      else
+        MV_CHECK(t == -1, op, ": row (", e, ", ", r, ") holds token ", t, " but expert ", e, " uses only ",
+                 pr[e], " rows (expected -1)");
     }
+  }
+  const int64_t K = trows.size(2);
+  for (int64_t t = 0; t < G * N; ++t)
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t row = ptr[t * K + j];
+      MV_CHECK(row == -1 || (row >= 0 && row < E * R && pt[row] == t), op, ": token_rows of token ", t,
+               " lists row ", row, ", which does not hold that token");
+    }
+}
+
+std::vector<int64_t> to_rows_vector(const Tensor& rows) {
+  const Tensor r = rows.contiguous();
+  return std::vector<int64_t>(r.data<int64_t>(), r.data<int64_t>() + r.numel());
+}
+
+// f(i, e, r) for the flat rows i in [s, end) of (E, R) buffers, i = e*R + r, without a division
+// per row.
+template <class F>
+inline void for_rows(int64_t s, int64_t end, int64_t R, F f) {
+  if (s >= end) return;
+  int64_t x = s / R, r = s % R;
+  for (int64_t i = s; i < end; ++i) {
+    f(i, x, r);
+    if (++r == R) r = 0, ++x;
+  }
+}
+
+// The rows in use of all experts laid end to end, cut into num_threads() equal shares: each
+// share runs f(e, r0, r1) for every piece [r0, r1) of expert e's rows inside it, and tail(e) for
+// its part of the experts (E/T of them), which zeroes their unused rows. One fork-join for all
+// experts, balanced however unevenly the routing spread the tokens.
+template <class F, class Tail>
+void for_expert_rows(const std::vector<int64_t>& rows, int64_t cost_per_row, F f, Tail tail) {
+  const int64_t E = int64_t(rows.size());
+  std::vector<int64_t> start(size_t(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e) start[size_t(e + 1)] = start[size_t(e)] + rows[size_t(e)];
+  const int64_t total = start[size_t(E)], T = num_threads();
+  parallel_for(T, (total * cost_per_row + E * 1024) / T + 1, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) {
+      for (int64_t x = E * i / T; x < E * (i + 1) / T; ++x) tail(x);
+      if (total == 0) continue;
+      const int64_t lo = total * i / T, hi = total * (i + 1) / T;
+      int64_t x = int64_t(std::upper_bound(start.begin(), start.end(), lo) - start.begin()) - 1;
+      for (; x < E && start[size_t(x)] < hi; ++x) {
+        const int64_t r0 = std::max(lo, start[size_t(x)]) - start[size_t(x)];
+        const int64_t r1 = std::min(hi, start[size_t(x + 1)]) - start[size_t(x)];
+        if (r0 < r1) f(x, r0, r1);
+      }
+    }
+  });
+}
+
+// Columns [0, n) in one block per thread (widths a multiple of 8 where possible): f(c0, c1).
+template <class F>
+void for_column_blocks(int64_t n, int64_t cost_per_column, F f) {
+  const int64_t T = num_threads();
+  const int64_t bw = ((n + T - 1) / T + 7) / 8 * 8;
+  const int64_t blocks = (n + bw - 1) / std::max<int64_t>(bw, 1);
+  parallel_for(blocks, bw * cost_per_column, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) f(i * bw, std::min(n, (i + 1) * bw));
   });
 }
 
@@ -104,6 +172,46 @@ void for_groups_and_columns(int64_t G, int64_t d, int64_t cost_per_group, F f) {
 
 int64_t topk_capacity(int64_t tokens, int k, float capacity_factor, int64_t experts, bool round_to_4) {
   return capacity_for("topk_capacity", tokens, k, capacity_factor, experts, round_to_4);
+}
+
+Assignment make_assignment(const Tensor& token_, const Tensor& weight, int64_t G, int64_t N, int64_t C) {
+  MV_CHECK(G >= 0 && N >= 0 && C >= 0, "make_assignment: G = ", G, ", N = ", N, ", C = ", C,
+           " must be >= 0");
+  MV_CHECK(is_cpu_i64(token_, 2), "make_assignment: tokens must be an I64 (E, G*C) CPU tensor, got ",
+           str_of(token_));
+  const int64_t E = token_.size(0), R = token_.size(1);
+  MV_CHECK(R == G * C, "make_assignment: tokens ", token_.str(), " must have G*C = ", G * C, " rows per expert");
+  if (weight.defined()) {
+    expect_cpu_f32("make_assignment", {&weight});
+    MV_CHECK(weight.shape() == token_.shape(), "make_assignment: weights ", weight.str(),
+             " do not match the tokens ", token_.str());
+  }
+  const Tensor token = token_.contiguous();
+  const int64_t* pt = token.data<int64_t>();
+  Tensor rows = Tensor::empty({E}, DType::I64);
+  int64_t* pr = rows.data<int64_t>();
+  std::vector<int64_t> count(size_t(G * N), 0);
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t used = 0;
+    while (used < R && pt[e * R + used] >= 0) ++used;
+    pr[e] = used;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = pt[e * R + r];
+      MV_CHECK(t >= -1 && t < G * N, "make_assignment: row (", e, ", ", r, ") holds token ", t,
+               ", outside [-1, ", G * N, ")");
+      MV_CHECK(t == -1 || r < used, "make_assignment: expert ", e, " uses row ", r, " after its unused row ",
+               used, ": the rows in use must come first");
+      if (t >= 0) ++count[size_t(t)];
+    }
+  }
+  const int64_t K = std::max<int64_t>(1, count.empty() ? 1 : *std::max_element(count.begin(), count.end()));
+  Tensor token_rows = Tensor::empty({G, N, K}, DType::I64);
+  int64_t* ptr = token_rows.data<int64_t>();
+  std::fill(ptr, ptr + token_rows.numel(), int64_t(-1));
+  std::fill(count.begin(), count.end(), 0);
+  for (int64_t i = 0; i < E * R; ++i)  // rows ascending, so each token's list is too
+    if (const int64_t t = pt[i]; t >= 0) ptr[t * K + count[size_t(t)]++] = i;
+  return Assignment{token, weight, rows, token_rows, G, N, C};
 }
 
 // ---- top-k token choice ------------------------------------------------------------------------
@@ -116,22 +224,28 @@ TopKRouting topk_route(const Tensor& gates_, const TopKOptions& opt) {
            " has more than 2^32 tokens or experts");
   const int k = opt.k;
   const int64_t C = capacity_for("topk_route", N, k, opt.capacity_factor, E, opt.round_to_4);
+  const int64_t R = G * C;
   Tensor gates = gates_.contiguous();
   const float* pg = gates.data<float>();
 
-  TopKRouting R;
-  R.capacity = C;
-  R.expert = Tensor::empty({G, N, k}, DType::I64);
-  R.slot = Tensor::empty({G, N, k}, DType::I64);
-  Tensor token = Tensor::empty({E, G, C}, DType::I64);
-  Tensor weight = Tensor::zeros({E, G, C});
+  TopKRouting out;
+  out.capacity = C;
+  out.expert = Tensor::empty({G, N, k}, DType::I64);
+  out.slot = Tensor::empty({G, N, k}, DType::I64);
+  Tensor token = Tensor::empty({E, R}, DType::I64);
+  Tensor weight = Tensor::empty({E, R});
+  Tensor rows = Tensor::empty({E}, DType::I64);
+  Tensor token_rows = Tensor::empty({G, N, k}, DType::I64);
   Tensor chosen = Tensor::empty({G, N, k});  // the chosen gates, best first
-  int64_t* pe = R.expert.data<int64_t>();
-  int64_t* ps = R.slot.data<int64_t>();
+  std::vector<int64_t> count(size_t(G * E));  // kept choices per (group, expert), then offsets
+  int64_t* pe = out.expert.data<int64_t>();
+  int64_t* ps = out.slot.data<int64_t>();
   int64_t* pt = token.data<int64_t>();
   float* pw = weight.data<float>();
+  int64_t* pr = rows.data<int64_t>();
+  int64_t* ptr = token_rows.data<int64_t>();
+  int64_t* pc = count.data();
   float* pv = chosen.data<float>();
-  std::fill(pt, pt + token.numel(), int64_t(-1));
 
   // 1. Each token's k best experts: k rounds of a branchless integer argmax over the row's
   // rank keys, O(E k); a chosen key is then zeroed, below every other.
@@ -151,11 +265,12 @@ TopKRouting topk_route(const Tensor& gates_, const TopKOptions& opt) {
     }
   });
 
-  // 2. Per group, fill the buffers rank by rank, tokens in sequence order or (BPR) by their best
-  // gate, descending and stable. Groups are independent and write disjoint (e, g, :) rows.
+  // 2. Per group, fill the experts rank by rank, tokens in sequence order or (BPR) by their best
+  // gate, descending and stable: slot holds a choice's place among its expert's choices from the
+  // group (-1 past C). Groups are independent.
   const bool bpr = opt.bpr, renorm = opt.renormalize;
   const int64_t sort_cost = bpr ? 8 * (64 - __builtin_clzll(uint64_t(N) | 1)) : 0;
-  // Captures by value: sizes in registers, not re-read after every store through pt / pw.
+  // Captures by value: sizes in registers, not re-read after every store through ps.
   parallel_for(G, N * (k * 4 + sort_cost), [=](int64_t s, int64_t e) {
     std::vector<int64_t> order(static_cast<size_t>(N));
     std::vector<uint64_t> key(static_cast<size_t>(bpr ? N : 0));
@@ -173,31 +288,58 @@ TopKRouting topk_route(const Tensor& gates_, const TopKOptions& opt) {
       for (int r = 0; r < k; ++r) {
         for (int64_t n : order) {
           const int64_t t = (g * N + n) * k;
-          const int64_t x = pe[t + r];
-          if (used[size_t(x)] >= C) {
-            ps[t + r] = -1;
-            continue;
-          }
-          const int64_t c = used[size_t(x)]++;
-          ps[t + r] = c;
-          float w = pv[t + r];
-          if (renorm) {
-            float sum = 0;
-            for (int j = 0; j < k; ++j) sum += pv[t + j];
-            w = sum != 0 ? w / sum : 0.f;
-          }
-          pt[(x * G + g) * C + c] = n;
-          pw[(x * G + g) * C + c] = w;
+          int64_t& u = used[size_t(pe[t + r])];
+          ps[t + r] = u < C ? u++ : -1;
         }
       }
+      std::copy(used.begin(), used.end(), pc + g * E);
     }
   });
+
+  // 3. Expert e's rows: group g's choices start after those of the groups before it.
+  {
+    std::vector<int64_t> acc(size_t(E), 0);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t x = 0; x < E; ++x) {
+        const int64_t v = pc[g * E + x];
+        pc[g * E + x] = acc[size_t(x)];
+        acc[size_t(x)] += v;
+      }
+    std::copy(acc.begin(), acc.end(), pr);
+  }
+
+  // 4. Place every kept choice at its row; each row is written by the one token that owns it.
+  parallel_for(G, N * k * 8, [=](int64_t s, int64_t e) {
+    for (int64_t g = s; g < e; ++g)
+      for (int64_t t = g * N; t < (g + 1) * N; ++t) {
+        float sum = 0;
+        if (renorm)
+          for (int j = 0; j < k; ++j) sum += pv[t * k + j];
+        for (int r = 0; r < k; ++r) {
+          const int64_t i = t * k + r, x = pe[i];
+          if (ps[i] < 0) {
+            ptr[i] = -1;
+            continue;
+          }
+          const int64_t row = pc[g * E + x] + ps[i];
+          ps[i] = row;
+          ptr[i] = x * R + row;
+          pt[x * R + row] = t;
+          pw[x * R + row] = !renorm ? pv[i] : sum != 0 ? pv[i] / sum : 0.f;
+        }
+      }
+  });
+  // 5. The unused tail of every expert.
+  for (int64_t x = 0; x < E; ++x) {
+    std::fill(pt + x * R + pr[x], pt + (x + 1) * R, int64_t(-1));
+    std::fill(pw + x * R + pr[x], pw + (x + 1) * R, 0.f);
+  }
 
   // weight_r = gate_r, or gate_r / S with S = sum_j gate_j over the token's k choices:
   //   dL/dgate_j = gw_j / S - sum_r gw_r gate_r / S^2 = (gw_j - sum_r gw_r w_r) / S,
   // gw_r = dL/dweight_r, 0 for a dropped choice (which still receives the second term).
   weight = record("topk_route", weight, {gates_},
-                  [expert = R.expert, slot = R.slot, chosen, G, N, E, C, k, renorm](const Tensor& g_) {
+                  [expert = out.expert, slot = out.slot, chosen, G, N, E, R, k, renorm](const Tensor& g_) {
                     Tensor gw = g_.contiguous();
                     Tensor gx = Tensor::zeros({G, N, E});
                     const float* pgw = gw.data<float>();
@@ -208,27 +350,100 @@ TopKRouting topk_route(const Tensor& gates_, const TopKOptions& opt) {
                     parallel_for(G * N, 4 * k, [&](int64_t s, int64_t e) {
                       std::vector<float> gr(static_cast<size_t>(k));
                       for (int64_t t = s; t < e; ++t) {
-                        const int64_t g = t / N;
                         for (int r = 0; r < k; ++r) {
-                          const int64_t c = ps[t * k + r];
-                          gr[size_t(r)] = c < 0 ? 0.f : pgw[(pe[t * k + r] * G + g) * C + c];
+                          const int64_t row = ps[t * k + r];
+                          gr[size_t(r)] = row < 0 ? 0.f : pgw[pe[t * k + r] * R + row];
                         }
-                        float* row = po + t * E;
+                        float* grow = po + t * E;
                         if (!renorm) {
-                          for (int r = 0; r < k; ++r) row[pe[t * k + r]] = gr[size_t(r)];
+                          for (int r = 0; r < k; ++r) grow[pe[t * k + r]] = gr[size_t(r)];
                           continue;
                         }
                         float sum = 0, dot_gw = 0;
                         for (int r = 0; r < k; ++r) sum += pv[t * k + r];
                         if (sum == 0) continue;
                         for (int r = 0; r < k; ++r) dot_gw += gr[size_t(r)] * pv[t * k + r] / sum;
-                        for (int r = 0; r < k; ++r) row[pe[t * k + r]] = (gr[size_t(r)] - dot_gw) / sum;
+                        for (int r = 0; r < k; ++r) grow[pe[t * k + r]] = (gr[size_t(r)] - dot_gw) / sum;
                       }
                     });
                     return std::vector<Tensor>{gx};
                   });
-  R.assign = Assignment{token, weight};
-  return R;
+  out.assign = Assignment{token, weight, rows, token_rows, G, N, C};
+  return out;
+}
+
+// ---- the load loss's probabilities --------------------------------------------------------------
+
+// P = Phi(v), v = (z - t) / std, t = zn[expert_{k-1}]  (the same float steps as
+// normal_cdf(mul(sub(z, t), 1 / std))):
+//   dz = g phi(v) / std;  dzn[expert_{k-1}] = dt = -sum_e dz_e, the rest of dzn 0
+Tensor topk_load_probs(const Tensor& z_, const Tensor& zn_, const Tensor& expert_, float noise_std) {
+  expect_cpu_f32("topk_load_probs", {&z_, &zn_});
+  MV_CHECK(z_.ndim() == 3 && zn_.shape() == z_.shape(), "topk_load_probs: expected z and zn (G, N, E) of one shape, got z ",
+           z_.str(), " and zn ", zn_.str());
+  const int64_t G = z_.size(0), N = z_.size(1), E = z_.size(2);
+  MV_CHECK(is_cpu_i64(expert_, 3) && expert_.size(0) == G && expert_.size(1) == N && expert_.size(2) >= 1 &&
+               expert_.size(2) <= E,
+           "topk_load_probs: expert ", str_of(expert_), " must be I64 (", G, ", ", N, ", k), 1 <= k <= ", E,
+           ", for z ", z_.str());
+  MV_CHECK(noise_std > 0.f && std::isfinite(noise_std), "topk_load_probs: noise std ", noise_std, " must be > 0");
+  const int64_t k = expert_.size(2);
+  const Tensor z = z_.contiguous(), zn = zn_.contiguous(), expert = expert_.contiguous();
+  const int64_t* pe = expert.data<int64_t>();
+  // The k-th choice of every token, checked here so that no kernel reads out of bounds.
+  std::vector<int64_t> last(size_t(G * N));
+  for (int64_t t = 0; t < G * N; ++t) {
+    last[size_t(t)] = pe[t * k + k - 1];
+    MV_CHECK(last[size_t(t)] >= 0 && last[size_t(t)] < E, "topk_load_probs: token ", t, " chose expert ",
+             last[size_t(t)], ", outside [0, ", E, ")");
+  }
+  constexpr float inv_sqrt2 = 0.7071067811865476f, inv_sqrt2pi = 0.3989422804014327f;
+  // |v| >= 15: Phi(v) rounds to exactly 0 or 1 and phi(v) to 0 (e^-112 < 2^-149): libm's slow
+  // underflow paths skipped, same results.
+  constexpr float kSaturated = 15.f;
+  const float inv = 1.f / noise_std;
+  const float* pz = z.data<float>();
+  const float* pzn = zn.data<float>();
+  Tensor out = Tensor::empty({G, N, E});
+  float* po = out.data<float>();
+  parallel_for(G * N, E * 24, [&](int64_t s, int64_t e) {
+    for (int64_t t = s; t < e; ++t) {
+      const float th = pzn[t * E + last[size_t(t)]];
+      for (int64_t x = 0; x < E; ++x) {
+        const float v = (pz[t * E + x] - th) * inv;
+        po[t * E + x] = std::fabs(v) >= kSaturated ? (v > 0 ? 1.f : 0.f) : 0.5f * std::erfc(-v * inv_sqrt2);
+      }
+    }
+  });
+  const bool gz = z_.requires_grad(), gzn = zn_.requires_grad();
+  return record("topk_load_probs", out, {z_, zn_},
+                [z = z.detach(), zn = zn.detach(), last = std::move(last), inv, gz, gzn, G, N, E](const Tensor& g_) {
+                  const Tensor g = g_.contiguous();
+                  const float* pg = g.data<float>();
+                  const float* pz = z.data<float>();
+                  const float* pzn = zn.data<float>();
+                  Tensor dz = Tensor::empty({G, N, E});  // also the scratch for dzn
+                  Tensor dzn = gzn ? Tensor::empty({G, N, E}) : Tensor();
+                  float* pdz = dz.data<float>();
+                  float* pdzn = gzn ? dzn.data<float>() : nullptr;
+                  parallel_for(G * N, E * 16, [&](int64_t s, int64_t e) {
+                    for (int64_t t = s; t < e; ++t) {
+                      const float th = pzn[t * E + last[size_t(t)]];
+                      float dt = 0;
+                      for (int64_t x = 0; x < E; ++x) {
+                        const int64_t i = t * E + x;
+                        const float v = (pz[i] - th) * inv;
+                        pdz[i] = std::fabs(v) >= kSaturated ? 0.f : pg[i] * (inv_sqrt2pi * std::exp(-0.5f * v * v)) * inv;
+                        dt -= pdz[i];
+                      }
+                      if (pdzn) {
+                        std::fill(pdzn + t * E, pdzn + (t + 1) * E, 0.f);
+                        pdzn[t * E + last[size_t(t)]] = dt;
+                      }
+                    }
+                  });
+                  return std::vector<Tensor>{gz ? dz : Tensor(), dzn};
+                });
 }
 
 // ---- expert choice -----------------------------------------------------------------------------
@@ -244,14 +459,22 @@ Assignment expert_choice_route(const Tensor& scores_, int64_t C, const Tensor& w
   MV_CHECK(C >= 1 && C <= N, "expert_choice_route: capacity ", C, " is outside [1, ", N,
            "] (the tokens of a group) for scores ", scores_.str());
   MV_CHECK(N < (int64_t(1) << 32), "expert_choice_route: scores ", scores_.str(), " has more than 2^32 tokens");
+  const int64_t R = G * C;
   Tensor scores = scores_.contiguous(), w = wsrc.contiguous();
   const float* psc = scores.data<float>();
   const float* pwi = w.data<float>();
-  Tensor token = Tensor::empty({E, G, C}, DType::I64), weight = Tensor::empty({E, G, C});
+  Tensor token = Tensor::empty({E, R}, DType::I64), weight = Tensor::empty({E, R});
+  Tensor rows = Tensor::empty({E}, DType::I64);  // every row is used
+  std::fill(rows.data<int64_t>(), rows.data<int64_t>() + E, R);
+  // token_rows[t, e]: the row of expert e that token t fills, if any.
+  Tensor token_rows = Tensor::empty({G, N, E}, DType::I64);
   int64_t* pt = token.data<int64_t>();
   float* pw = weight.data<float>();
+  int64_t* ptr = token_rows.data<int64_t>();
+  std::fill(ptr, ptr + token_rows.numel(), int64_t(-1));
   // Per (g, e): select the top C of the score column, then order them: O(N + C log C). Sorted
-  // as packed keys (rank_key): integer compares, ties to the lower token.
+  // as packed keys (rank_key): integer compares, ties to the lower token. Every (t, e) entry of
+  // token_rows is written by the one (g, e) that owns it.
   const int64_t log_c = 64 - __builtin_clzll(uint64_t(C) | 1);
   parallel_for(G * E, N * (4 + log_c), [=](int64_t s, int64_t e) {
     std::vector<uint64_t> key(static_cast<size_t>(N));
@@ -262,132 +485,144 @@ Assignment expert_choice_route(const Tensor& scores_, int64_t C, const Tensor& w
       if (C < N) std::nth_element(key.begin(), top - 1, key.end(), std::greater<uint64_t>());
       std::sort(key.begin(), top, std::greater<uint64_t>());
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t n = key_index(key[size_t(c)]);
-        pt[(x * G + g) * C + c] = n;
-        pw[(x * G + g) * C + c] = pwi[(g * N + n) * E + x];
+        const int64_t n = key_index(key[size_t(c)]), i = x * R + g * C + c;
+        pt[i] = g * N + n;
+        pw[i] = pwi[(g * N + n) * E + x];
+        ptr[(g * N + n) * E + x] = i;
       }
     }
   });
-  // d weight[e, g, c] / d w[g, token, e] = 1: a scatter; each (g, n, e) is in at most one slot.
-  weight = record("expert_choice_route", weight, {wsrc}, [token, G, N, E, C](const Tensor& g_) {
+  // d weight[e, r] / d w[token, e] = 1: a scatter; each (t, e) is in at most one row.
+  weight = record("expert_choice_route", weight, {wsrc}, [token, G, N, E, R](const Tensor& g_) {
     Tensor gw = g_.contiguous();
     Tensor gx = Tensor::zeros({G, N, E});
     const float* pgw = gw.data<float>();
     const int64_t* pt = token.data<int64_t>();
     float* po = gx.data<float>();
-    parallel_for(E * G, C, [&](int64_t s, int64_t e) {
-      for (int64_t eg = s; eg < e; ++eg) {
-        const int64_t x = eg / G, g = eg % G;
-        for (int64_t c = 0; c < C; ++c) po[(g * N + pt[eg * C + c]) * E + x] = pgw[eg * C + c];
-      }
+    parallel_for(E * R, 4, [&](int64_t s, int64_t e) {
+      for_rows(s, e, R, [&](int64_t i, int64_t x, int64_t) { po[pt[i] * E + x] = pgw[i]; });
     });
     return std::vector<Tensor>{gx};
   });
-  return Assignment{token, weight};
+  return Assignment{token, weight, rows, token_rows, G, N, C};
 }
 
 // ---- dispatch and combine ----------------------------------------------------------------------
 
-// out[e, g, c] = x[g, token[e, g, c]]; dx[g, n] = sum of the gradients of the slots holding n
+// out[e, r] = x[token[e, r]] (zeros when unused); dx[t] = sum of the gradients of t's rows
 Tensor dispatch(const Tensor& x_, const Assignment& a) {
   expect_cpu_f32("dispatch", {&x_});
-  check_assignment("dispatch", a, false);
   MV_CHECK(x_.ndim() == 3, "dispatch: x must be (G, N, d), got ", x_.str());
+  check_assignment("dispatch", a, false);
   const int64_t G = x_.size(0), N = x_.size(1), d = x_.size(2);
-  const int64_t E = a.token.size(0), C = a.token.size(2);
-  MV_CHECK(a.token.size(1) == G, "dispatch: assignment ", a.token.str(), " has ", a.token.size(1),
-           " groups, x ", x_.str(), " has ", G);
-  Tensor token = a.token.contiguous();
+  MV_CHECK(G == a.G && N == a.N, "dispatch: x ", x_.str(), " does not match the assignment's (G, N) = (",
+           a.G, ", ", a.N, ")");
+  const int64_t E = a.token.size(0), R = a.token.size(1);
+  const Tensor token = a.token.contiguous();
   const int64_t* pt = token.data<int64_t>();
-  check_tokens("dispatch", pt, token.numel(), N);
+  const std::vector<int64_t> rows = to_rows_vector(a.rows);
   Tensor x = x_.contiguous();
   const float* px = x.data<float>();
-  Tensor out = Tensor::empty({E, G, C, d});
+  Tensor out = Tensor::empty({E, R, d});
   float* po = out.data<float>();
-  parallel_for(E * G * C, d, [&](int64_t s, int64_t e) {
-    for (int64_t i = s; i < e; ++i) {
-      const int64_t g = (i / C) % G, n = pt[i];
+  parallel_for(E * R, d, [&](int64_t s, int64_t e) {
+    for_rows(s, e, R, [&](int64_t i, int64_t x, int64_t r) {
       float* dst = po + i * d;
-      if (n < 0)
-        std::fill(dst, dst + d, 0.f);
+      if (r < rows[size_t(x)])
+        std::copy(px + pt[i] * d, px + (pt[i] + 1) * d, dst);
       else
-        std::copy(px + (g * N + n) * d, px + (g * N + n + 1) * d, dst);
-    }
+        std::fill(dst, dst + d, 0.f);
+    });
   });
-  return record("dispatch", out, {x_}, [token, G, N, d, E, C](const Tensor& g_) {
+  return record("dispatch", out, {x_}, [token_rows = a.token_rows.contiguous(), G, N, d](const Tensor& g_) {
     Tensor gy = g_.contiguous();
     const float* pgy = gy.data<float>();
-    const int64_t* pt = token.data<int64_t>();
-    Tensor gx = Tensor::zeros({G, N, d});
+    const int64_t* ptr = token_rows.data<int64_t>();
+    const int64_t K = token_rows.size(2);
+    Tensor gx = Tensor::empty({G, N, d});
     float* po = gx.data<float>();
-    for_groups_and_columns(G, d, E * C * d, [&](int64_t g, int64_t c0, int64_t c1) {
-      for (int64_t x = 0; x < E; ++x)
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t i = (x * G + g) * C + c, n = pt[i];
-          if (n < 0) continue;
-          float* dst = po + (g * N + n) * d;
-          const float* src = pgy + i * d;
-          for (int64_t j = c0; j < c1; ++j) dst[j] += src[j];
+    parallel_for(G * N, K * d, [&](int64_t s, int64_t e) {
+      for (int64_t t = s; t < e; ++t) {
+        float* dst = po + t * d;
+        bool first = true;
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t row = ptr[t * K + j];
+          if (row < 0) continue;
+          const float* src = pgy + row * d;
+          if (first)
+            std::copy(src, src + d, dst);
+          else
+            for (int64_t c = 0; c < d; ++c) dst[c] += src[c];
+          first = false;
         }
+        if (first) std::fill(dst, dst + d, 0.f);
+      }
     });
     return std::vector<Tensor>{gx};
   });
 }
 
-// out[g, n] = sum over slots (e, c) holding n of w[e, g, c] y[e, g, c]
-//   dy[e, g, c] = w[e, g, c] g_out[g, n];  dw[e, g, c] = g_out[g, n] . y[e, g, c]  (0 if empty)
-Tensor combine(const Tensor& y_, const Assignment& a, int64_t N) {
+// out[t] = sum over t's rows (e, r) of w[e, r] y[e, r]
+//   dy[e, r] = w[e, r] g_out[token[e, r]];  dw[e, r] = g_out[token[e, r]] . y[e, r]  (0 if unused)
+Tensor combine(const Tensor& y_, const Assignment& a) {
   expect_cpu_f32("combine", {&y_});
   check_assignment("combine", a, true);
-  MV_CHECK(y_.ndim() == 4, "combine: y must be (E, G, C, d), got ", y_.str());
-  const int64_t E = y_.size(0), G = y_.size(1), C = y_.size(2), d = y_.size(3);
-  MV_CHECK(a.token.shape() == Shape({E, G, C}), "combine: y ", y_.str(), " does not match the assignment ",
-           a.token.str(), ": expected (E, G, C) to agree");
-  MV_CHECK(N >= 0, "combine: token count ", N, " must be >= 0");
-  Tensor token = a.token.contiguous();
-  const int64_t* pt = token.data<int64_t>();
-  check_tokens("combine", pt, token.numel(), N);
+  const int64_t E = a.token.size(0), R = a.token.size(1), G = a.G, N = a.N;
+  MV_CHECK(y_.ndim() == 3 && y_.size(0) == E && y_.size(1) == R, "combine: y ", y_.str(),
+           " does not match the assignment ", a.token.str(), ": expected (", E, ", ", R, ", d)");
+  const int64_t d = y_.size(2);
+  const Tensor token_rows = a.token_rows.contiguous();
+  const int64_t* ptr = token_rows.data<int64_t>();
+  const int64_t K = token_rows.size(2);
   Tensor y = y_.contiguous(), w = a.weight.contiguous();
   const float* py = y.data<float>();
   const float* pw = w.data<float>();
-  Tensor out = Tensor::zeros({G, N, d});
+  Tensor out = Tensor::empty({G, N, d});
   float* po = out.data<float>();
-  for_groups_and_columns(G, d, 2 * E * C * d, [&](int64_t g, int64_t c0, int64_t c1) {
-    for (int64_t x = 0; x < E; ++x)
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = (x * G + g) * C + c, n = pt[i];
-        if (n < 0) continue;
-        const float wi = pw[i];
-        float* dst = po + (g * N + n) * d;
-        const float* src = py + i * d;
-        for (int64_t j = c0; j < c1; ++j) dst[j] += wi * src[j];
+  parallel_for(G * N, 2 * K * d, [&](int64_t s, int64_t e) {
+    for (int64_t t = s; t < e; ++t) {
+      float* dst = po + t * d;
+      bool first = true;
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t row = ptr[t * K + j];
+        if (row < 0) continue;
+        const float wi = pw[row];
+        const float* src = py + row * d;
+        if (first)
+          for (int64_t c = 0; c < d; ++c) dst[c] = wi * src[c];
+        else
+          for (int64_t c = 0; c < d; ++c) dst[c] += wi * src[c];
+        first = false;
       }
+      if (first) std::fill(dst, dst + d, 0.f);
+    }
   });
   const bool gy = y_.requires_grad(), gw = a.weight.requires_grad();
   return record("combine", out, {y_, a.weight},
-                [token, y = y.detach(), w = w.detach(), gy, gw, G, N, d, E, C](const Tensor& g_) {
+                [token = a.token.contiguous(), rows = to_rows_vector(a.rows), y = y.detach(), w = w.detach(), gy, gw,
+                 E, R, d](const Tensor& g_) {
                   Tensor go = g_.contiguous();
                   const float* pgo = go.data<float>();
                   const int64_t* pt = token.data<int64_t>();
                   const float* py = y.data<float>();
                   const float* pw = w.data<float>();
-                  Tensor dy = gy ? Tensor::empty({E, G, C, d}) : Tensor();
-                  Tensor dw = gw ? Tensor::empty({E, G, C}) : Tensor();
+                  Tensor dy = gy ? Tensor::empty({E, R, d}) : Tensor();
+                  Tensor dw = gw ? Tensor::empty({E, R}) : Tensor();
                   float* pdy = gy ? dy.data<float>() : nullptr;
                   float* pdw = gw ? dw.data<float>() : nullptr;
-                  parallel_for(E * G * C, 2 * d, [&](int64_t s, int64_t e) {
-                    for (int64_t i = s; i < e; ++i) {
-                      const int64_t g = (i / C) % G, n = pt[i];
-                      const float* gr = n < 0 ? nullptr : pgo + (g * N + n) * d;
+                  parallel_for(E * R, 2 * d, [&](int64_t s, int64_t e) {
+                    for_rows(s, e, R, [&](int64_t i, int64_t x, int64_t r) {
+                      const float* gr = r < rows[size_t(x)] ? pgo + pt[i] * d : nullptr;
                       if (pdy) {
                         float* dst = pdy + i * d;
+                        const float wi = pw[i];
                         if (!gr)
                           std::fill(dst, dst + d, 0.f);
                         else
-                          for (int64_t j = 0; j < d; ++j) dst[j] = pw[i] * gr[j];
+                          for (int64_t j = 0; j < d; ++j) dst[j] = wi * gr[j];
                       }
                       if (pdw) pdw[i] = gr ? dot(gr, py + i * d, d) : 0.f;
-                    }
+                    });
                   });
                   return std::vector<Tensor>{dy, dw};
                 });
@@ -395,8 +630,10 @@ Tensor combine(const Tensor& y_, const Assignment& a, int64_t N) {
 
 // ---- experts -----------------------------------------------------------------------------------
 
-// out = x w + b per expert;  dx = g w^T, dw = x^T g, db = sum over rows of g
-Tensor expert_matmul(const Tensor& x_, const Tensor& w_, const Tensor& b_) {
+// out[e, :n_e] = x[e, :n_e] w[e] + b[e], n_e = rows[e];  out[e, n_e:] = 0
+//   dx[e, :n_e] = g[e, :n_e] w[e]^T (0 past n_e);  dw[e] = x[e, :n_e]^T g[e, :n_e];
+//   db[e] = sum over the first n_e rows of g[e]
+Tensor expert_matmul(const Tensor& x_, const Tensor& w_, const Tensor& b_, const Tensor& rows_) {
   expect_cpu_f32("expert_matmul", {&x_, &w_});
   if (b_.defined()) expect_cpu_f32("expert_matmul", {&b_});
   MV_CHECK(x_.ndim() == 3 && w_.ndim() == 3, "expert_matmul: expected x (E, M, d) and w (E, d, h), got x ",
@@ -406,39 +643,78 @@ Tensor expert_matmul(const Tensor& x_, const Tensor& w_, const Tensor& b_) {
            ", h) for x ", x_.str());
   MV_CHECK(!b_.defined() || b_.shape() == Shape({E, h}), "expert_matmul: bias ", b_.str(), " must be (",
            E, ", ", h, ") for w ", w_.str());
-  Tensor out = bmm(x_.detach(), w_.detach());  // no graph: the backward below is hand-written
-  if (b_.defined()) {
-    Tensor b = b_.contiguous();
-    const float* pb = b.data<float>();
-    float* po = out.data<float>();
-    parallel_for(E * M, h, [&](int64_t s, int64_t e) {
-      for (int64_t r = s; r < e; ++r) {
-        const float* br = pb + (r / M) * h;
-        float* o = po + r * h;
-        for (int64_t j = 0; j < h; ++j) o[j] += br[j];
-      }
-    });
+  std::vector<int64_t> rows(size_t(E), M);
+  if (rows_.defined()) {
+    MV_CHECK(is_cpu_i64(rows_, 1) && rows_.size(0) == E, "expert_matmul: rows ", rows_.str(), " must be I64 (",
+             E, ") for x ", x_.str());
+    rows = to_rows_vector(rows_);
+    for (int64_t e = 0; e < E; ++e)
+      MV_CHECK(rows[size_t(e)] >= 0 && rows[size_t(e)] <= M, "expert_matmul: rows[", e, "] = ", rows[size_t(e)],
+               " is outside [0, ", M, "] for x ", x_.str());
   }
+  const Tensor x = x_.contiguous(), w = w_.contiguous(), b = b_.defined() ? b_.contiguous() : Tensor();
+  const float* px = x.data<float>();
+  const float* pw = w.data<float>();
+  const float* pb = b.defined() ? b.data<float>() : nullptr;
+  Tensor out = Tensor::empty({E, M, h});
+  float* po = out.data<float>();
+  // The bias is written first and the product accumulates onto it: no extra pass.
+  for_expert_rows(
+      rows, 2 * d * h,
+      [&](int64_t e, int64_t r0, int64_t r1) {
+        float* o = po + (e * M + r0) * h;
+        if (pb)
+          for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(o + r * h, pb + e * h, size_t(h) * sizeof(float));
+        detail::gemm_on_thread(r1 - r0, h, d, px + (e * M + r0) * d, d, false, pw + e * d * h, h, false, o, h,
+                               pb != nullptr);
+      },
+      [&](int64_t e) { std::fill(po + (e * M + rows[size_t(e)]) * h, po + (e + 1) * M * h, 0.f); });
   const bool gx = x_.requires_grad(), gw = w_.requires_grad(), gb = b_.defined() && b_.requires_grad();
   return record("expert_matmul", out, {x_, w_, b_},
-                [x = x_.detach(), w = w_.detach(), gx, gw, gb, E, M, h](const Tensor& g_) {
-                  Tensor g = g_.contiguous();
+                [x = x.detach(), w = w.detach(), rows, gx, gw, gb, E, M, d, h](const Tensor& g_) {
+                  const Tensor g = g_.contiguous();
+                  const float* pg = g.data<float>();
+                  const float* px = x.data<float>();
+                  const float* pw = w.data<float>();
                   Tensor dx, dw, db;
-                  if (gx) dx = bmm(g, transpose(w, 1, 2));
-                  if (gw) dw = bmm(transpose(x, 1, 2), g);
-                  if (gb) {
-                    db = Tensor::empty({E, h});
-                    const float* pg = g.data<float>();
-                    float* pdb = db.data<float>();
-                    parallel_for(E, M * h, [&](int64_t s, int64_t e) {
-                      std::vector<double> acc(static_cast<size_t>(h));
-                      for (int64_t x = s; x < e; ++x) {
-                        std::fill(acc.begin(), acc.end(), 0.0);
-                        for (int64_t m = 0; m < M; ++m) {
-                          const float* r = pg + (x * M + m) * h;
-                          for (int64_t j = 0; j < h; ++j) acc[size_t(j)] += r[j];
+                  if (gx) {
+                    dx = Tensor::empty({E, M, d});
+                    float* pdx = dx.data<float>();
+                    for_expert_rows(
+                        rows, 2 * d * h,
+                        [&](int64_t e, int64_t r0, int64_t r1) {
+                          detail::gemm_on_thread(r1 - r0, d, h, pg + (e * M + r0) * h, h, false, pw + e * d * h, h,
+                                                 true, pdx + (e * M + r0) * d, d, false);
+                        },
+                        [&](int64_t e) { std::fill(pdx + (e * M + rows[size_t(e)]) * d, pdx + (e + 1) * M * d, 0.f); });
+                  }
+                  if (gw || gb) {
+                    // Split by output columns, so that no two threads sum into the same entry.
+                    if (gw) dw = Tensor::empty({E, d, h});
+                    if (gb) db = Tensor::empty({E, h});
+                    float* pdw = gw ? dw.data<float>() : nullptr;
+                    float* pdb = gb ? db.data<float>() : nullptr;
+                    int64_t total = 0;
+                    for (int64_t n : rows) total += n;
+                    for_column_blocks(h, total * (2 * d + 1), [&](int64_t c0, int64_t c1) {
+                      std::vector<double> acc(size_t(c1 - c0));
+                      std::vector<float> part(size_t(c1 - c0));
+                      for (int64_t e = 0; e < E; ++e) {
+                        const int64_t n = rows[size_t(e)];
+                        const float* ge = pg + e * M * h;
+                        if (pdw)
+                          detail::gemm_on_thread(d, c1 - c0, n, px + e * M * d, d, true, ge + c0, h, false,
+                                                 pdw + e * d * h + c0, h, false);
+                        if (pdb) {  // float sums over blocks of 64 rows, the blocks summed in double
+                          std::fill(acc.begin(), acc.end(), 0.0);
+                          for (int64_t m0 = 0; m0 < n; m0 += 64) {
+                            std::fill(part.begin(), part.end(), 0.f);
+                            for (int64_t m = m0; m < std::min(n, m0 + 64); ++m)
+                              for (int64_t j = c0; j < c1; ++j) part[size_t(j - c0)] += ge[m * h + j];
+                            for (int64_t j = 0; j < c1 - c0; ++j) acc[size_t(j)] += part[size_t(j)];
+                          }
+                          for (int64_t j = c0; j < c1; ++j) pdb[e * h + j] = float(acc[size_t(j - c0)]);
                         }
-                        for (int64_t j = 0; j < h; ++j) pdb[x * h + j] = float(acc[size_t(j)]);
                       }
                     });
                   }

@@ -1,13 +1,23 @@
 // Sparse Mixture-of-Experts ops: routing decisions, dispatch of tokens into per-expert buffers,
 // the batched expert matmul, and combine (methods.md sections 2 and 3).
 //
-// Tokens are routed in G groups of N tokens (one image's tokens, or the whole batch). Expert
-// buffers are laid out (E, G, C, d): viewed as (E, G*C, d), one batched matmul runs every expert
-// on the tokens of every group at once.
+// Tokens are routed in G groups of N tokens (one image's tokens, or the whole batch); token n of
+// group g is named by its flat index t = g*N + n. An expert takes at most C tokens of a group,
+// so at most R = G*C in all, and its buffer has R rows: expert buffers are (E, R, d).
 //
-// A routing is stored slot-major, as an Assignment: for every buffer slot (e, g, c) the token that
-// fills it (or -1) and the weight its expert output gets when it is combined back. Token choice
-// (top-k) and expert choice both produce this form, and dispatch and combine only read it, so a
+// The buffers are packed: the rows[e] rows that expert e uses come first, group after group
+// (within a group in the order the routing fills them), and the rest is zero padding. Capacity
+// leaves much of the buffer empty (c = 1.25 and a few dropped choices: about 1/4 of it at k = 2),
+// and in a slot-major (E, G, C) layout those holes sit inside every group, so the experts had to
+// multiply them. Packed, the holes are one tail per expert, and expert_matmul, given rows,
+// multiplies only the rows in use: padding costs memory but no FLOPs. The capacity per group,
+// and so which choices are dropped, is the same as with (E, G, C) buffers.
+//
+// An Assignment holds a routing both ways: for every buffer row its token and combine weight,
+// and for every token the rows it fills. So each op is a gather, never a scatter: dispatch reads
+// the token of each row, its backward sums each token's rows; combine sums each token's rows,
+// its backward reads the token of each row. No two threads write the same row. Token choice
+// (top-k) and expert choice both produce this form and dispatch and combine only read it, so a
 // CUDA kernel can later replace any of these bodies behind the same interface.
 #pragma once
 #include "engine/tensor.h"
@@ -15,9 +25,19 @@
 namespace mv::ops {
 
 struct Assignment {
-  Tensor token;   // (E, G, C) I64: index in [0, N) of the token in slot (e, g, c); -1 if empty
-  Tensor weight;  // (E, G, C) F32: combine weight of the slot (0 if empty); differentiable
+  Tensor token;       // (E, R) I64: flat token g*N + n of row r of expert e's buffer; -1 unused
+  Tensor weight;      // (E, R) F32: that row's combine weight (0 if unused); differentiable
+  Tensor rows;        // (E,) I64: rows in use; they come first (row r used iff r < rows[e])
+  Tensor token_rows;  // (G, N, K) I64: the flat buffer rows e*R + r that token g*N + n fills;
+                      // -1 entries are unused (K: top-k k, expert choice E)
+  int64_t G = 0, N = 0, C = 0;  // groups, tokens per group, capacity per group (R = G*C)
 };
+
+// Builds an Assignment from its token table (E, G*C) (and weights (E, G*C) F32, or undefined):
+// counts rows and fills token_rows (each token's rows in ascending order). Throws unless the
+// tokens are in [-1, G*N) and each expert's used rows come first. For hand-made routings; the
+// routing ops below build theirs directly.
+Assignment make_assignment(const Tensor& token, const Tensor& weight, int64_t G, int64_t N, int64_t C);
 
 struct TopKOptions {
   int k = 1;
@@ -28,9 +48,9 @@ struct TopKOptions {
 };
 
 struct TopKRouting {
-  Assignment assign;  // C = capacity slots per expert
+  Assignment assign;  // token_rows[g, n, r] is choice r's row (e*R + slot), -1 if dropped
   Tensor expert;      // (G, N, k) I64: expert of each token's r-th choice (r = 0 is the best)
-  Tensor slot;        // (G, N, k) I64: its slot in that expert's buffer, -1 if it was dropped
+  Tensor slot;        // (G, N, k) I64: its row in that expert's packed buffer, -1 if dropped
   int64_t capacity = 0;
 };
 
@@ -41,38 +61,51 @@ struct TopKRouting {
 int64_t topk_capacity(int64_t tokens, int k, float capacity_factor, int64_t experts,
                       bool round_to_4);
 
-// gates: (G, N, E) F32 (each row a softmax over experts) -> TopKRouting.
+// gates: (G, N, E) F32 (each row a softmax over experts) -> TopKRouting, R = G*C rows per expert.
 // Each token picks its k largest gates (ties: lower expert first; NaN counts as largest, as in
-// ops::topk). Buffers fill rank by rank: every rank-0 choice before any rank-1 choice; within a
-// rank tokens go in sequence order, or with BPR in descending order of their largest gate (ties
-// in sequence order). A choice whose buffer is full is dropped (slot -1, no weight); filled slots
-// are a prefix of each (e, g) buffer. The combine weight of a kept choice is its gate (divided by
-// the sum of the token's k gates, dropped ones included, with renormalize); its gradient flows
-// back to the gates.
+// ops::topk). Per group, buffers fill rank by rank: every rank-0 choice before any rank-1 choice;
+// within a rank tokens go in sequence order, or with BPR in descending order of their largest
+// gate (ties in sequence order). A choice that finds its expert already holding C tokens of the
+// group is dropped (slot -1, no weight). Each expert's rows then hold its kept choices, group by
+// group, each group's in that fill order. The combine weight of a kept choice is its gate
+// (divided by the sum of the token's k gates, dropped ones included, with renormalize); its
+// gradient flows back to the gates.
 TopKRouting topk_route(const Tensor& gates, const TopKOptions& opt);
 
-// scores: (G, N, E) F32 -> Assignment with `capacity` slots per expert: expert e takes the
-// `capacity` tokens with the largest scores[g, :, e] (ties: lower token first; NaN as largest),
-// slot c holding its c-th best. A token may be taken by 0 to E experts. The combine
-// weight is weights[g, n, e] (default: the scores); its gradient flows to that tensor.
+// V-MoE's load-loss probabilities (methods.md 2.1). z: (G, N, E) clean logits, zn: (G, N, E)
+// the noisy logits the routing used, expert: (G, N, k) I64 each token's chosen experts, best
+// first (TopKRouting.expert) -> P: (G, N, E),
+//   P[g, n, e] = Phi((z[g, n, e] - t[g, n]) / noise_std),  t[g, n] = zn[g, n, expert[g, n, k-1]],
+// t being the token's k-th largest noisy logit: P is the chance that z plus fresh noise would
+// still reach it. Gradients reach z directly and zn through t. One pass instead of a second
+// top-k and four elementwise ops; entries with |z - t| / noise_std >= 15, where Phi is exactly
+// 0 or 1 in float and its derivative 0, skip the erfc and exp.
+Tensor topk_load_probs(const Tensor& z, const Tensor& zn, const Tensor& expert, float noise_std);
+
+// scores: (G, N, E) F32 -> Assignment with `capacity` = C rows per group and expert, all used:
+// expert e takes the C tokens with the largest scores[g, :, e] (ties: lower token first; NaN as
+// largest), row g*C + c holding group g's c-th best. A token may be taken by 0 to E experts. The
+// combine weight is weights[g, n, e] (default: the scores); its gradient flows to that tensor.
 // Requires 1 <= capacity <= N.
 Assignment expert_choice_route(const Tensor& scores, int64_t capacity,
                                const Tensor& weights = Tensor());
 
-// x: (G, N, d), a: (E, G, C) -> (E, G, C, d): slot (e, g, c) holds x[g, a.token[e, g, c]], or
-// zeros when empty. Backward adds each slot's gradient to its token's. Throws on a token outside
-// [-1, N) (dispatch and combine).
+// x: (G, N, d), a -> (E, R, d): row (e, r) holds x[token[e, r]] (flat), zeros when unused.
+// Backward: each token's gradient is the sum of its rows' gradients.
 Tensor dispatch(const Tensor& x, const Assignment& a);
 
-// y: (E, G, C, d), a: (E, G, C) -> (G, tokens, d):
-//   out[g, n] = sum over slots (e, c) holding n of a.weight[e, g, c] * y[e, g, c].
-// A token in no slot gets zeros. Gradients: to y (weight * g_out[g, n]) and to a.weight (the
-// dot product of g_out[g, n] with y[e, g, c]).
-Tensor combine(const Tensor& y, const Assignment& a, int64_t tokens);
+// y: (E, R, d), a -> (G, N, d): out[t] = sum over the rows (e, r) that token t fills of
+// weight[e, r] * y[e, r]; zeros for a token in no row. Unused rows of y are never read.
+// Gradients: to y (weight * g_out[token], zero on unused rows) and to a.weight (the dot product
+// of g_out[token] with y[e, r]; 0 on unused rows).
+Tensor combine(const Tensor& y, const Assignment& a);
 
-// x: (E, M, d), w: (E, d, h), b: (E, h) or undefined -> (E, M, h), out[e] = x[e] w[e] + b[e].
-// Gradients to x, w and b.
-Tensor expert_matmul(const Tensor& x, const Tensor& w, const Tensor& b = Tensor());
+// x: (E, M, d), w: (E, d, h), b: (E, h) or undefined, rows: (E,) I64 in [0, M] or undefined
+// -> (E, M, h), out[e] = x[e] w[e] + b[e] on expert e's first rows[e] rows (every row when rows
+// is undefined) and zero on the rest. Rows past rows[e] are never read: not in the product, not
+// in any gradient (bias included), and their input gradient is zero. Gradients to x, w and b.
+Tensor expert_matmul(const Tensor& x, const Tensor& w, const Tensor& b = Tensor(),
+                     const Tensor& rows = Tensor());
 
 // Soft MoE (Puigcerver et al.). logits: (G, N, E*p), slot s = e*p + j is expert e's j-th slot.
 // x: (G, N, d) -> slot inputs (E, G, p, d): each slot is a convex combination of the group's

@@ -235,6 +235,31 @@ TEST_CASE("training configs: --device is validated and saved") {
   CHECK(TrainConfig::from_json(old).device == "cpu");
 }
 
+TEST_CASE("PRC training: two views, the PRC loss is logged; a dense model is refused") {
+  namespace fs = std::filesystem;
+  const std::string dir = "/tmp/moevit_test_prc";
+  fs::remove_all(dir);
+  TrainConfig c = smoke_config();
+  c.prc = true;
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--prc needs a model with MoE layers"), Error);
+  c.vit.moe_placement = "every-2";  // block 1 of 2
+  c.vit.moe.mlp_dim = 32;
+  c.vit.moe.router.experts = 4;
+  c.vit.moe.router.importance_weight = c.vit.moe.router.load_weight = 0.f;
+  c.epochs = 1;
+  CHECK(TrainConfig::from_json(c.to_json()).to_json() == c.to_json());
+  train(c, dir, false, nullptr);
+  const std::vector<std::string> lines = read_lines(dir + "/metrics.jsonl");
+  REQUIRE(lines.size() == 1);
+  const size_t at = lines[0].find("\"prc_loss\":");
+  REQUIRE(at != std::string::npos);
+  const double prc = std::stod(lines[0].substr(at + 11));
+  CHECK(prc > 0.0);
+  // C's entries are >= 0 and sum to E, so L_diag <= 3 and L_off <= 4/3 for E = 4: below 0.082.
+  CHECK(prc < 0.082);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("Module::to(CPU) keeps every handle and drops gradients") {
   ViT m(tiny_config(), 0);
   auto before = m.named_parameters();

@@ -1,5 +1,7 @@
 // The MoE layer and MoE-ViT: equivalence with the dense MLP, placement, statistics,
 // reproducibility, configs and a resumed MoE run.
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -151,6 +153,68 @@ TEST_CASE("MoE-ViT: statistics count loads and drops") {
   CHECK(s.choices == 2 * 17 * 2);
   CHECK(filled + s.dropped == s.choices);
   CHECK(filled <= 2 * 4 * 3);
+  CHECK(s.dropped > 0);
+  // load = rows in use per expert
+  CHECK(s.load == m.moe_layers()[0]->last.assign.rows.to_vector<int64_t>());
+  // Expert choice fills every row (E*G*C); dropped counts the tokens no expert took.
+  ViTConfig ce = small_moe("expert_choice");
+  ce.moe.router.ec_capacity = 0.5f;  // C = ceil(17 * 0.5 / 4) = 3: 12 rows for 17 tokens per image
+  ViT me(ce, 3);
+  me.forward(randn({2, 1, 28, 28}));
+  const models::MoELayer& layer = *me.moe_layers()[0];
+  CHECK(layer.stats.load == std::vector<int64_t>(4, 2 * 3));
+  const auto tr = layer.last.assign.token_rows.to_vector<int64_t>();
+  const int64_t K = layer.last.assign.token_rows.size(2);
+  int64_t untaken = 0;
+  for (int64_t t = 0; t < 2 * 17; ++t)
+    untaken += std::all_of(tr.begin() + t * K, tr.begin() + (t + 1) * K, [](int64_t r) { return r < 0; });
+  CHECK(untaken >= 2 * (17 - 12));
+  CHECK(layer.stats.dropped == untaken);
+  CHECK(layer.stats.choices == 2 * 17);
+}
+
+TEST_CASE("MoE layer: packed routing matches a loop over tokens and experts") {
+  // out[t] = sum over t's kept choices of weight * expert_e(x[t]), experts GELU MLPs.
+  Generator g(9);
+  MoEConfig c;
+  c.mlp_dim = 5;
+  c.router.experts = 3;
+  c.router.k = 2;
+  c.router.capacity_eval = 0.75f;  // drops some choices
+  MoELayer moe(4, c, g, &g);
+  moe.train(false);
+  for (Tensor p : {moe.b1, moe.b2}) p.copy_(test::param(p.shape(), 10).detach());
+  Tensor x = test::param({2, 6, 4}, 11).detach();
+  const std::vector<float> out = moe.forward(x).to_vector<float>();
+  const Route& r = moe.last;
+  const auto ex = r.expert.to_vector<int64_t>(), sl = r.slot.to_vector<int64_t>();
+  const auto w = r.assign.weight.to_vector<float>(), xv = x.to_vector<float>();
+  const auto w1 = moe.w1.to_vector<float>(), b1 = moe.b1.to_vector<float>();
+  const auto w2 = moe.w2.to_vector<float>(), b2 = moe.b2.to_vector<float>();
+  const int64_t D = 4, H = 5, R = 2 * r.capacity;
+  int64_t dropped = 0;
+  std::vector<float> want(out.size(), 0.f);
+  for (int64_t t = 0; t < 12; ++t)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t e = ex[size_t(t * 2 + j)], s = sl[size_t(t * 2 + j)];
+      if (s < 0) {
+        ++dropped;
+        continue;
+      }
+      std::vector<double> hid(H);
+      for (int64_t q = 0; q < H; ++q) {
+        double a = b1[size_t(e * H + q)];
+        for (int64_t i = 0; i < D; ++i) a += double(xv[size_t(t * D + i)]) * w1[size_t((e * D + i) * H + q)];
+        hid[size_t(q)] = 0.5 * a * (1 + std::tanh(std::sqrt(2 / M_PI) * (a + 0.044715 * a * a * a)));
+      }
+      for (int64_t i = 0; i < D; ++i) {
+        double a = b2[size_t(e * D + i)];
+        for (int64_t q = 0; q < H; ++q) a += hid[size_t(q)] * w2[size_t((e * H + q) * D + i)];
+        want[size_t(t * D + i)] += float(double(w[size_t(e * R + s)]) * a);
+      }
+    }
+  CHECK(dropped > 0);
+  test::check_close(Tensor::from(out, {2, 6, 4}), want, 1e-4f, 1e-4f);
 }
 
 TEST_CASE("MoE-ViT: impossible configs are named") {

@@ -129,11 +129,12 @@ std::vector<double> matmul_d(const std::vector<float>& x, const std::vector<floa
   return out;
 }
 
-// Checks that expert e of group g holds exactly the C tokens with the largest score[g, n, e]
-// (distinct, no empty slot), with the given combine weights.
+// Checks that expert e holds, in rows g*C .. g*C + C - 1, exactly the C tokens of group g with
+// the largest score[g, n, e] (distinct; every row used), with the given combine weights.
 void check_expert_choice(const Route& r, const std::vector<double>& score, const std::vector<double>& weight) {
-  const int64_t C = r.capacity;
-  REQUIRE(r.assign.token.shape() == Shape{E, G, C});
+  const int64_t C = r.capacity, R = G * C;
+  REQUIRE(r.assign.token.shape() == Shape{E, R});
+  CHECK(r.assign.rows.to_vector<int64_t>() == std::vector<int64_t>(size_t(E), R));
   std::vector<int64_t> tok = r.assign.token.to_vector<int64_t>();
   std::vector<float> w = r.assign.weight.to_vector<float>();
   for (int64_t e = 0; e < E; ++e)
@@ -145,10 +146,12 @@ void check_expert_choice(const Route& r, const std::vector<double>& score, const
       });
       std::set<int64_t> want(order.begin(), order.begin() + C), got;
       for (int64_t c = 0; c < C; ++c) {
-        const size_t s = size_t((e * G + g) * C + c);
-        got.insert(tok[s]);
-        REQUIRE(tok[s] >= 0);
-        CHECK(w[s] == doctest::Approx(weight[size_t((g * N + tok[s]) * E + e)]).epsilon(1e-4));
+        const size_t s = size_t(e * R + g * C + c);
+        const int64_t n = tok[s] - g * N;  // tokens are flat, g*N + n
+        REQUIRE(n >= 0);
+        REQUIRE(n < N);
+        got.insert(n);
+        CHECK(w[s] == doctest::Approx(weight[size_t((g * N + n) * E + e)]).epsilon(1e-4));
       }
       CHECK(got.size() == size_t(C));  // exactly C distinct tokens
       CHECK(got == want);
@@ -217,6 +220,45 @@ TEST_CASE("routers: end-to-end gradients in training, noise and all aux losses o
     CHECK((rt.separation_loss != 0) == (std::string(type) == "multi_centroid"));
     const std::vector<int64_t> slots = rt.slot.to_vector<int64_t>();
     CHECK(std::count(slots.begin(), slots.end(), -1) > 0);
+  }
+}
+
+TEST_CASE("token-choice routers: packed buffers, rows[e] = the kept choices of expert e") {
+  for (const char* type : {"topk", "cosine", "perturbed_cosine", "multi_centroid"}) {
+    INFO(type);
+    RouterConfig c = small(type);
+    c.noise_std = 0.3f;
+    c.capacity_train = 0.75f;  // C = 3 of 3.5 choices per expert and group: some dropped
+    auto r = make(c, 26);
+    Generator g(27);
+    Route rt = r->route(test::param({G, N, D}, 28), g);
+    const int64_t C = rt.capacity, R = G * C;
+    REQUIRE(C == 3);
+    REQUIRE(rt.assign.token.shape() == Shape{E, R});
+    const auto ex = rt.expert.to_vector<int64_t>(), sl = rt.slot.to_vector<int64_t>();
+    const auto tok = rt.assign.token.to_vector<int64_t>(), rows = rt.assign.rows.to_vector<int64_t>();
+    const auto w = rt.assign.weight.to_vector<float>();
+    std::vector<int64_t> kept(size_t(E), 0);
+    int64_t dropped = 0;
+    for (int64_t t = 0; t < G * N; ++t)
+      for (int64_t j = 0; j < c.k; ++j) {
+        const int64_t e = ex[size_t(t * c.k + j)], s = sl[size_t(t * c.k + j)];
+        if (s < 0) {
+          ++dropped;
+          continue;
+        }
+        ++kept[size_t(e)];
+        REQUIRE(s < rows[size_t(e)]);
+        CHECK(tok[size_t(e * R + s)] == t);
+      }
+    CHECK(dropped > 0);
+    for (int64_t e = 0; e < E; ++e) {
+      CHECK(rows[size_t(e)] == kept[size_t(e)]);
+      for (int64_t q = rows[size_t(e)]; q < R; ++q) {  // unused rows: no token, no weight
+        CHECK(tok[size_t(e * R + q)] == -1);
+        CHECK(w[size_t(e * R + q)] == 0.f);
+      }
+    }
   }
 }
 

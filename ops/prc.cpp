@@ -1,0 +1,271 @@
+// Router-consistency losses. Both are small next to the model (PRC costs B*T*E*E flops per MoE
+// layer), so they are plain loops split over the batch. Sums that decide the value (the E x E
+// correlation, per-token min/max sums) run in double, and per-image or per-token partials sum in
+// a fixed order, so the result does not depend on the thread count.
+#include "ops/prc.h"
+
+#include <vector>
+
+#include "autograd/autograd.h"
+#include "engine/parallel.h"
+#include "ops/common.h"
+
+namespace mv::ops {
+
+namespace {
+
+// ---- PRC ----------------------------------------------------------------------------------------
+//
+// Reference-form diagonal, the normaliser. methods.md section 4 writes
+//   D[x, e] = (E / M) sum_b p_{b,x,e} q_{b,x,e},  L_diag = mean_{x,e} (D[x,e] - 1)^2,
+// with M "over all valid pairs in the batch", and the reference code (m82kada/PRC, its
+// "matrix_top1_diagonal" term) does exactly that: the per-position sums over the batch are
+// divided by the same count as C (its pc_cnt: the number of valid pairs in the whole batch), not
+// by the count of pairs at position x and not by B; an unpaired (b, x) adds zero to the sum; the
+// mean runs over all T x E cells, including positions with no valid pair at all (D = 0, a term of
+// 1). We keep that: M is the batch's total pair count, the mean is over T * E. (A consequence
+// worth knowing: D is about 1/T of a per-position normalisation, so this L_diag stays near 1 and
+// mainly rewards larger p.q; the paper form is the default.) M = 0 gives 0, as the reference does.
+
+struct PrcIn {
+  Tensor p, q, pairs;  // contiguous
+  int64_t B, T, E, M;
+};
+
+PrcIn check_prc(const char* op, const Tensor& p_, const Tensor& q_, const Tensor& pairs_) {
+  expect_cpu_f32(op, {&p_, &q_});
+  MV_CHECK(pairs_.defined() && pairs_.dtype() == DType::I64 && pairs_.device() == Device::CPU, op,
+           ": pairs must be an I64 CPU tensor, got ", pairs_.defined() ? pairs_.str() : "undefined");
+  MV_CHECK(p_.ndim() == 3 && p_.size(2) > 0, op, ": p ", p_.str(), " must be (B, T, E) with E > 0");
+  MV_CHECK(q_.shape() == p_.shape(), op, ": q ", q_.str(), " must have p's shape ",
+           shape_str(p_.shape()), " (B, T, E)");
+  const int64_t B = p_.size(0), T = p_.size(1), E = p_.size(2);
+  MV_CHECK(pairs_.shape() == (Shape{B, T}), op, ": pairs ", pairs_.str(), " must be (B, T) = (", B,
+           ", ", T, ") for p ", p_.str());
+  PrcIn in{p_.contiguous(), q_.contiguous(), pairs_.contiguous(), B, T, E, 0};
+  const int64_t* pp = in.pairs.data<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i) {
+    MV_CHECK(pp[i] >= -1 && pp[i] < T, op, ": pairs[", i / T, ", ", i % T, "] = ", pp[i],
+             " is outside [-1, ", T, ") (a view-2 token index, or -1 for none)");
+    in.M += pp[i] >= 0;
+  }
+  return in;
+}
+
+struct PrcStats {
+  std::vector<double> C;  // (E, E), already scaled by E / M
+  std::vector<double> D;  // (T, E), reference form only, scaled by E / M
+  double l_diag = 0, l_off = 0;
+};
+
+PrcStats prc_stats(const PrcIn& in, bool reference) {
+  const int64_t B = in.B, T = in.T, E = in.E;
+  PrcStats st;
+  st.C.assign(size_t(E * E), 0.0);
+  if (reference) st.D.assign(size_t(T * E), 0.0);
+  if (in.M == 0) return st;
+  const float *pp = in.p.data<float>(), *pq = in.q.data<float>();
+  const int64_t* pr = in.pairs.data<int64_t>();
+  const double scale = double(E) / double(in.M);
+
+  // C: one E x E partial per image, summed in image order.
+  std::vector<double> part(size_t(B * E * E), 0.0);
+  parallel_for(B, T * E * E * 2, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double* c = part.data() + b * E * E;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t s = pr[b * T + t];
+        if (s < 0) continue;
+        const float *pv = pp + (b * T + t) * E, *qv = pq + (b * T + s) * E;
+        for (int64_t i = 0; i < E; ++i)
+          for (int64_t j = 0; j < E; ++j) c[i * E + j] += double(pv[i]) * qv[j];
+      }
+    }
+  });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < E * E; ++k) st.C[size_t(k)] += part[size_t(b * E * E + k)];
+  for (double& c : st.C) c *= scale;
+
+  double off = 0, diag = 0;
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j) {
+      const double c = st.C[size_t(i * E + j)];
+      if (i != j) off += c * c;
+      else diag += (c - 1) * (c - 1);
+    }
+  st.l_off = E > 1 ? off / double(E * (E - 1)) : 0.0;
+
+  if (!reference) {
+    st.l_diag = diag / double(E);
+    return st;
+  }
+  // D[t, e]: each position sums over the batch (no race: threads own positions).
+  parallel_for(T, B * E * 2, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      double* d = st.D.data() + t * E;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t s = pr[b * T + t];
+        if (s < 0) continue;
+        const float *pv = pp + (b * T + t) * E, *qv = pq + (b * T + s) * E;
+        for (int64_t e = 0; e < E; ++e) d[e] += double(pv[e]) * qv[e];
+      }
+      for (int64_t e = 0; e < E; ++e) d[e] *= scale;
+    }
+  });
+  double sd = 0;
+  for (double d : st.D) sd += (d - 1) * (d - 1);
+  st.l_diag = sd / double(T * E);
+  return st;
+}
+
+}  // namespace
+
+std::pair<double, double> prc_terms(const Tensor& p, const Tensor& q, const Tensor& pairs,
+                                    const PrcOptions& opt) {
+  PrcIn in = check_prc("prc_terms", p, q, pairs);
+  PrcStats st = prc_stats(in, opt.reference_diagonal);
+  return {st.l_diag, st.l_off};
+}
+
+Tensor prc_matrix(const Tensor& p, const Tensor& q, const Tensor& pairs) {
+  PrcIn in = check_prc("prc_matrix", p, q, pairs);
+  PrcStats st = prc_stats(in, false);
+  Tensor out = Tensor::empty({in.E, in.E});
+  float* po = out.data<float>();
+  for (size_t k = 0; k < st.C.size(); ++k) po[k] = float(st.C[k]);
+  return out;
+}
+
+// L = wd L_diag + wo L_off. With G = dL/dC (E x E) and, reference form, H = dL/dD (T x E):
+//   G_ij = wo 2 C_ij / (E (E - 1))  (i != j),  G_ii = wd 2 (C_ii - 1) / E  (paper form, else 0),
+//   H[t,e] = wd 2 (D[t,e] - 1) / (T E);
+// for a valid pair n = (b, t) -> (b, s), C and D are bilinear in p_n, q_n with factor E / M:
+//   dL/dp[b,t] = (E/M) (G q[b,s] + H[t] * q[b,s]),  dL/dq[b,s] += (E/M) (G^T p[b,t] + H[t] * p[b,t]).
+Tensor prc_loss(const Tensor& p_, const Tensor& q_, const Tensor& pairs_, const PrcOptions& opt) {
+  PrcIn in = check_prc("prc_loss", p_, q_, pairs_);
+  const bool ref = opt.reference_diagonal;
+  PrcStats st = prc_stats(in, ref);
+  const double wd = opt.diag_weight, wo = opt.off_weight;
+  Tensor out = Tensor::scalar(float(wd * st.l_diag + wo * st.l_off));
+  if (!autograd::needs_graph({p_, q_})) return out;
+
+  const int64_t B = in.B, T = in.T, E = in.E, M = in.M;
+  std::vector<double> G(size_t(E * E), 0.0), H;
+  if (M > 0) {
+    for (int64_t i = 0; i < E; ++i)
+      for (int64_t j = 0; j < E; ++j) {
+        const double c = st.C[size_t(i * E + j)];
+        if (i != j) G[size_t(i * E + j)] = E > 1 ? wo * 2 * c / double(E * (E - 1)) : 0.0;
+        else if (!ref) G[size_t(i * E + j)] = wd * 2 * (c - 1) / double(E);
+      }
+    if (ref) {
+      H.resize(st.D.size());
+      for (size_t k = 0; k < H.size(); ++k) H[k] = wd * 2 * (st.D[k] - 1) / double(T * E);
+    }
+  }
+  const bool gp = p_.requires_grad(), gq = q_.requires_grad();
+  return autograd::record(
+      "prc_loss", out, {p_, q_},
+      [pd = in.p.detach(), qd = in.q.detach(), pairs = in.pairs, G = std::move(G), H = std::move(H),
+       B, T, E, M, ref, gp, gq](const Tensor& g) {
+        Tensor dp = gp ? Tensor::zeros({B, T, E}) : Tensor();
+        Tensor dq = gq ? Tensor::zeros({B, T, E}) : Tensor();
+        if (M == 0) return std::vector<Tensor>{dp, dq};  // no pairs: the loss is constant 0
+        const double k = double(g.item()) * double(E) / double(M);
+        const float *pp = pd.data<float>(), *pq = qd.data<float>();
+        const int64_t* pr = pairs.data<int64_t>();
+        float* odp = gp ? dp.data<float>() : nullptr;
+        float* odq = gq ? dq.data<float>() : nullptr;
+        // Threads own images: dq rows of image b are only written from pairs of image b.
+        parallel_for(B, T * E * E * 4, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b)
+            for (int64_t t = 0; t < T; ++t) {
+              const int64_t s = pr[b * T + t];
+              if (s < 0) continue;
+              const float *pv = pp + (b * T + t) * E, *qv = pq + (b * T + s) * E;
+              const double* h = ref ? H.data() + t * E : nullptr;
+              if (odp) {
+                float* o = odp + (b * T + t) * E;
+                for (int64_t i = 0; i < E; ++i) {
+                  double a = h ? h[i] * qv[i] : 0.0;
+                  for (int64_t j = 0; j < E; ++j) a += G[size_t(i * E + j)] * qv[j];
+                  o[i] = float(k * a);
+                }
+              }
+              if (odq) {
+                float* o = odq + (b * T + s) * E;
+                for (int64_t j = 0; j < E; ++j) {
+                  double a = h ? h[j] * pv[j] : 0.0;
+                  for (int64_t i = 0; i < E; ++i) a += G[size_t(i * E + j)] * pv[i];
+                  o[j] += float(k * a);  // several view-1 tokens may share one view-2 token
+                }
+              }
+            }
+        });
+        return std::vector<Tensor>{dp, dq};
+      });
+}
+
+// ---- Soft Jaccard -------------------------------------------------------------------------------
+// Per token J = A / U with A = sum_i min(s_i, s2_i), U = sum_i max(s_i, s2_i); loss = mean (1 - J).
+// dJ/ds_i = 1/U where s_i < s2_i (s_i is in A), -A/U^2 where s_i > s2_i (s_i is in U); likewise for
+// s2. Tie s_i == s2_i: min and max are not differentiable there; we give each input half of each
+// one-sided derivative, (1/U - A/U^2) / 2. It is the symmetric choice (swapping s and s2 swaps
+// the gradients) and it makes the gradient exactly 0 at s == s2, the loss's minimum.
+Tensor soft_jaccard_loss(const Tensor& s_, const Tensor& s2_) {
+  const char* op = "soft_jaccard_loss";
+  expect_cpu_f32(op, {&s_, &s2_});
+  MV_CHECK(s_.ndim() >= 1 && s_.numel() > 0, op, ": s ", s_.str(),
+           " must be (..., E) and non-empty");
+  MV_CHECK(s2_.shape() == s_.shape(), op, ": s2 ", s2_.str(), " must have s's shape ",
+           shape_str(s_.shape()));
+  Tensor s = s_.contiguous(), s2 = s2_.contiguous();
+  const int64_t E = s.shape().back(), N = s.numel() / E;
+  const float *pa = s.data<float>(), *pb = s2.data<float>();
+  std::vector<double> A(static_cast<size_t>(N)), U(static_cast<size_t>(N));
+  parallel_for(N, E * 4, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      double a = 0, u = 0;
+      for (int64_t i = n * E; i < (n + 1) * E; ++i) {
+        a += pa[i] < pb[i] ? pa[i] : pb[i];
+        u += pa[i] < pb[i] ? pb[i] : pa[i];
+      }
+      A[size_t(n)] = a;
+      U[size_t(n)] = u;
+    }
+  });
+  double total = 0;
+  for (int64_t n = 0; n < N; ++n)
+    if (U[size_t(n)] != 0) total += 1 - A[size_t(n)] / U[size_t(n)];
+  Tensor out = Tensor::scalar(float(total / double(N)));
+  if (!autograd::needs_graph({s_, s2_})) return out;
+  const bool ga = s_.requires_grad(), gb = s2_.requires_grad();
+  return autograd::record(
+      "soft_jaccard_loss", out, {s_, s2_},
+      [sd = s.detach(), s2d = s2.detach(), A = std::move(A), U = std::move(U), N, E, ga,
+       gb](const Tensor& g) {
+        const double k = -double(g.item()) / double(N);  // d(1 - J)/d. = -dJ/d., mean over N
+        Tensor da = ga ? Tensor::empty(sd.shape()) : Tensor();
+        Tensor db = gb ? Tensor::empty(sd.shape()) : Tensor();
+        const float *pa = sd.data<float>(), *pb = s2d.data<float>();
+        float* oa = ga ? da.data<float>() : nullptr;
+        float* ob = gb ? db.data<float>() : nullptr;
+        parallel_for(N, E * 4, [&](int64_t n0, int64_t n1) {
+          for (int64_t n = n0; n < n1; ++n) {
+            const double u = U[size_t(n)];
+            const double in_min = u != 0 ? k / u : 0.0;                          // k * 1/U
+            const double in_max = u != 0 ? -k * A[size_t(n)] / (u * u) : 0.0;   // k * -A/U^2
+            const double tie = 0.5 * (in_min + in_max);
+            for (int64_t i = n * E; i < (n + 1) * E; ++i) {
+              const double ga_i = pa[i] < pb[i] ? in_min : pa[i] > pb[i] ? in_max : tie;
+              const double gb_i = pa[i] < pb[i] ? in_max : pa[i] > pb[i] ? in_min : tie;
+              if (oa) oa[i] = float(ga_i);
+              if (ob) ob[i] = float(gb_i);
+            }
+          }
+        });
+        return std::vector<Tensor>{da, db};
+      });
+}
+
+}  // namespace mv::ops

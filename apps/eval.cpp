@@ -1,6 +1,9 @@
-// moevit eval: accuracy and confusion matrix of a checkpoint on a test set.
+// moevit eval: accuracy and confusion matrix of a checkpoint on a test set, and optionally the
+// routing consistency of an MoE model under Gaussian input noise (models/consistency.h).
 //
 //   eval runs/vit-tiny/checkpoint.safetensors [--dump-logits logits.safetensors]
+//   eval runs/vmoe/checkpoint.safetensors --consistency [--sigmas 0.05,0.1,0.2,0.5,1]
+//        [--noise-on pixels|block:N] [--noise-seed 0] [--report DIR]
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
@@ -8,6 +11,7 @@
 #include "engine/parallel.h"
 #include "engine/safetensors.h"
 #include "models/checkpoint.h"
+#include "models/consistency.h"
 #include "models/train.h"
 
 using namespace mv;
@@ -27,6 +31,18 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu | cuda: where the model runs")->capture_default_str();
   app.add_option("--threads", threads, "CPU threads (default: all cores)");
   app.add_option("--dump-logits", dump, "write the logits (and labels) to this safetensors file");
+  bool consistency = false;
+  models::ConsistencyConfig cc;
+  std::string noise_on = "pixels", report;
+  app.add_flag("--consistency", consistency,
+               "routing agreement of every MoE layer under Gaussian input noise, over a sigma sweep");
+  app.add_option("--sigmas", cc.sigmas, "noise std values, comma-separated (in normalised-pixel "
+                 "units: 5% to 100% of a pixel's std by default)")
+      ->delimiter(',')->capture_default_str();
+  app.add_option("--noise-on", noise_on, "pixels (normalised) | block:N (the token input of "
+                 "block N)")->capture_default_str();
+  app.add_option("--noise-seed", cc.seed, "seed of the noise")->capture_default_str();
+  app.add_option("--report", report, "write consistency.json, .csv and .png to this folder");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -39,7 +55,17 @@ int main(int argc, char** argv) {
     MV_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '", device, "'");
     MV_CHECK(device == "cpu" || cuda_available(), "--device cuda: no CUDA device is available (a "
              "build without CUDA, or no GPU found); use --device cpu");
+    MV_CHECK(consistency || (report.empty() && app.count("--sigmas") == 0 &&
+                             app.count("--noise-on") == 0 && app.count("--noise-seed") == 0),
+             "--sigmas, --noise-on, --noise-seed and --report need --consistency");
+    if (consistency) cc.block = models::parse_noise_on(noise_on);
     models::ViT model(c.vit, c.seed);
+    MV_CHECK(!consistency || !model.moe_layers().empty(), "--consistency: ", ckpt,
+             " is a dense model (MoE placement '", c.vit.moe_placement,
+             "'): it has no MoE layers, so no routing to compare");
+    MV_CHECK(!consistency || cc.block < c.vit.depth, "--noise-on block:", cc.block,
+             ": the model has blocks 0..", c.vit.depth - 1);
+    for (double s : cc.sigmas) MV_CHECK(s >= 0, "--sigmas: ", s, " must be >= 0");
     models::load_checkpoint(ckpt, model, nullptr);
     model.to(device == "cuda" ? Device::CUDA : Device::CPU);
     datasets::Dataset test = models::load_dataset(c.dataset, c.data_dir, false);
@@ -63,6 +89,19 @@ int main(int argc, char** argv) {
                               {"labels", Tensor::from_i64(test.labels, {test.n})}},
                        {{"checkpoint", ckpt}, {"dataset", test.name}});
       std::printf("logits written to %s\n", dump.c_str());
+    }
+    if (consistency) {
+      cc.batch = batch;
+      cc.dataset = c.dataset;
+      models::ConsistencyResult cr = models::routing_consistency(model, test, cc);
+      std::printf("\n%s", models::consistency_table(cr).c_str());
+      if (!report.empty()) {
+        models::write_consistency_report(cr, report);
+        std::printf("wrote %s/consistency.json, consistency.csv and consistency.png (mean over MoE "
+                    "layers against sigma, sweep points evenly spaced; y 0..1; top-1 blue, top-2 "
+                    "red, top-2 set green, Jaccard orange, accuracy grey dashed)\n",
+                    report.c_str());
+      }
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "eval: error: %s\n", e.what());

@@ -144,7 +144,8 @@ Tensor ViT::forward(const Tensor& images) {
   Tensor x = patch_embed->forward(patchify(images, c.patch));        // (B, N, D)
   Tensor cls_b = ops::add(Tensor::zeros({B, 1, int64_t(c.dim)}, DType::F32, cls.device()), cls);
   x = ops::concat({cls_b, x}, 1) + pos;                               // (B, T, D)
-  for (auto& b : blocks) x = b->forward(x);
+  for (size_t i = 0; i < blocks.size(); ++i)
+    x = blocks[i]->forward(block_input_hook ? block_input_hook(int(i), x) : x);
   x = norm->forward(x);
   Tensor first = ops::reshape(ops::slice(x, 1, 0, 1), {B, int64_t(c.dim)});
   return head->forward(first);

@@ -3,6 +3,7 @@
 // LayerNorm and a linear head on the CLS token. An MoE-ViT (V-MoE, Riquelme et al., 2021)
 // replaces the MLP of some blocks by an MoE layer (models/moe.h).
 #pragma once
+#include <functional>
 #include <map>
 #include <string>
 
@@ -49,6 +50,9 @@ class ViT : public Module {
   // undefined tensor when there are none (dense model, or routers without such losses).
   Tensor aux_loss() const;
   std::vector<MoELayer*> moe_layers() const;
+  // When set, forward passes each block's input through it first: (block index, x) -> x.
+  // Evaluation tools use it to perturb hidden tokens (routing consistency under noise).
+  std::function<Tensor(int, const Tensor&)> block_input_hook;
 
   ViTConfig config;
   std::shared_ptr<Linear> patch_embed;  // (C*p*p, D): a stride-p convolution as a matmul

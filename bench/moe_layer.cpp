@@ -110,8 +110,7 @@ void topk_breakdown(models::MoELayer& layer, const Tensor& x0, const Tensor& g, 
     Tensor buf = ops::dispatch(xg, r.assign);  // (E, B*C, D), packed
     const double t_dispatch = ms_since(t);
     t = Clock::now();
-    Tensor hid = ops::gelu(ops::expert_matmul(buf, layer.w1, layer.b1, r.assign.rows));
-    Tensor y = ops::expert_matmul(hid, layer.w2, layer.b2, r.assign.rows);
+    Tensor y = ops::expert_mlp(buf, layer.w1, layer.b1, layer.w2, layer.b2, r.assign.rows);
     const double t_experts = ms_since(t);
     t = Clock::now();
     Tensor out = ops::reshape(ops::combine(y, r.assign), {B, T, D});
@@ -129,7 +128,7 @@ void topk_breakdown(models::MoELayer& layer, const Tensor& x0, const Tensor& g, 
               router.median(), router.min());
   std::printf("    dispatch (ops::dispatch)                                  %7.2f (%6.2f)\n",
               dispatch.median(), dispatch.min());
-  std::printf("    experts  (expert_matmul, gelu, expert_matmul)             %7.2f (%6.2f)\n",
+  std::printf("    experts  (ops::expert_mlp, the fused GELU MLP)              %7.2f (%6.2f)\n",
               experts.median(), experts.min());
   std::printf("    combine  (ops::combine)                                   %7.2f (%6.2f)\n",
               combine.median(), combine.min());

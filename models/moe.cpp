@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "ops/elementwise.h"
+#include "ops/moe.h"
 #include "ops/shape.h"
 
 namespace mv::models {
@@ -38,13 +39,11 @@ Tensor MoELayer::forward(const Tensor& x) {
   Tensor out;
   if (soft) {
     Tensor buf = ops::reshape(ops::soft_dispatch(xg, last.soft_logits, E), {E, G * C, D});
-    Tensor h = ops::gelu(ops::expert_matmul(buf, w1, b1));
-    Tensor y = ops::reshape(ops::expert_matmul(h, w2, b2), {E, G, C, D});
+    Tensor y = ops::reshape(ops::expert_mlp(buf, w1, b1, w2, b2), {E, G, C, D});
     out = ops::soft_combine(y, last.soft_logits);
   } else {
     const ops::Assignment& a = last.assign;
-    Tensor h = ops::gelu(ops::expert_matmul(ops::dispatch(xg, a), w1, b1, a.rows));
-    out = ops::combine(ops::expert_matmul(h, w2, b2, a.rows), a);
+    out = ops::combine(ops::expert_mlp(ops::dispatch(xg, a), w1, b1, w2, b2, a.rows), a);
   }
 
   // Statistics: rows in use per expert and what routing left out.

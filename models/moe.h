@@ -1,7 +1,8 @@
 // The MoE layer (methods.md section 3): router + dispatch + all experts in one batched matmul +
 // combine. It replaces the MLP of some ViT blocks. Experts are GELU MLPs d -> h -> d whose
 // weights are stored stacked, (E, d, h) and (E, h, d), so every expert runs at once on an
-// (E, G*C, d) buffer; with token routings only each expert's rows in use are computed.
+// (E, G*C, d) buffer (ops::expert_mlp: both layers and the GELU in one op); with token routings
+// only each expert's rows in use are computed.
 #pragma once
 #include <memory>
 #include <vector>

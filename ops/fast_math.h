@@ -29,4 +29,20 @@ inline float fast_exp(float x) {
 // tanh(u) = 1 - 2 / (e^(2u) + 1): saturates cleanly to +-1 at both ends.
 inline float fast_tanh(float u) { return 1.f - 2.f / (fast_exp(2.f * u) + 1.f); }
 
+// GELU, tanh form: y = x/2 (1 + t), t = tanh(c (x + k x^3)), c = sqrt(2/pi), k = 0.044715;
+//   y' = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 k x^2).
+// One definition for ops::gelu and the fused expert MLP (ops/moe.cpp), so both give the same bits.
+inline constexpr float kGeluC = 0.7978845608028654f, kGeluK = 0.044715f;
+inline float gelu_tanh(float v) { return 0.5f * v * (1.f + fast_tanh(kGeluC * (v + kGeluK * v * v * v))); }
+inline float gelu_tanh_grad(float v) {
+  const float t = fast_tanh(kGeluC * (v + kGeluK * v * v * v));
+  return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluC * (1.f + 3.f * kGeluK * v * v);
+}
+// Both from one tanh.
+inline void gelu_tanh_both(float v, float& y, float& dy) {
+  const float t = fast_tanh(kGeluC * (v + kGeluK * v * v * v));
+  y = 0.5f * v * (1.f + t);
+  dy = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluC * (1.f + 3.f * kGeluK * v * v);
+}
+
 }  // namespace mv::ops

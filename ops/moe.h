@@ -107,6 +107,15 @@ Tensor combine(const Tensor& y, const Assignment& a);
 Tensor expert_matmul(const Tensor& x, const Tensor& w, const Tensor& b = Tensor(),
                      const Tensor& rows = Tensor());
 
+// The expert MLP in one op: x: (E, M, d), w1: (E, d, h), b1: (E, h) or undefined, w2: (E, h, o),
+// b2: (E, o) or undefined, rows: (E,) I64 in [0, M] or undefined -> (E, M, o),
+// out[e] = gelu(x[e] w1[e] + b1[e]) w2[e] + b2[e] (tanh GELU, as ops::gelu) on expert e's first
+// rows[e] rows, zero on the rest: expert_matmul(gelu(expert_matmul(x, w1, b1, rows)), w2, b2, rows)
+// without the GELU pass over the padding rows and two full (E, M, h) passes over memory. Rows past
+// rows[e] are never read and get a zero input gradient. Gradients to x, w1, b1, w2 and b2.
+Tensor expert_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                  const Tensor& rows = Tensor());
+
 // Soft MoE (Puigcerver et al.). logits: (G, N, E*p), slot s = e*p + j is expert e's j-th slot.
 // x: (G, N, d) -> slot inputs (E, G, p, d): each slot is a convex combination of the group's
 // tokens, weights softmax(logits[g, :, s]) over the N tokens. Returned as a permuted view.

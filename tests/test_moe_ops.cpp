@@ -6,6 +6,7 @@
 #include <numeric>
 #include <vector>
 
+#include "autograd/autograd.h"
 #include "ops/elementwise.h"
 #include "ops/moe.h"
 #include "ops/reduce.h"
@@ -468,6 +469,94 @@ TEST_CASE("expert_matmul with rows: the rows in use against loops, zeros elsewhe
   check_close(ops::expert_matmul(x.detach(), w.detach(), b.detach(), all), fv, 0, 0);
 }
 
+TEST_CASE("expert_mlp: forward and backward against double loops, and the composed ops") {
+  // Rows that span several 64-row blocks and thread shares, an empty expert and a short one.
+  const int64_t E = 4, M = 160, d = 16, H = 24, O = 12;
+  const std::vector<int64_t> rows = {150, 37, 0, 9};
+  Tensor rows_t = Tensor::from_i64(rows, {E});
+  Tensor x = param({E, M, d}, 71), w1 = param({E, d, H}, 72, 0.4f), b1 = param({E, H}, 73);
+  Tensor w2 = param({E, H, O}, 74, 0.4f), b2 = param({E, O}, 75);
+  Tensor out = ops::expert_mlp(x, w1, b1, w2, b2, rows_t);
+  REQUIRE(out.shape() == Shape{E, M, O});
+  const auto xv = x.to_vector<float>(), w1v = w1.to_vector<float>(), b1v = b1.to_vector<float>();
+  const auto w2v = w2.to_vector<float>(), b2v = b2.to_vector<float>();
+  // Reference in double: a = x w1 + b1, h = gelu(a) (tanh form, std::tanh), y = h w2 + b2.
+  const double c = std::sqrt(2.0 / M_PI), k = 0.044715;
+  std::vector<double> av(size_t(E * M * H), 0.0), hv(size_t(E * M * H), 0.0);
+  std::vector<float> expect(size_t(E * M * O), 0.f);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t m = 0; m < rows[size_t(e)]; ++m) {
+      for (int64_t j = 0; j < H; ++j) {
+        double s = b1v[size_t(e * H + j)];
+        for (int64_t i = 0; i < d; ++i) s += double(xv[size_t((e * M + m) * d + i)]) * w1v[size_t((e * d + i) * H + j)];
+        av[size_t((e * M + m) * H + j)] = s;
+        hv[size_t((e * M + m) * H + j)] = 0.5 * s * (1 + std::tanh(c * (s + k * s * s * s)));
+      }
+      for (int64_t o = 0; o < O; ++o) {
+        double s = b2v[size_t(e * O + o)];
+        for (int64_t j = 0; j < H; ++j) s += hv[size_t((e * M + m) * H + j)] * w2v[size_t((e * H + j) * O + o)];
+        expect[size_t((e * M + m) * O + o)] = float(s);
+      }
+    }
+  check_close(out, expect, 2e-5f, 2e-5f);  // rows past rows[e] are exactly 0 in `expect`
+  // The composed ops give the same values; without a graph too.
+  const Tensor composed = ops::expert_matmul(ops::gelu(ops::expert_matmul(x.detach(), w1.detach(), b1.detach(), rows_t)),
+                                             w2.detach(), b2.detach(), rows_t);
+  check_close(out, composed.to_vector<float>(), 1e-6f, 1e-6f);
+  {
+    autograd::NoGrad ng;
+    check_close(ops::expert_mlp(x, w1, b1, w2, b2, rows_t), out.to_vector<float>(), 0, 0);
+  }
+  // Backward with a gradient that is nonzero on unused rows too: they must add nothing.
+  Tensor g = randn({E, M, O});
+  const auto gv = g.to_vector<float>();
+  out.backward(g);
+  std::vector<float> dx(size_t(E * M * d), 0.f), dw1(size_t(E * d * H), 0.f), db1(size_t(E * H), 0.f);
+  std::vector<float> dw2(size_t(E * H * O), 0.f), db2(size_t(E * O), 0.f);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = rows[size_t(e)];
+    std::vector<double> da(size_t(n * H));
+    for (int64_t m = 0; m < n; ++m)
+      for (int64_t j = 0; j < H; ++j) {
+        double dh = 0;
+        for (int64_t o = 0; o < O; ++o) dh += double(gv[size_t((e * M + m) * O + o)]) * w2v[size_t((e * H + j) * O + o)];
+        const double a = av[size_t((e * M + m) * H + j)], t = std::tanh(c * (a + k * a * a * a));
+        da[size_t(m * H + j)] = dh * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * c * (1 + 3 * k * a * a));
+      }
+    for (int64_t m = 0; m < n; ++m)
+      for (int64_t i = 0; i < d; ++i) {
+        double s = 0;
+        for (int64_t j = 0; j < H; ++j) s += da[size_t(m * H + j)] * w1v[size_t((e * d + i) * H + j)];
+        dx[size_t((e * M + m) * d + i)] = float(s);
+      }
+    for (int64_t j = 0; j < H; ++j) {
+      double sb = 0;
+      for (int64_t m = 0; m < n; ++m) sb += da[size_t(m * H + j)];
+      db1[size_t(e * H + j)] = float(sb);
+      for (int64_t i = 0; i < d; ++i) {
+        double s = 0;
+        for (int64_t m = 0; m < n; ++m) s += double(xv[size_t((e * M + m) * d + i)]) * da[size_t(m * H + j)];
+        dw1[size_t((e * d + i) * H + j)] = float(s);
+      }
+      for (int64_t o = 0; o < O; ++o) {
+        double s = 0;
+        for (int64_t m = 0; m < n; ++m) s += hv[size_t((e * M + m) * H + j)] * gv[size_t((e * M + m) * O + o)];
+        dw2[size_t((e * H + j) * O + o)] = float(s);
+      }
+    }
+    for (int64_t o = 0; o < O; ++o) {
+      double s = 0;
+      for (int64_t m = 0; m < n; ++m) s += gv[size_t((e * M + m) * O + o)];
+      db2[size_t(e * O + o)] = float(s);
+    }
+  }
+  check_close(x.grad(), dx, 2e-5f, 2e-5f);
+  check_close(w1.grad(), dw1, 2e-4f, 2e-5f);
+  check_close(b1.grad(), db1, 2e-5f, 2e-5f);
+  check_close(w2.grad(), dw2, 2e-4f, 2e-5f);
+  check_close(b2.grad(), db2, 2e-5f, 2e-5f);
+}
+
 TEST_CASE("topk_load_probs: against a double reference, the composed ops, and saturation") {
   const int64_t G = 2, N = 5, E = 4;
   const int k = 2;
@@ -562,6 +651,14 @@ TEST_CASE("sparse MoE ops: gradients") {
     const Tensor rows = Tensor::from_i64({4, 1, 0}, {3});
     check_grad([&](const std::vector<Tensor>& v) { return ops::expert_matmul(v[0], v[1], v[2], rows); },
                {param({3, 4, 5}, 35), param({3, 5, 2}, 36), param({3, 2}, 37)});
+  }
+  SUBCASE("expert_mlp") {
+    const Tensor rows = Tensor::from_i64({4, 1, 0}, {3});
+    check_grad([&](const std::vector<Tensor>& v) { return ops::expert_mlp(v[0], v[1], v[2], v[3], v[4], rows); },
+               {param({3, 4, 5}, 81), param({3, 5, 6}, 82), param({3, 6}, 83), param({3, 6, 2}, 84),
+                param({3, 2}, 85)});
+    check_grad([](const std::vector<Tensor>& v) { return ops::expert_mlp(v[0], v[1], Tensor(), v[2], Tensor()); },
+               {param({2, 3, 4}, 86), param({2, 4, 5}, 87), param({2, 5, 3}, 88)});
   }
   SUBCASE("soft_dispatch and soft_combine") {
     check_grad([](const std::vector<Tensor>& v) { return ops::soft_dispatch(v[0], v[1], 3); },
@@ -689,6 +786,21 @@ TEST_CASE("sparse MoE ops: errors name the op, the shapes and the values") {
   CHECK_THROWS_WITH_AS(ops::combine(Tensor::zeros({3, 2, 5}), bad),
                        doctest::Contains("combine: assignment weights F32 (3, 3) cpu do not match"), Error);
 
+  CHECK_THROWS_WITH_AS(ops::expert_mlp(Tensor::zeros({3, 4, 5}), Tensor::zeros({3, 6, 2}), Tensor(),
+                                       Tensor::zeros({3, 2, 5}), Tensor()),
+                       doctest::Contains("expert_mlp: w1 F32 (3, 6, 2) cpu must be (3, 5, h)"), Error);
+  CHECK_THROWS_WITH_AS(ops::expert_mlp(Tensor::zeros({3, 4, 5}), Tensor::zeros({3, 5, 2}), Tensor(),
+                                       Tensor::zeros({3, 3, 5}), Tensor()),
+                       doctest::Contains("expert_mlp: w2 F32 (3, 3, 5) cpu must be (3, 2, o)"), Error);
+  CHECK_THROWS_WITH_AS(ops::expert_mlp(Tensor::zeros({3, 4, 5}), Tensor::zeros({3, 5, 2}), Tensor::zeros({3, 5}),
+                                       Tensor::zeros({3, 2, 5}), Tensor()),
+                       doctest::Contains("expert_mlp: b1 F32 (3, 5) cpu must be (3, 2)"), Error);
+  CHECK_THROWS_WITH_AS(ops::expert_mlp(Tensor::zeros({3, 4, 5}), Tensor::zeros({3, 5, 2}), Tensor(),
+                                       Tensor::zeros({3, 2, 5}), Tensor::zeros({3, 2})),
+                       doctest::Contains("expert_mlp: b2 F32 (3, 2) cpu must be (3, 5)"), Error);
+  CHECK_THROWS_WITH_AS(ops::expert_mlp(Tensor::zeros({3, 4, 5}), Tensor::zeros({3, 5, 2}), Tensor(),
+                                       Tensor::zeros({3, 2, 5}), Tensor(), Tensor::from_i64({4, 5, 0}, {3})),
+                       doctest::Contains("expert_mlp: rows[1] = 5 is outside [0, 4]"), Error);
   CHECK_THROWS_WITH_AS(ops::expert_matmul(Tensor::zeros({3, 4, 5}), Tensor::zeros({3, 6, 2})),
                        doctest::Contains("expert_matmul: w F32 (3, 6, 2) cpu must be (3, 5, h)"), Error);
   CHECK_THROWS_WITH_AS(ops::expert_matmul(Tensor::zeros({3, 4, 5}), Tensor::zeros({2, 5, 2})),

@@ -1,7 +1,9 @@
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 
 #include "engine/memory.h"
+#include "engine/parallel.h"
 #include "engine/philox.h"
 #include "engine/random.h"
 #include "engine/safetensors.h"
@@ -104,6 +106,29 @@ TEST_CASE("random tensors: reproducible, offsets advance, moments right") {
 
   std::vector<float> tn = trunc_normal({10000}, 0.02f, -2.f, 2.f, g).to_vector<float>();
   for (float x : tn) CHECK_UNARY(std::fabs(x) <= 0.04f + 1e-7f);
+}
+
+TEST_CASE("randn is philox::normal draw for draw, bitwise, at any thread count and odd sizes") {
+  // randn computes the Box-Muller pairs once per block and splits them over threads; every value
+  // must still be exactly philox::normal(seed, offset, i), which the CUDA kernel matches too.
+  const int saved = num_threads();
+  for (int threads : {1, 2, 3}) {
+    set_num_threads(threads);
+    for (int64_t n : {int64_t(1), int64_t(7), int64_t(40001)}) {
+      Generator g(11);
+      g.offset = 5;
+      const std::vector<float> v = randn({n}, g).to_vector<float>();
+      CHECK(g.offset == uint64_t(5 + (n + 1) / 2));
+      int64_t mismatches = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float ref = philox::normal(11, 5, uint64_t(i));
+        mismatches += std::memcmp(&v[size_t(i)], &ref, sizeof ref) != 0;
+      }
+      INFO("threads " << threads << ", n " << n);
+      CHECK(mismatches == 0);
+    }
+  }
+  set_num_threads(saved);
 }
 
 static std::string tmp_path(const char* name) { return std::string("/tmp/moevit_test_") + name; }

@@ -92,26 +92,32 @@ bool Loader::next(Batch& out) {
   return false;
 }
 
-Batch Loader::build(int64_t k, const std::vector<int64_t>& order, Generator& g) const {
+// Batch k's indices and labels in the order of `order`.
+Batch Loader::start_batch(int64_t k, const std::vector<int64_t>& order) const {
   const int64_t begin = k * batch_size_;
   const int64_t B = std::min<int64_t>(batch_size_, data_.n - begin);
-  const int64_t C = data_.channels, H = data_.height, W = data_.width;
-  const int oh = aug_.out_h(H), ow = aug_.out_w(W);
-
   Batch b;
   b.batch_index = k;
   b.indices.assign(order.begin() + begin, order.begin() + begin + B);
+  b.labels = Tensor::empty({B}, DType::I64);
+  int64_t* lab = b.labels.data<int64_t>();
+  for (int64_t i = 0; i < B; ++i) lab[i] = data_.labels[size_t(b.indices[size_t(i)])];
+  return b;
+}
+
+Batch Loader::build(int64_t k, const std::vector<int64_t>& order, Generator& g) const {
+  Batch b = start_batch(k, order);
+  const int64_t B = b.labels.numel();
+  const int64_t C = data_.channels, H = data_.height, W = data_.width;
+  const int oh = aug_.out_h(H), ow = aug_.out_w(W);
   b.boxes = aug_.sample(B, H, W, g);
   b.images = Tensor::empty({B, C, oh, ow});
-  b.labels = Tensor::empty({B}, DType::I64);
   float* img = b.images.data<float>();
-  int64_t* lab = b.labels.data<int64_t>();
   const int64_t plane = int64_t(oh) * ow;  // crop, /255 and normalisation in one pass per image
   // Serial on purpose: this thread runs beside the training step's OpenMP team; a second team
   // here would fight it for the same cores.
   for (int64_t i = 0; i < B; ++i) {
     const int64_t idx = b.indices[size_t(i)];
-    lab[i] = data_.labels[size_t(idx)];
     float* dst = img + i * C * plane;
     crop_image_u8(data_.image(idx), C, H, W, b.boxes[size_t(i)], oh, ow, dst, norm_);
   }
@@ -130,27 +136,19 @@ void Loader::set_two_view(std::optional<TwoViewConfig> cfg) {
 
 Batch Loader::build_two_view(int64_t k, const std::vector<int64_t>& order, Generator& g,
                              const TwoViewConfig& cfg) const {
-  const int64_t begin = k * batch_size_;
-  const int64_t B = std::min<int64_t>(batch_size_, data_.n - begin);
+  Batch b = start_batch(k, order);
+  const int64_t B = b.labels.numel();
   const int64_t C = data_.channels, H = data_.height, W = data_.width;
   const int oh = cfg.out_h(H), ow = cfg.out_w(W);
-
-  Batch b;
-  b.batch_index = k;
-  b.indices.assign(order.begin() + begin, order.begin() + begin + B);
   TwoViewBoxes boxes = sample_two_views(B, H, W, cfg, g);
   b.boxes = std::move(boxes.view1);
   b.boxes2 = std::move(boxes.view2);
   b.images = Tensor::empty({B, C, oh, ow});
   b.images2 = Tensor::empty({B, C, oh, ow});
-  b.labels = Tensor::empty({B}, DType::I64);
   float *img = b.images.data<float>(), *img2 = b.images2.data<float>();
-  int64_t* lab = b.labels.data<int64_t>();
   const int64_t plane = int64_t(oh) * ow;
   for (int64_t i = 0; i < B; ++i) {  // serial, as in build()
-    const int64_t idx = b.indices[size_t(i)];
-    lab[i] = data_.labels[size_t(idx)];
-    const uint8_t* src = data_.image(idx);
+    const uint8_t* src = data_.image(b.indices[size_t(i)]);
     crop_image_u8(src, C, H, W, b.boxes[size_t(i)], oh, ow, img + i * C * plane, norm_);
     crop_image_u8(src, C, H, W, b.boxes2[size_t(i)], oh, ow, img2 + i * C * plane, norm_);
   }

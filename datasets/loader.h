@@ -78,6 +78,7 @@ class Loader {
   void stop_worker();
   void work(int epoch, std::vector<int64_t> order, std::function<void(Batch&)> hook,
             std::optional<TwoViewConfig> two_view);
+  Batch start_batch(int64_t k, const std::vector<int64_t>& order) const;
   Batch build(int64_t k, const std::vector<int64_t>& order, Generator& g) const;
   Batch build_two_view(int64_t k, const std::vector<int64_t>& order, Generator& g,
                        const TwoViewConfig& cfg) const;

@@ -555,6 +555,28 @@ Assignment expert_choice_route(const Tensor& scores_, int64_t C, const Tensor& w
 
 // ---- dispatch and combine ----------------------------------------------------------------------
 
+// token_rows: (G, N, K) rows of each token (-1: none), src: (E*R, d), w: (E*R,) or null
+// -> dst[t] = sum over t's rows of w[row] * src[row] (w = 1 when null); zeros for a token with
+// none. Combine forward and dispatch backward: each thread writes only its own tokens.
+static void sum_token_rows(const Tensor& token_rows, const float* src, const float* w, int64_t d,
+                           float* dst) {
+  const int64_t* ptr = token_rows.data<int64_t>();
+  const int64_t K = token_rows.size(2);
+  parallel_for(token_rows.size(0) * token_rows.size(1), 2 * K * d, [&](int64_t s, int64_t e) {
+    for (int64_t t = s; t < e; ++t) {
+      float* out = dst + t * d;
+      std::fill(out, out + d, 0.f);
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t row = ptr[t * K + j];
+        if (row < 0) continue;
+        const float wi = w ? w[row] : 1.f;
+        const float* in = src + row * d;
+        for (int64_t c = 0; c < d; ++c) out[c] += wi * in[c];
+      }
+    }
+  });
+}
+
 // out[e, r] = x[token[e, r]] (zeros when unused); dx[t] = sum of the gradients of t's rows
 Tensor dispatch(const Tensor& x_, const Assignment& a) {
   expect_cpu_f32("dispatch", {&x_});
@@ -581,29 +603,8 @@ Tensor dispatch(const Tensor& x_, const Assignment& a) {
     });
   });
   return record("dispatch", out, {x_}, [token_rows = a.token_rows.contiguous(), G, N, d](const Tensor& g_) {
-    Tensor gy = g_.contiguous();
-    const float* pgy = gy.data<float>();
-    const int64_t* ptr = token_rows.data<int64_t>();
-    const int64_t K = token_rows.size(2);
     Tensor gx = Tensor::empty({G, N, d});
-    float* po = gx.data<float>();
-    parallel_for(G * N, K * d, [&](int64_t s, int64_t e) {
-      for (int64_t t = s; t < e; ++t) {
-        float* dst = po + t * d;
-        bool first = true;
-        for (int64_t j = 0; j < K; ++j) {
-          const int64_t row = ptr[t * K + j];
-          if (row < 0) continue;
-          const float* src = pgy + row * d;
-          if (first)
-            std::copy(src, src + d, dst);
-          else
-            for (int64_t c = 0; c < d; ++c) dst[c] += src[c];
-          first = false;
-        }
-        if (first) std::fill(dst, dst + d, 0.f);
-      }
-    });
+    sum_token_rows(token_rows, g_.contiguous().data<float>(), nullptr, d, gx.data<float>());
     return std::vector<Tensor>{gx};
   });
 }
@@ -617,32 +618,9 @@ Tensor combine(const Tensor& y_, const Assignment& a) {
   MV_CHECK(y_.ndim() == 3 && y_.size(0) == E && y_.size(1) == R, "combine: y ", y_.str(),
            " does not match the assignment ", a.token.str(), ": expected (", E, ", ", R, ", d)");
   const int64_t d = y_.size(2);
-  const Tensor token_rows = a.token_rows.contiguous();
-  const int64_t* ptr = token_rows.data<int64_t>();
-  const int64_t K = token_rows.size(2);
   Tensor y = y_.contiguous(), w = a.weight.contiguous();
-  const float* py = y.data<float>();
-  const float* pw = w.data<float>();
   Tensor out = Tensor::empty({G, N, d});
-  float* po = out.data<float>();
-  parallel_for(G * N, 2 * K * d, [&](int64_t s, int64_t e) {
-    for (int64_t t = s; t < e; ++t) {
-      float* dst = po + t * d;
-      bool first = true;
-      for (int64_t j = 0; j < K; ++j) {
-        const int64_t row = ptr[t * K + j];
-        if (row < 0) continue;
-        const float wi = pw[row];
-        const float* src = py + row * d;
-        if (first)
-          for (int64_t c = 0; c < d; ++c) dst[c] = wi * src[c];
-        else
-          for (int64_t c = 0; c < d; ++c) dst[c] += wi * src[c];
-        first = false;
-      }
-      if (first) std::fill(dst, dst + d, 0.f);
-    }
-  });
+  sum_token_rows(a.token_rows.contiguous(), y.data<float>(), w.data<float>(), d, out.data<float>());
   const bool gy = y_.requires_grad(), gw = a.weight.requires_grad();
   return record("combine", out, {y_, a.weight},
                 [token = a.token.contiguous(), rows = to_rows_vector(a.rows), y = y.detach(), w = w.detach(), gy, gw,

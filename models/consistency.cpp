@@ -15,6 +15,7 @@
 #include "ops/elementwise.h"
 #include "ops/reduce.h"
 #include "ops/shape.h"
+#include "ops/topk.h"
 
 // stb_easy_font (Debian's libstb-dev, header-only, all static): a tiny vector font for the plot.
 // PNG encoding goes through engine/png.h, the project's one stb_image_write.
@@ -69,21 +70,10 @@ std::vector<int32_t> ranked_experts(const Tensor& probs, int L) {
            " must be F32 (..., E)");
   const int64_t E = p.size(-1), n = p.numel() / std::max<int64_t>(E, 1);
   MV_CHECK(L >= 1 && L <= E, "ranked_experts: ", L, " experts per token asked of ", p.str());
-  const float* d = p.data<float>();
+  // ops::topk sorts descending with ties to the lower index, the order the metrics need.
+  const std::vector<int64_t> idx = ops::topk(p.detach(), L).indices.to_vector<int64_t>();
   std::vector<int32_t> out(size_t(n * L));
-  for (int64_t t = 0; t < n; ++t) {
-    const float* row = d + t * E;
-    int32_t* o = out.data() + t * L;
-    // L rounds of argmax over the experts not yet taken; strict > keeps ties at the lower index.
-    for (int r = 0; r < L; ++r) {
-      int32_t best = -1;
-      for (int32_t e = 0; e < int32_t(E); ++e) {
-        if (std::find(o, o + r, e) != o + r) continue;
-        if (best < 0 || row[e] > row[best]) best = e;
-      }
-      o[r] = best;
-    }
-  }
+  std::transform(idx.begin(), idx.end(), out.begin(), [](int64_t e) { return int32_t(e); });
   return out;
 }
 

@@ -6,6 +6,8 @@
 
 #include "autograd/autograd.h"
 #include "engine/random.h"
+#include "ops/shape.h"
+#include "ops/softmax.h"
 
 namespace mv::models {
 
@@ -58,19 +60,13 @@ std::vector<float> soft_slot_weights(const Route& r, int64_t images, int64_t slo
   const int64_t G = L.size(0), N = L.size(1), S = L.size(2);
   MV_CHECK(slot >= 0 && slot < S, "soft_slot_weights: slot ", slot, " out of range: the router has ",
            S, " slots (experts x slots per expert), expected 0..", S - 1);
-  const std::vector<float> l = L.to_vector<float>();
-  // Dispatch: per group, a softmax over its N tokens of the slot's logits.
-  std::vector<double> w(size_t(G * N));
-  for (int64_t g = 0; g < G; ++g) {
-    double mx = -INFINITY, sum = 0;
-    for (int64_t n = 0; n < N; ++n) mx = std::max(mx, double(l[size_t((g * N + n) * S + slot)]));
-    for (int64_t n = 0; n < N; ++n)
-      sum += w[size_t(g * N + n)] = std::exp(double(l[size_t((g * N + n) * S + slot)]) - mx);
-    for (int64_t n = 0; n < N; ++n) w[size_t(g * N + n)] /= sum;
-  }
+  // Dispatch: per group, a softmax over its N tokens of the slot's logits -> (G, 1, N).
+  const std::vector<float> w =
+      ops::softmax(ops::transpose(ops::slice(L.to(Device::CPU), 2, slot, slot + 1), 1, 2))
+          .to_vector<float>();
   std::vector<float> out(size_t(images * P));
   for (int64_t b = 0; b < images; ++b)
-    for (int64_t q = 0; q < P; ++q) out[size_t(b * P + q)] = float(w[size_t(b * T + q + 1)]);
+    for (int64_t q = 0; q < P; ++q) out[size_t(b * P + q)] = w[size_t(b * T + q + 1)];
   return out;
 }
 

@@ -64,6 +64,11 @@ int main(int argc, char** argv) {
   app.add_option("--prc-off-weight", c.prc_off_weight)->capture_default_str();
   app.add_flag("--prc-reference-diagonal", c.prc_reference_diagonal,
                "the reference code's per-position diagonal term instead of the paper's");
+  app.add_option("--jaccard-weight", c.jaccard_weight, "noise-injection consistency loss: 1 - "
+                 "soft Jaccard of router probabilities with and without noise (0: off)")
+      ->capture_default_str();
+  app.add_option("--jaccard-sigma", c.jaccard_sigma, "std of the noise added to each MoE "
+                 "block's token input for that loss")->capture_default_str();
   app.add_option("--group", group, "route tokens per image (default) or per batch")
       ->check(CLI::IsMember({"image", "batch"}));
   app.add_option("--epochs", c.epochs)->capture_default_str();

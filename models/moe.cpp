@@ -24,11 +24,22 @@ MoELayer::MoELayer(int64_t dim, const MoEConfig& c, Generator& init, Generator* 
   stats.reset(c.router.experts);
 }
 
-Tensor MoELayer::forward(const Tensor& x) {
+// x: (B, T, D) -> (G, N, D), one group per image or the whole batch as one.
+static Tensor groups(const Tensor& x, const MoEConfig& c) {
   MV_CHECK(x.ndim() == 3, "MoE layer: input ", x.str(), " must be (B, T, D)");
+  const int64_t B = x.size(0), G = c.group_per_batch ? 1 : B;
+  return ops::reshape(x, {G, B * x.size(1) / G, x.size(2)});
+}
+
+Tensor MoELayer::router_probs(const Tensor& x) {
+  router->train(training());
+  return router->route(groups(x, config), *noise_).probs;
+}
+
+Tensor MoELayer::forward(const Tensor& x) {
+  const Tensor xg = groups(x, config);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), E = config.router.experts;
-  const int64_t G = config.group_per_batch ? 1 : B, N = B * T / G;
-  const Tensor xg = ops::reshape(x, {G, N, D});
+  const int64_t G = xg.size(0), N = xg.size(1);
   router->train(training());
   last = router->route(xg, *noise_);
   const bool soft = config.router.type == "soft";

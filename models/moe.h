@@ -35,6 +35,9 @@ class MoELayer : public FeedForward {
   // the layer (the ViT owns it and saves it in checkpoints).
   MoELayer(int64_t dim, const MoEConfig& config, Generator& init, Generator* noise);
   Tensor forward(const Tensor& x) override;  // x: (B, T, D) -> (B, T, D)
+  // x: (B, T, D) -> (G, N, E) the router's clean probabilities for x, in the layer's groups,
+  // without running the experts or touching `last` and `stats` (the noise-injection loss).
+  Tensor router_probs(const Tensor& x);
 
   MoEConfig config;
   std::shared_ptr<Router> router;

@@ -57,7 +57,7 @@ std::vector<float> soft_slot_weights(const Route& r, int64_t images, int64_t slo
            "Soft MoE router (soft) dispatches tokens into slots");
   const Tensor& L = r.soft_logits;
   const int64_t T = tokens_per_image(L, images, "soft_slot_weights"), P = T - 1;
-  const int64_t G = L.size(0), N = L.size(1), S = L.size(2);
+  const int64_t S = L.size(2);
   MV_CHECK(slot >= 0 && slot < S, "soft_slot_weights: slot ", slot, " out of range: the router has ",
            S, " slots (experts x slots per expert), expected 0..", S - 1);
   // Dispatch: per group, a softmax over its N tokens of the slot's logits -> (G, 1, N).

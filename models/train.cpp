@@ -119,6 +119,10 @@ void TrainConfig::validate() const {
            "experts; Soft MoE mixes tokens into slots");
   MV_CHECK(prc_diag_weight >= 0 && prc_off_weight >= 0, "--prc-diag-weight and "
            "--prc-off-weight must be >= 0, got ", prc_diag_weight, " and ", prc_off_weight);
+  MV_CHECK(jaccard_weight >= 0 && jaccard_sigma > 0, "--jaccard-weight must be >= 0 and "
+           "--jaccard-sigma > 0, got ", jaccard_weight, " and ", jaccard_sigma);
+  MV_CHECK(jaccard_weight == 0 || vit.moe_placement != "none", "--jaccard-weight needs a model "
+           "with MoE layers; model '", model, "' is dense");
 }
 
 // The MoE part of a ViT config, every field, so a checkpoint rebuilds exactly its model.
@@ -162,7 +166,8 @@ std::string TrainConfig::to_json() const {
       {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
       {"limit_test", limit_test}, {"device", device}, {"prc", prc},
       {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
-      {"prc_reference_diagonal", prc_reference_diagonal}};
+      {"prc_reference_diagonal", prc_reference_diagonal}, {"jaccard_weight", jaccard_weight},
+      {"jaccard_sigma", jaccard_sigma}};
   if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
   return j.dump();
 }
@@ -186,6 +191,8 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.prc_diag_weight = j.value("prc_diag_weight", c.prc_diag_weight);
     c.prc_off_weight = j.value("prc_off_weight", c.prc_off_weight);
     c.prc_reference_diagonal = j.value("prc_reference_diagonal", false);
+    c.jaccard_weight = j.value("jaccard_weight", 0.f);  // ... and from before --jaccard-weight
+    c.jaccard_sigma = j.value("jaccard_sigma", c.jaccard_sigma);
   } catch (const nlohmann::json::exception& e) {
     MV_FAIL("training configuration: ", e.what());
   }
@@ -314,6 +321,7 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
            train_set.num_classes);
 
   ViT model(cfg.vit, cfg.seed);
+  if (cfg.jaccard_weight > 0) model.jaccard_sigma = cfg.jaccard_sigma;
   const Device dev = cfg.device == "cuda" ? Device::CUDA : Device::CPU;
   model.to(dev);  // before the optimizer, so its state is allocated on the same device
   std::unique_ptr<Optimizer> opt;
@@ -355,7 +363,7 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
   const int end_epoch = stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs;
   for (int epoch = start_epoch; epoch < end_epoch; ++epoch) {
     const auto t0 = Clock::now();
-    double compute_s = 0, loss_sum = 0, correct = 0, prc_sum = 0;
+    double compute_s = 0, loss_sum = 0, correct = 0, prc_sum = 0, jaccard_sum = 0;
     int64_t seen = 0;
     Progress bar(log, epoch + 1, cfg.epochs, per_epoch);
     for (MoELayer* m : model.moe_layers()) m->stats.reset(m->config.router.experts);
@@ -374,6 +382,12 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
         const Tensor prc = prc_loss(prc_layers, b.pairs.to(dev), cfg);
         prc_sum += double(prc.item());
         extra = extra.defined() ? extra + prc : prc;
+      }
+      if (cfg.jaccard_weight > 0) {
+        const Tensor j = model.jaccard_loss();
+        jaccard_sum += double(j.item());
+        const Tensor wj = ops::mul(j, cfg.jaccard_weight);
+        extra = extra.defined() ? extra + wj : wj;
       }
       if (extra.defined()) loss = loss + extra;
       const float total_v = extra.defined() ? loss.item() : lv;
@@ -417,6 +431,7 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
         {"epoch_seconds", epoch_s}, {"images_per_second", res.images_per_second}};
     if (!moe.empty()) line["moe"] = moe;
     if (cfg.prc) line["prc_loss"] = prc_sum / double(per_epoch);  // weighted, summed over layers
+    if (cfg.jaccard_weight > 0) line["jaccard_loss"] = jaccard_sum / double(per_epoch);  // unweighted
     metrics << line.dump() << "\n" << std::flush;
     if (log) {
       std::fprintf(log, "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",

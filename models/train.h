@@ -49,6 +49,9 @@ struct TrainConfig {
   bool prc = false;
   float prc_diag_weight = 0.005f, prc_off_weight = 0.05f;
   bool prc_reference_diagonal = false;  // the reference code's per-position diagonal term
+  // The noise-injection consistency loss (methods.md section 5; ViT::jaccard_loss): weight
+  // (0: off) and the sigma of the Gaussian noise added to each MoE block's token input.
+  float jaccard_weight = 0.f, jaccard_sigma = 0.5f;
 
   void validate() const;  // throws naming the flag that is out of range
   std::string to_json() const;

@@ -1,6 +1,7 @@
 #include "models/vit.h"
 
 #include "ops/elementwise.h"
+#include "ops/prc.h"
 #include "ops/shape.h"
 
 namespace mv::models {
@@ -113,9 +114,17 @@ Block::Block(const ViTConfig& c, int i, Generator& g, Generator* noise) {
     ffn = register_module<FeedForward>("mlp", std::make_shared<MLP>(c.dim, c.mlp_dim, g));
 }
 
+Tensor Block::attend(const Tensor& x) { return x + attn->forward(ln1->forward(x)); }
+
 Tensor Block::forward(const Tensor& x) {
-  Tensor h = x + attn->forward(ln1->forward(x));
+  Tensor h = attend(x);
   return h + ffn->forward(ln2->forward(h));
+}
+
+Tensor Block::perturbed_probs(const Tensor& x, float sigma, Generator& g) {
+  MV_CHECK(moe, "Block::perturbed_probs: the block has no MoE layer");
+  const Tensor eps = ops::mul(randn(x.shape(), g).to(x.device()), sigma);  // no graph needed
+  return moe->router_probs(ln2->forward(attend(x + eps)));
 }
 
 ViT::ViT(const ViTConfig& c, uint64_t seed)
@@ -144,8 +153,15 @@ Tensor ViT::forward(const Tensor& images) {
   Tensor x = patch_embed->forward(patchify(images, c.patch));        // (B, N, D)
   Tensor cls_b = ops::add(Tensor::zeros({B, 1, int64_t(c.dim)}, DType::F32, cls.device()), cls);
   x = ops::concat({cls_b, x}, 1) + pos;                               // (B, T, D)
-  for (size_t i = 0; i < blocks.size(); ++i)
-    x = blocks[i]->forward(block_input_hook ? block_input_hook(int(i), x) : x);
+  jaccard_.clear();
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const Tensor in = block_input_hook ? block_input_hook(int(i), x) : x;
+    x = blocks[i]->forward(in);
+    if (training() && jaccard_sigma > 0 && blocks[i]->moe) {  // after the clean routing
+      const Tensor perturbed = blocks[i]->perturbed_probs(in, jaccard_sigma, *route_noise);
+      jaccard_.push_back(ops::soft_jaccard_loss(blocks[i]->moe->last.probs, perturbed));
+    }
+  }
   x = norm->forward(x);
   Tensor first = ops::reshape(ops::slice(x, 1, 0, 1), {B, int64_t(c.dim)});
   return head->forward(first);
@@ -156,6 +172,13 @@ Tensor ViT::aux_loss() const {
   for (MoELayer* m : moe_layers())
     if (m->last.aux_loss.defined()) sum = sum.defined() ? sum + m->last.aux_loss : m->last.aux_loss;
   return sum;
+}
+
+Tensor ViT::jaccard_loss() const {
+  if (jaccard_.empty()) return {};
+  Tensor sum = jaccard_[0];
+  for (size_t i = 1; i < jaccard_.size(); ++i) sum = sum + jaccard_[i];
+  return ops::mul(sum, 1.f / float(jaccard_.size()));
 }
 
 std::vector<MoELayer*> ViT::moe_layers() const {

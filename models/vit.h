@@ -36,10 +36,16 @@ class Block : public Module {
   // Block i of the model: its MLP is an MoE layer when c.is_moe_block(i).
   Block(const ViTConfig& c, int i, Generator& g, Generator* noise);
   Tensor forward(const Tensor& x);  // (B, T, D) -> (B, T, D)
+  // MoE blocks: x (B, T, D), the block's input -> (G, N, E) the router probabilities of
+  // x + N(0, sigma^2) noise drawn from g, after this block's attention (noise-injection loss).
+  Tensor perturbed_probs(const Tensor& x, float sigma, Generator& g);
   std::shared_ptr<LayerNorm> ln1, ln2;
   std::shared_ptr<MultiHeadAttention> attn;
   std::shared_ptr<FeedForward> ffn;
   std::shared_ptr<MoELayer> moe;  // == ffn in an MoE block, else null
+
+ private:
+  Tensor attend(const Tensor& x);  // x + Attn(LN(x))
 };
 
 class ViT : public Module {
@@ -50,6 +56,13 @@ class ViT : public Module {
   // undefined tensor when there are none (dense model, or routers without such losses).
   Tensor aux_loss() const;
   std::vector<MoELayer*> moe_layers() const;
+  // Noise-injection consistency (methods.md section 5), a training regulariser: with
+  // jaccard_sigma > 0, a training forward also passes each MoE block's input plus
+  // N(0, sigma^2) noise (drawn from route_noise) through that block's attention and router, and
+  // jaccard_loss() returns 1 - soft Jaccard of the clean and the perturbed router probabilities,
+  // averaged over tokens and MoE layers (a scalar; undefined when off).
+  float jaccard_sigma = 0;
+  Tensor jaccard_loss() const;
   // When set, forward passes each block's input through it first: (block index, x) -> x.
   // Evaluation tools use it to perturb hidden tokens (routing consistency under noise).
   std::function<Tensor(int, const Tensor&)> block_input_hook;
@@ -63,6 +76,9 @@ class ViT : public Module {
   // Routing noise of the MoE layers, seeded from the model seed; checkpoints save its offset so
   // that a resumed run draws the same noise.
   std::shared_ptr<Generator> route_noise;
+
+ private:
+  std::vector<Tensor> jaccard_;  // the last forward's per-layer soft-Jaccard losses
 };
 
 // (B, C, H, W) -> (B, (H/p)*(W/p), C*p*p), patches in row-major order, each flattened (c, i, j).

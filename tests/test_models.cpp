@@ -235,6 +235,16 @@ TEST_CASE("training configs: --device is validated and saved") {
   CHECK(TrainConfig::from_json(old).device == "cpu");
 }
 
+// The number logged under `key` in dir/metrics.jsonl, which must hold exactly one epoch.
+static double only_epoch_metric(const std::string& dir, const std::string& key) {
+  const std::vector<std::string> lines = read_lines(dir + "/metrics.jsonl");
+  REQUIRE(lines.size() == 1);
+  const std::string tag = "\"" + key + "\":";
+  const size_t at = lines[0].find(tag);
+  REQUIRE(at != std::string::npos);
+  return std::stod(lines[0].substr(at + tag.size()));
+}
+
 TEST_CASE("PRC training: two views, the PRC loss is logged; a dense model is refused") {
   namespace fs = std::filesystem;
   const std::string dir = "/tmp/moevit_test_prc";
@@ -249,14 +259,31 @@ TEST_CASE("PRC training: two views, the PRC loss is logged; a dense model is ref
   c.epochs = 1;
   CHECK(TrainConfig::from_json(c.to_json()).to_json() == c.to_json());
   train(c, dir, false, nullptr);
-  const std::vector<std::string> lines = read_lines(dir + "/metrics.jsonl");
-  REQUIRE(lines.size() == 1);
-  const size_t at = lines[0].find("\"prc_loss\":");
-  REQUIRE(at != std::string::npos);
-  const double prc = std::stod(lines[0].substr(at + 11));
+  const double prc = only_epoch_metric(dir, "prc_loss");
   CHECK(prc > 0.0);
   // C's entries are >= 0 and sum to E, so L_diag <= 3 and L_off <= 4/3 for E = 4: below 0.082.
   CHECK(prc < 0.082);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("noise-injection loss in training: logged; a dense model or a bad sigma is refused") {
+  namespace fs = std::filesystem;
+  const std::string dir = "/tmp/moevit_test_jaccard";
+  fs::remove_all(dir);
+  TrainConfig c = smoke_config();
+  c.jaccard_weight = 0.1f;
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--jaccard-weight needs a model with MoE"),
+                       Error);
+  c.vit.moe_placement = "every-2";
+  c.vit.moe.router.experts = 4;
+  c.jaccard_sigma = 0.f;
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--jaccard-sigma > 0"), Error);
+  c.jaccard_sigma = 0.5f;
+  c.epochs = 1;
+  CHECK(TrainConfig::from_json(c.to_json()).to_json() == c.to_json());
+  train(c, dir, false, nullptr);
+  const double j = only_epoch_metric(dir, "jaccard_loss");
+  CHECK((j > 0.0 && j < 1.0));  // 1 - J of probabilities lies in [0, 1]
   fs::remove_all(dir);
 }
 

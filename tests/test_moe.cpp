@@ -12,8 +12,10 @@
 #include "models/vit.h"
 #include "ops/elementwise.h"
 #include "ops/loss.h"
+#include "ops/matmul.h"
 #include "ops/reduce.h"
 #include "ops/shape.h"
+#include "ops/softmax.h"
 #include "tests/helpers.h"
 
 using namespace mv;
@@ -140,6 +142,57 @@ TEST_CASE("MoE-ViT: routing noise is reproducible under a seed") {
   const std::vector<float> second = a.forward(x).to_vector<float>();  // new noise, same input
   CHECK(a.moe_layers()[0]->last.expert.to_vector<int64_t>() != ea.to_vector<int64_t>());
   CHECK(second == b.forward(x).to_vector<float>());
+}
+
+TEST_CASE("MoE-ViT: the noise-injection loss, recomputed by hand; its gradient; off in eval") {
+  ViTConfig c = small_moe("topk");
+  c.moe.router.noise_std = 0.f;  // route_noise then draws only the token noise
+  ViT m(c, 6);
+  m.jaccard_sigma = 0.3f;
+  Tensor in;  // block 1's input
+  m.block_input_hook = [&](int i, const Tensor& x) { return i == 1 ? (in = x) : x; };
+  const Tensor images = randn({2, 1, 28, 28});
+  const Generator before = *m.route_noise;
+  m.forward(images);
+  const Tensor loss = m.jaccard_loss();
+  REQUIRE(loss.defined());
+
+  // By hand: x' = x + 0.3 eps, h = x' + Attn(LN1(x')), s' = softmax(LN2(h) W) per image.
+  Generator g = before;
+  Block& b = *m.blocks[1];
+  const Tensor xp = in + ops::mul(randn(in.shape(), g), 0.3f);
+  const Tensor h = xp + b.attn->forward(b.ln1->forward(xp));
+  const std::vector<float> s2 =
+      ops::softmax(ops::matmul(b.ln2->forward(h), param_named(m, "blocks.1.moe.router.weight")))
+          .to_vector<float>();
+  const std::vector<float> s1 = m.moe_layers()[0]->last.probs.to_vector<float>();
+  REQUIRE(s1.size() == s2.size());
+  double expected = 0;
+  const size_t E = 4, tokens = s1.size() / E;
+  for (size_t t = 0; t < tokens; ++t) {
+    double lo = 0, hi = 0;
+    for (size_t e = t * E; e < (t + 1) * E; ++e)
+      lo += std::min(s1[e], s2[e]), hi += std::max(s1[e], s2[e]);
+    expected += (1 - lo / hi) / double(tokens);
+  }
+  CHECK(expected > 0.005);  // the noise moves the probabilities
+  CHECK(loss.item() == doctest::Approx(expected).epsilon(1e-4));
+
+  // The gradient reaches the router and the attention through both branches.
+  auto f = [&](const std::vector<Tensor>&) {
+    *m.route_noise = before;
+    m.forward(images);
+    return m.jaccard_loss();
+  };
+  test::check_grad(f, {param_named(m, "blocks.1.moe.router.weight"),
+                       param_named(m, "blocks.1.attn.qkv.weight")});
+
+  m.jaccard_sigma = 1e-5f;  // a vanishing perturbation leaves the routing as it was
+  m.forward(images);
+  CHECK(m.jaccard_loss().item() < 1e-3f);
+  m.train(false);
+  m.forward(images);
+  CHECK_FALSE(m.jaccard_loss().defined());
 }
 
 TEST_CASE("MoE-ViT: statistics count loads and drops") {

@@ -64,6 +64,8 @@ int main(int argc, char** argv) {
   app.add_option("--prc-off-weight", c.prc_off_weight)->capture_default_str();
   app.add_flag("--prc-reference-diagonal", c.prc_reference_diagonal,
                "the reference code's per-position diagonal term instead of the paper's");
+  app.add_option("--prc-blocks", c.prc_blocks, "the MoE blocks whose routers get the PRC loss, "
+                 "e.g. 3,5 (default: every MoE block)")->delimiter(',');
   app.add_option("--jaccard-weight", c.jaccard_weight, "noise-injection consistency loss: 1 - "
                  "soft Jaccard of router probabilities with and without noise (0: off)")
       ->capture_default_str();

@@ -119,6 +119,10 @@ void TrainConfig::validate() const {
            "experts; Soft MoE mixes tokens into slots");
   MV_CHECK(prc_diag_weight >= 0 && prc_off_weight >= 0, "--prc-diag-weight and "
            "--prc-off-weight must be >= 0, got ", prc_diag_weight, " and ", prc_off_weight);
+  for (int b : prc_blocks)
+    MV_CHECK(b >= 0 && b < vit.depth && vit.is_moe_block(b), "--prc-blocks: block ", b,
+             " has no MoE layer (model '", model, "': ", vit.depth, " blocks, MoE placement ",
+             vit.moe_placement, ")");
   MV_CHECK(jaccard_weight >= 0 && jaccard_sigma > 0, "--jaccard-weight must be >= 0 and "
            "--jaccard-sigma > 0, got ", jaccard_weight, " and ", jaccard_sigma);
   MV_CHECK(jaccard_weight == 0 || vit.moe_placement != "none", "--jaccard-weight needs a model "
@@ -166,7 +170,8 @@ std::string TrainConfig::to_json() const {
       {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
       {"limit_test", limit_test}, {"device", device}, {"prc", prc},
       {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
-      {"prc_reference_diagonal", prc_reference_diagonal}, {"jaccard_weight", jaccard_weight},
+      {"prc_reference_diagonal", prc_reference_diagonal}, {"prc_blocks", prc_blocks},
+      {"jaccard_weight", jaccard_weight},
       {"jaccard_sigma", jaccard_sigma}};
   if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
   return j.dump();
@@ -191,6 +196,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.prc_diag_weight = j.value("prc_diag_weight", c.prc_diag_weight);
     c.prc_off_weight = j.value("prc_off_weight", c.prc_off_weight);
     c.prc_reference_diagonal = j.value("prc_reference_diagonal", false);
+    c.prc_blocks = j.value("prc_blocks", std::vector<int>{});
     c.jaccard_weight = j.value("jaccard_weight", 0.f);  // ... and from before --jaccard-weight
     c.jaccard_sigma = j.value("jaccard_sigma", c.jaccard_sigma);
   } catch (const nlohmann::json::exception& e) {
@@ -349,7 +355,12 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
     views.patch = cfg.vit.patch;
     loader.set_two_view(views);
   }
-  const std::vector<MoELayer*> prc_layers = cfg.prc ? model.moe_layers() : std::vector<MoELayer*>{};
+  std::vector<MoELayer*> prc_layers;  // the MoE layers of --prc-blocks (default: all)
+  for (size_t i = 0; cfg.prc && i < model.blocks.size(); ++i) {
+    const auto& want = cfg.prc_blocks;
+    if (model.blocks[i]->moe && (want.empty() || std::count(want.begin(), want.end(), int(i))))
+      prc_layers.push_back(model.blocks[i]->moe.get());
+  }
   const int64_t per_epoch = loader.batches_per_epoch();
   MV_CHECK(per_epoch > 0, "--batch ", cfg.batch, " is larger than the ", train_set.n,
            " training images");

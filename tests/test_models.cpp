@@ -263,6 +263,22 @@ TEST_CASE("PRC training: two views, the PRC loss is logged; a dense model is ref
   CHECK(prc > 0.0);
   // C's entries are >= 0 and sum to E, so L_diag <= 3 and L_off <= 4/3 for E = 4: below 0.082.
   CHECK(prc < 0.082);
+
+  // --prc-blocks: only MoE blocks; with MoE in blocks 1 and 3, PRC on block 3 alone is one term
+  // of the two-layer sum, so about half of it.
+  c.prc_blocks = {0};
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--prc-blocks: block 0 has no MoE layer"),
+                       Error);
+  c.vit.depth = 4;
+  c.prc_blocks = {1, 3};
+  CHECK(TrainConfig::from_json(c.to_json()).prc_blocks == c.prc_blocks);
+  train(c, dir, false, nullptr);
+  const double both = only_epoch_metric(dir, "prc_loss");
+  c.prc_blocks = {3};
+  train(c, dir, false, nullptr);
+  const double one = only_epoch_metric(dir, "prc_loss");
+  CHECK(one > 0.25 * both);
+  CHECK(one < 0.75 * both);
   fs::remove_all(dir);
 }
 

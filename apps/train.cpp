@@ -66,6 +66,7 @@ int main(int argc, char** argv) {
                "the reference code's per-position diagonal term instead of the paper's");
   app.add_option("--prc-blocks", c.prc_blocks, "the MoE blocks whose routers get the PRC loss, "
                  "e.g. 3,5 (default: every MoE block)")->delimiter(',');
+  app.add_flag("--prc-cls", c.prc_cls_pair, "PRC also pairs the CLS tokens of the two views");
   app.add_option("--jaccard-weight", c.jaccard_weight, "noise-injection consistency loss: 1 - "
                  "soft Jaccard of router probabilities with and without noise (0: off)")
       ->capture_default_str();

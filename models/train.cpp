@@ -171,6 +171,7 @@ std::string TrainConfig::to_json() const {
       {"limit_test", limit_test}, {"device", device}, {"prc", prc},
       {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
       {"prc_reference_diagonal", prc_reference_diagonal}, {"prc_blocks", prc_blocks},
+      {"prc_cls_pair", prc_cls_pair},
       {"jaccard_weight", jaccard_weight},
       {"jaccard_sigma", jaccard_sigma}};
   if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
@@ -197,6 +198,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.prc_off_weight = j.value("prc_off_weight", c.prc_off_weight);
     c.prc_reference_diagonal = j.value("prc_reference_diagonal", false);
     c.prc_blocks = j.value("prc_blocks", std::vector<int>{});
+    c.prc_cls_pair = j.value("prc_cls_pair", false);
     c.jaccard_weight = j.value("jaccard_weight", 0.f);  // ... and from before --jaccard-weight
     c.jaccard_sigma = j.value("jaccard_sigma", c.jaccard_sigma);
   } catch (const nlohmann::json::exception& e) {
@@ -353,6 +355,7 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
   if (cfg.prc) {
     datasets::TwoViewConfig views = datasets::TwoViewConfig::for_image_size(cfg.vit.image_size);
     views.patch = cfg.vit.patch;
+    views.cls_pair = cfg.prc_cls_pair;
     loader.set_two_view(views);
   }
   std::vector<MoELayer*> prc_layers;  // the MoE layers of --prc-blocks (default: all)

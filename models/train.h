@@ -50,6 +50,7 @@ struct TrainConfig {
   float prc_diag_weight = 0.005f, prc_off_weight = 0.05f;
   bool prc_reference_diagonal = false;  // the reference code's per-position diagonal term
   std::vector<int> prc_blocks;          // the MoE blocks that get the PRC loss (empty: all)
+  bool prc_cls_pair = false;            // also pair the two views' CLS tokens
   // The noise-injection consistency loss (methods.md section 5; ViT::jaccard_loss): weight
   // (0: off) and the sigma of the Gaussian noise added to each MoE block's token input.
   float jaccard_weight = 0.f, jaccard_sigma = 0.5f;

@@ -271,7 +271,9 @@ TEST_CASE("PRC training: two views, the PRC loss is logged; a dense model is ref
                        Error);
   c.vit.depth = 4;
   c.prc_blocks = {1, 3};
-  CHECK(TrainConfig::from_json(c.to_json()).prc_blocks == c.prc_blocks);
+  c.prc_cls_pair = true;
+  const TrainConfig back = TrainConfig::from_json(c.to_json());
+  CHECK((back.prc_blocks == c.prc_blocks && back.prc_cls_pair));
   train(c, dir, false, nullptr);
   const double both = only_epoch_metric(dir, "prc_loss");
   c.prc_blocks = {3};

@@ -171,8 +171,7 @@ std::string TrainConfig::to_json() const {
       {"limit_test", limit_test}, {"device", device}, {"prc", prc},
       {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
       {"prc_reference_diagonal", prc_reference_diagonal}, {"prc_blocks", prc_blocks},
-      {"prc_cls_pair", prc_cls_pair},
-      {"jaccard_weight", jaccard_weight},
+      {"prc_cls_pair", prc_cls_pair}, {"jaccard_weight", jaccard_weight},
       {"jaccard_sigma", jaccard_sigma}};
   if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
   return j.dump();

@@ -1,4 +1,4 @@
-// LayerNorm. Forward: per row, mean and variance in two passes (double accumulators), then
+// LayerNorm. Forward: per row, mean and variance in two passes (vectorised lane sums), then
 // y = xhat * gamma + beta with xhat = (x - mean) * rstd; mean and rstd are saved per row.
 // Backward: rows split into a fixed number of blocks; each block writes dx for its rows and its
 // own partial dgamma/dbeta, which are added in block order afterwards: no shared writes, and the
@@ -11,6 +11,7 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+#include "ops/fast_math.h"
 
 #ifdef MOEVIT_CUDA
 #include "cuda/kernels.h"
@@ -59,12 +60,9 @@ Tensor layernorm(const Tensor& x_, const Tensor& gamma_, const Tensor& beta_, fl
     parallel_for(rows, D * 8, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const float* xr = px + r * D;
-        double s = 0;
-        for (int64_t j = 0; j < D; ++j) s += xr[j];
-        const float m = float(s / double(D));
-        double v = 0;
-        for (int64_t j = 0; j < D; ++j) v += double(xr[j] - m) * (xr[j] - m);
-        const float rs = float(1.0 / std::sqrt(v / double(D) + double(eps)));
+        const float m = lane_sum(D, [&](int64_t j) { return xr[j]; }) / float(D);
+        const float v = lane_sum(D, [&](int64_t j) { return (xr[j] - m) * (xr[j] - m); }) / float(D);
+        const float rs = 1.f / std::sqrt(v + eps);
         pm[r] = m;
         pr[r] = rs;
         float* yr = py + r * D;
@@ -84,32 +82,28 @@ Tensor layernorm(const Tensor& x_, const Tensor& gamma_, const Tensor& beta_, fl
         const bool params = gw || gb;
         const int64_t nblk = std::clamp<int64_t>(rows, 1, 64), per = (rows + nblk - 1) / nblk;
         // Partial sums per block: [blk][0..D) dgamma, [blk][D..2D) dbeta.
-        std::vector<double> part(params ? size_t(nblk * 2 * D) : 0, 0.0);
+        std::vector<float> part(params ? size_t(nblk * 2 * D) : 0, 0.f);
         parallel_for(nblk, per * D * 10, [&](int64_t b, int64_t e) {
           std::vector<float> xhat(static_cast<size_t>(D));
+          float* xh = xhat.data();
           for (int64_t blk = b; blk < e; ++blk) {
-            double* pgw = params ? part.data() + blk * 2 * D : nullptr;
-            double* pgb = params ? pgw + D : nullptr;
+            float* pgw = params ? part.data() + blk * 2 * D : nullptr;
+            float* pgb = params ? pgw + D : nullptr;
             for (int64_t r = blk * per, rend = std::min(rows, r + per); r < rend; ++r) {
               const float *xr = px + r * D, *gr = pg + r * D;
               const float m = pm[r], rs = pr[r];
-              double s1 = 0, s2 = 0;  // sum(dxhat), sum(dxhat * xhat)
-              for (int64_t j = 0; j < D; ++j) {
-                const float xh = (xr[j] - m) * rs;
-                xhat[size_t(j)] = xh;
-                if (params) {
-                  pgw[j] += double(gr[j]) * xh;
+              for (int64_t j = 0; j < D; ++j) xh[j] = (xr[j] - m) * rs;
+              if (params)
+                for (int64_t j = 0; j < D; ++j) {
+                  pgw[j] += gr[j] * xh[j];
                   pgb[j] += gr[j];
                 }
-                const float dxh = gr[j] * pw[j];
-                s1 += dxh;
-                s2 += double(dxh) * xh;
-              }
               if (!gx) continue;
-              const float a = float(s1 / double(D)), c = float(s2 / double(D));
+              // a = mean(dxhat), c = mean(dxhat * xhat), with dxhat = g * gamma
+              const float a = lane_sum(D, [&](int64_t j) { return gr[j] * pw[j]; }) / float(D);
+              const float c = lane_sum(D, [&](int64_t j) { return gr[j] * pw[j] * xh[j]; }) / float(D);
               float* dr = pdx + r * D;
-              for (int64_t j = 0; j < D; ++j)
-                dr[j] = rs * (gr[j] * pw[j] - a - xhat[size_t(j)] * c);
+              for (int64_t j = 0; j < D; ++j) dr[j] = rs * (gr[j] * pw[j] - a - xh[j] * c);
             }
           }
         });
@@ -119,7 +113,7 @@ Tensor layernorm(const Tensor& x_, const Tensor& gamma_, const Tensor& beta_, fl
           db = Tensor::empty({D});
           float *pdw = dw.data<float>(), *pdb = db.data<float>();
           for (int64_t j = 0; j < D; ++j) {
-            double sw = 0, sb = 0;
+            double sw = 0, sb = 0;  // the few block partials, added in a fixed order
             for (int64_t blk = 0; blk < nblk; ++blk) {
               sw += part[size_t(blk * 2 * D + j)];
               sb += part[size_t(blk * 2 * D + D + j)];

@@ -159,7 +159,7 @@ void row(const std::string& shape, double ms, double rate, double peak, double r
 
 Tensor randn_dev(const Shape& s, uint64_t seed, float scale = 1.f) {
   Tensor t = cuda::philox_normal(s, seed, 0);
-  if (scale != 1.f) t = cuda::mul(t, Tensor::full(s, scale, Device::CUDA));
+  if (scale != 1.f) t = cuda::axpby(t, Tensor(), scale, 0.f);
   return t;
 }
 
@@ -321,10 +321,15 @@ int main(int argc, char** argv) {
     row("gelu forward", ms, 2.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
     ms = timing.median_ms([&] { cuda::gelu_backward(a, b); });
     row("gelu backward", ms, 3.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
-    ms = timing.median_ms([&] { cuda::add(a, b); });
+    ms = timing.median_ms([&] { cuda::binary(a, b, cuda::Binary::Add); });
     row("add", ms, 3.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
-    ms = timing.median_ms([&] { cuda::mul(a, b); });
+    ms = timing.median_ms([&] { cuda::binary(a, b, cuda::Binary::Mul); });
     row("mul", ms, 3.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
+    const Tensor row_b = bias.view_as({1, C}, {C, 1}, 0);
+    ms = timing.median_ms([&] { cuda::binary(a, row_b, cuda::Binary::Mul); });
+    row("mul, (1, C) broadcast (index walk)", ms, 2.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
+    ms = timing.median_ms([&] { cuda::unary_forward(a, cuda::Unary::Exp); });
+    row("exp (unary map)", ms, 2.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
     ms = timing.median_ms([&] { cuda::add_bias(a, bias); });
     row("add_bias", ms, 2.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
   });

@@ -116,53 +116,23 @@ void gemm_cm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, int64
 
 }  // namespace
 
-Tensor matmul(const Tensor& a, const Tensor& b, bool tf32) {
-  detail::expect_cuda_f32("matmul", "a", a);
-  detail::expect_cuda_f32("matmul", "b", b);
-  MV_CHECK((a.ndim() == 2 || a.ndim() == 3) && (b.ndim() == 2 || b.ndim() == 3),
-           "cuda::matmul: ", a.str(), " x ", b.str(), ": expected (M, K) or (B, M, K) times (K, N) or (B, K, N)");
-  const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
-  MV_CHECK(b.size(-2) == K, "cuda::matmul: ", a.str(), " x ", b.str(), ": inner sizes differ");
-  const bool a3 = a.ndim() == 3, b3 = b.ndim() == 3;
-  MV_CHECK(!(a3 && b3) || a.size(0) == b.size(0), "cuda::matmul: ", a.str(), " x ", b.str(),
-           ": batch sizes differ");
-  const int64_t B = a3 ? a.size(0) : b3 ? b.size(0) : 1;
-  Tensor out = Tensor::empty(a3 || b3 ? Shape{B, M, N} : Shape{M, N}, DType::F32, Device::CUDA);
-  if (out.numel() == 0) return out;
-  if (K == 0) {
-    MV_CUDA_CHECK(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream()));
-    return out;
-  }
-  for (auto [v, what] : {std::pair{M, "M"}, {K, "K"}, {N, "N"}, {B, "batch"}}) check_int("matmul", v, what);
-  const float* pa = a.data<float>();
-  const float* pb = b.data<float>();
-  float* pc = out.data<float>();
-  if (!b3) {
-    // (B*M, K) x (K, N): one GEMM; a's batches are just more rows.
-    check_int("matmul", B * M, "rows");
-    gemm_cm(N, B * M, K, pb, N, 0, pa, K, 0, pc, N, 0, 1, tf32);
-  } else {
-    gemm_cm(N, M, K, pb, N, K * N, pa, K, a3 ? M * K : 0, pc, N, M * N, B, tf32);
-  }
-  return out;
-}
+namespace {
 
-// The transposed-operand variant, for backward passes (dA = dC B^T, dB = A^T dC) without
-// materialising a transpose. Through the operand swap, C^T = op(b)^T op(a)^T: the bytes of a
-// row-major b are the column-major b^T, so op(b)^T needs no transpose when b is used as stored
-// and cuBLAS's OP_T when b is stored transposed; the same for a.
-Tensor matmul_t(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool tf32) {
-  if (!trans_a && !trans_b) return matmul(a, b, tf32);
-  detail::expect_cuda_f32("matmul_t", "a", a);
-  detail::expect_cuda_f32("matmul_t", "b", b);
-  MV_CHECK((a.ndim() == 2 || a.ndim() == 3) && (b.ndim() == 2 || b.ndim() == 3), "cuda::matmul_t: ",
-           a.str(), " x ", b.str(), ": expected 2-D or 3-D operands");
+// op(a) @ op(b), row-major, for matmul and matmul_t (fn names the caller in errors). Through the
+// operand swap, C^T = op(b)^T op(a)^T: the bytes of a row-major b are the column-major b^T, so
+// op(b)^T needs no transpose when b is used as stored and cuBLAS's OP_T when b is stored
+// transposed; the same for a.
+Tensor gemm_rm(const char* fn, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool tf32) {
+  detail::expect_cuda_f32(fn, "a", a);
+  detail::expect_cuda_f32(fn, "b", b);
+  MV_CHECK((a.ndim() == 2 || a.ndim() == 3) && (b.ndim() == 2 || b.ndim() == 3), "cuda::", fn, ": ",
+           a.str(), " x ", b.str(), ": expected (M, K) or (B, M, K) times (K, N) or (B, K, N)");
   const int64_t M = trans_a ? a.size(-1) : a.size(-2), K = trans_a ? a.size(-2) : a.size(-1);
   const int64_t N = trans_b ? b.size(-2) : b.size(-1), Kb = trans_b ? b.size(-1) : b.size(-2);
-  MV_CHECK(Kb == K, "cuda::matmul_t: ", a.str(), (trans_a ? "^T" : ""), " x ", b.str(),
+  MV_CHECK(Kb == K, "cuda::", fn, ": ", a.str(), (trans_a ? "^T" : ""), " x ", b.str(),
            (trans_b ? "^T" : ""), ": inner sizes differ");
   const bool a3 = a.ndim() == 3, b3 = b.ndim() == 3;
-  MV_CHECK(!(a3 && b3) || a.size(0) == b.size(0), "cuda::matmul_t: ", a.str(), " x ", b.str(),
+  MV_CHECK(!(a3 && b3) || a.size(0) == b.size(0), "cuda::", fn, ": ", a.str(), " x ", b.str(),
            ": batch sizes differ");
   const int64_t B = a3 ? a.size(0) : b3 ? b.size(0) : 1;
   Tensor out = Tensor::empty(a3 || b3 ? Shape{B, M, N} : Shape{M, N}, DType::F32, Device::CUDA);
@@ -171,17 +141,27 @@ Tensor matmul_t(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bo
     MV_CUDA_CHECK(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream()));
     return out;
   }
-  for (auto [v, what] : {std::pair{M, "M"}, {K, "K"}, {N, "N"}, {B, "batch"}}) check_int("matmul_t", v, what);
+  for (auto [v, what] : {std::pair{M, "M"}, {K, "K"}, {N, "N"}, {B, "batch"}}) check_int(fn, v, what);
   const int64_t ldb = trans_b ? K : N, lda = trans_a ? M : K;
-  if (!b3 && !trans_a) {  // a's batches are just more rows: one GEMM
-    check_int("matmul_t", B * M, "rows");
+  if (!b3 && !trans_a) {  // (B*M, K) x (K, N): one GEMM; a's batches are just more rows
+    check_int(fn, B * M, "rows");
     gemm_cm(N, B * M, K, b.data<float>(), ldb, 0, a.data<float>(), lda, 0, out.data<float>(), N, 0, 1,
             tf32, trans_b, trans_a);
-  } else {
+  } else {  // one strided-batched call; a 2-D operand gets stride 0 (shared by every batch)
     gemm_cm(N, M, K, b.data<float>(), ldb, b3 ? K * N : 0, a.data<float>(), lda, a3 ? M * K : 0,
             out.data<float>(), N, M * N, B, tf32, trans_b, trans_a);
   }
   return out;
+}
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b, bool tf32) { return gemm_rm("matmul", a, b, false, false, tf32); }
+
+// The transposed-operand variant, for backward passes (dA = dC B^T, dB = A^T dC) without
+// materialising a transpose.
+Tensor matmul_t(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool tf32) {
+  return gemm_rm("matmul_t", a, b, trans_a, trans_b, tf32);
 }
 
 namespace {

@@ -45,6 +45,42 @@ inline unsigned grid_for(int64_t n, int threads, int waves = 8) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The most dims a strided (or broadcasting) kernel walks.
+constexpr int kMaxDims = 8;
+
+// Element i of a row-major walk over `shape` sits at offset sum_d idx_d * stride[k][d] in operand
+// k: the index arithmetic of strided copies, broadcasting maps and axis reductions (an operand
+// that broadcasts along d has stride 0 there). Passed to kernels by value.
+template <int N>
+struct Indexer {
+  int ndim = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t stride[N][kMaxDims] = {};
+
+  // shape and each operand's strides, all of the same rank (<= kMaxDims; checked by the caller).
+  static Indexer make(const Shape& s, std::initializer_list<const Shape*> strides) {
+    Indexer ix;
+    ix.ndim = int(s.size());
+    for (int d = 0; d < ix.ndim; ++d) ix.shape[d] = s[size_t(d)];
+    int k = 0;
+    for (const Shape* st : strides) {
+      for (int d = 0; d < ix.ndim; ++d) ix.stride[k][d] = (*st)[size_t(d)];
+      ++k;
+    }
+    return ix;
+  }
+  __device__ void offsets(int64_t i, int64_t (&off)[N]) const {
+#pragma unroll
+    for (int k = 0; k < N; ++k) off[k] = 0;
+    for (int d = ndim - 1; d >= 0; --d) {
+      const int64_t c = i % shape[d];
+      i /= shape[d];
+#pragma unroll
+      for (int k = 0; k < N; ++k) off[k] += c * stride[k][d];
+    }
+  }
+};
+
 // --- device helpers ---------------------------------------------------------------------------
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -58,7 +58,7 @@ void d2d(void* d, const void* s, size_t n) { MV_CUDA_CHECK(cudaMemcpy(d, s, n, c
 void zero(void* p, size_t n) { MV_CUDA_CHECK(cudaMemset(p, 0, n)); }
 
 const CudaHooks kHooks{device_count, alloc, free_block, h2d, d2h, d2d, zero, stats,
-                       cuda::copy_strided};
+                       cuda::copy_strided, cuda::fill};
 
 }  // namespace
 

@@ -1,11 +1,16 @@
-// Elementwise kernels: GELU (tanh form) forward and backward, bias add, add, mul.
+// Elementwise kernels: GELU (tanh form) forward and backward, bias add, the binary ops with
+// broadcasting, and the other unary maps of ops/elementwise.h with their derivatives.
 //
 // All are memory-bound maps. One grid-stride kernel template per arity: when every pointer is
 // 16-byte aligned, each thread moves float4s (one 16-byte load per input and one store per
 // 4 elements, coalesced across the warp), and the n % 4 tail is done by the first threads of
 // the grid; otherwise it runs element by element. The grid is sized to fill the device a few
 // times over (grid_for), not one thread per element, so large tensors loop instead of
-// launching millions of blocks.
+// launching millions of blocks. Operands of different shapes (broadcasting) or strides go
+// through one index-walking kernel instead (detail::Indexer): one thread per output element.
+#include <algorithm>
+#include <utility>
+
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 
@@ -15,6 +20,7 @@ namespace {
 using detail::aligned16;
 using detail::expect_cuda_f32;
 using detail::grid_for;
+using detail::Indexer;
 
 constexpr int kThreads = 256;
 
@@ -92,12 +98,76 @@ struct GeluBwd {
     return dy * (0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * du);
   }
 };
-struct Add {
-  __device__ float operator()(float a, float b) const { return a + b; }
+struct BinaryFn {
+  Binary op;
+  __device__ float operator()(float a, float b) const {
+    switch (op) {
+      case Binary::Add: return a + b;
+      case Binary::Sub: return a - b;
+      case Binary::Mul: return a * b;
+      default: return a / b;
+    }
+  }
 };
-struct Mul {
-  __device__ float operator()(float a, float b) const { return a * b; }
+
+// out[i] = a[off_a(i)] (op) b[off_b(i)]: broadcasting (stride 0) and strided operands.
+__global__ void __launch_bounds__(kThreads) binary_strided(const float* a, const float* b, float* __restrict__ out,
+                                                           int64_t n, Indexer<2> ix, BinaryFn f) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    int64_t off[2];
+    ix.offsets(i, off);
+    out[i] = f(a[off[0]], b[off[1]]);
+  }
+}
+
+constexpr float kInvSqrt2 = 0.7071067811865476f, kInvSqrt2Pi = 0.3989422804014327f;
+
+struct UnaryFwd {
+  Unary f;
+  float p;
+  __device__ float operator()(float x) const {
+    switch (f) {
+      case Unary::Exp: return expf(x);
+      case Unary::Log: return logf(x);
+      case Unary::Sqrt: return sqrtf(x);
+      case Unary::Rsqrt: return rsqrtf(x);
+      case Unary::Tanh: return tanhf(x);
+      case Unary::Pow: return powf(x, p);
+      case Unary::Relu: return x > 0.f ? x : 0.f;
+      case Unary::GeluErf: return 0.5f * x * (1.f + erff(x * kInvSqrt2));
+      default: return 0.5f * erfcf(-x * kInvSqrt2);  // NormalCdf; erfc keeps the far left tail accurate
+    }
+  }
 };
+
+// dx = dy * f'(x), with y = f(x) where that is the cheaper form.
+struct UnaryBwd {
+  Unary f;
+  float p;
+  __device__ float grad(float x, float y) const {
+    switch (f) {
+      case Unary::Exp: return y;
+      case Unary::Log: return 1.f / x;
+      case Unary::Sqrt: return 0.5f / y;
+      case Unary::Rsqrt: return -0.5f * y * y * y;
+      case Unary::Tanh: return 1.f - y * y;
+      case Unary::Pow: return p * powf(x, p - 1.f);
+      case Unary::Relu: return x > 0.f ? 1.f : 0.f;
+      case Unary::GeluErf: return 0.5f * (1.f + erff(x * kInvSqrt2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
+      default: return kInvSqrt2Pi * expf(-0.5f * x * x);  // NormalCdf: the normal density
+    }
+  }
+};
+
+// dx[i] = dy[i] * f'(x[i], y[i]): three inputs, element by element (not a hot path).
+__global__ void __launch_bounds__(kThreads) unary_bwd_kernel(const float* __restrict__ x, const float* __restrict__ y,
+                                                             const float* __restrict__ dy, float* __restrict__ dx,
+                                                             int64_t n, UnaryBwd f) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    dx[i] = dy[i] * f.grad(x[i], y[i]);
+}
 
 // out[r, c] = x[r, c] + b[c] over (R, C). VEC (C % 4 == 0, aligned): thread i handles the
 // float4 at flat element 4i, whose 4 columns are 4i % C .. + 3 (never crossing a row).
@@ -163,22 +233,58 @@ Tensor add_bias(const Tensor& x, const Tensor& b) {
   return y;
 }
 
-Tensor add(const Tensor& a, const Tensor& b) {
-  expect_cuda_f32("add", "a", a);
-  expect_cuda_f32("add", "b", b);
-  expect_same_shape("add", a, b);
-  Tensor y = Tensor::empty(a.shape(), DType::F32, Device::CUDA);
-  launch_map2(a.data<float>(), b.data<float>(), y.data<float>(), a.numel(), Add{});
+Tensor binary(const Tensor& a, const Tensor& b, Binary op) {
+  for (auto [t, name] : {std::pair{&a, "a"}, {&b, "b"}})
+    MV_CHECK(t->defined() && t->device() == Device::CUDA && t->dtype() == DType::F32, "cuda::binary: ",
+             name, " must be an F32 CUDA tensor, got ", t->defined() ? t->str() : "undefined");
+  if (a.shape() == b.shape() && a.is_contiguous() && b.is_contiguous()) {
+    Tensor y = Tensor::empty(a.shape(), DType::F32, Device::CUDA);
+    launch_map2(a.data<float>(), b.data<float>(), y.data<float>(), a.numel(), BinaryFn{op});
+    return y;
+  }
+  // Broadcast shape (NumPy rules: align the trailing dims; a size-1 dim stretches).
+  const size_t r = std::max(a.shape().size(), b.shape().size());
+  MV_CHECK(r <= size_t(detail::kMaxDims), "cuda::binary: ", a.str(), " and ", b.str(), ": rank > ",
+           detail::kMaxDims);
+  Shape out(r, 1), sa(r, 0), sb(r, 0);
+  for (size_t d = 0; d < r; ++d) {
+    const size_t pa = d + a.shape().size(), pb = d + b.shape().size();  // index + r, to stay unsigned
+    const int64_t na = pa >= r ? a.shape()[pa - r] : 1, nb = pb >= r ? b.shape()[pb - r] : 1;
+    MV_CHECK(na == nb || na == 1 || nb == 1, "cuda::binary: shapes ", a.str(), " and ", b.str(),
+             " do not broadcast (axis ", d, " of the result: ", na, " vs ", nb, ")");
+    out[d] = na == 1 ? nb : na;
+    if (pa >= r && na != 1) sa[d] = a.strides()[pa - r];
+    if (pb >= r && nb != 1) sb[d] = b.strides()[pb - r];
+  }
+  Tensor y = Tensor::empty(out, DType::F32, Device::CUDA);
+  const int64_t n = y.numel();
+  if (n == 0) return y;
+  binary_strided<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(
+      a.data<float>(), b.data<float>(), y.data<float>(), n, Indexer<2>::make(out, {&sa, &sb}), BinaryFn{op});
+  MV_CUDA_LAUNCH_CHECK();
   return y;
 }
 
-Tensor mul(const Tensor& a, const Tensor& b) {
-  expect_cuda_f32("mul", "a", a);
-  expect_cuda_f32("mul", "b", b);
-  expect_same_shape("mul", a, b);
-  Tensor y = Tensor::empty(a.shape(), DType::F32, Device::CUDA);
-  launch_map2(a.data<float>(), b.data<float>(), y.data<float>(), a.numel(), Mul{});
+Tensor unary_forward(const Tensor& x, Unary f, float p) {
+  expect_cuda_f32("unary_forward", "x", x);
+  Tensor y = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
+  launch_map1(x.data<float>(), y.data<float>(), x.numel(), UnaryFwd{f, p});
   return y;
+}
+
+Tensor unary_backward(const Tensor& x, const Tensor& y, const Tensor& dy, Unary f, float p) {
+  expect_cuda_f32("unary_backward", "x", x);
+  expect_cuda_f32("unary_backward", "y", y);
+  expect_cuda_f32("unary_backward", "dy", dy);
+  expect_same_shape("unary_backward", x, y);
+  expect_same_shape("unary_backward", x, dy);
+  Tensor dx = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
+  const int64_t n = x.numel();
+  if (n == 0) return dx;
+  unary_bwd_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(
+      x.data<float>(), y.data<float>(), dy.data<float>(), dx.data<float>(), n, UnaryBwd{f, p});
+  MV_CUDA_LAUNCH_CHECK();
+  return dx;
 }
 
 }  // namespace mv::cuda

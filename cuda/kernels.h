@@ -76,9 +76,16 @@ Tensor gelu_forward(const Tensor& x);
 Tensor gelu_backward(const Tensor& x, const Tensor& dy);
 // x: (..., C), b: (C,) -> x + b
 Tensor add_bias(const Tensor& x, const Tensor& b);
-// a, b: same shape -> a + b, a * b
-Tensor add(const Tensor& a, const Tensor& b);
-Tensor mul(const Tensor& a, const Tensor& b);
+// a, b: F32 CUDA tensors of any strides whose shapes broadcast (NumPy rules, rank <= 8) ->
+// a (op) b, contiguous, in the broadcast shape. Equal contiguous shapes take a float4 map.
+enum class Binary { Add, Sub, Mul, Div };
+Tensor binary(const Tensor& a, const Tensor& b, Binary op);
+// The unary maps of ops/elementwise.h: y = f(x), and dx = dy * f'(x) written with x and y
+// (exp' = y, tanh' = 1 - y^2, ...). p is the exponent of Pow. x, y, dy: same shape.
+//   GeluErf: x Phi(x);  NormalCdf: Phi(x) = (1 + erf(x / sqrt 2)) / 2.
+enum class Unary { Exp, Log, Sqrt, Rsqrt, Tanh, Pow, Relu, GeluErf, NormalCdf };
+Tensor unary_forward(const Tensor& x, Unary f, float p = 0.f);
+Tensor unary_backward(const Tensor& x, const Tensor& y, const Tensor& dy, Unary f, float p = 0.f);
 
 // ---- AdamW (cuda/adamw.cu) -------------------------------------------------------------------
 // One multi-tensor launch updates every parameter in place, as torch.optim.AdamW does:
@@ -91,6 +98,13 @@ void adamw_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
                 const std::vector<Tensor>& m, const std::vector<Tensor>& v, float lr, float beta1,
                 float beta2, float eps, const std::vector<float>& weight_decays, int64_t step,
                 float grad_scale = 1.f);
+
+// ---- SGD (cuda/sgd.cu) ------------------------------------------------------------------------
+// One tensor in place, as torch.optim.SGD with momentum and coupled weight decay:
+//   g = grad * grad_scale + wd * p;  buf = momentum * buf + g;  p -= lr * buf.
+// p, grad, buf: contiguous F32 CUDA tensors of one shape.
+void sgd_step(const Tensor& p, const Tensor& grad, const Tensor& buf, float lr, float momentum,
+              float wd, float grad_scale = 1.f);
 
 // ---- Philox random numbers (cuda/random.cu) --------------------------------------------------
 // Element i is mv::philox::normal(seed, offset, i) / uniform(seed, offset, i): the same draws as
@@ -116,13 +130,25 @@ Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& ls
 void copy_strided(const Tensor& dst, const Tensor& src);
 // x: any layout -> x itself if contiguous, else a contiguous copy (what Tensor::contiguous uses).
 Tensor contiguous(const Tensor& x);
+// t: contiguous F32 CUDA tensor; every element set to value, on the device.
+void fill(const Tensor& t, float value);
 // a, b: same shape -> alpha * a + beta * b; b undefined: alpha * a + beta (a scalar shift).
 Tensor axpby(const Tensor& a, const Tensor& b, float alpha, float beta);
+// x: F32, any strides, rank <= 8; keep: x's shape with 1 at each reduced axis -> (keep): scale *
+// the sum over the reduced axes, one thread per output in a fixed order. Deterministic.
+Tensor sum_keep(const Tensor& x, const Shape& keep, float scale = 1.f);
 // x: (R, C) -> (C,): sum over the rows (the bias gradient). Deterministic.
 Tensor column_sum(const Tensor& x);
 // x: any shape -> (): scale * sum of all elements. Deterministic.
 Tensor sum_all(const Tensor& x, float scale = 1.f);
 // x: (..., C) -> I64 (...): index of the first largest element of each row (NaN counts as largest).
 Tensor argmax_last(const Tensor& x);
+
+// ---- patches (cuda/patchify.cu) --------------------------------------------------------------
+// images: (B, C, H, W), any strides -> (B, (H/p)(W/p), C p p): patch (gy, gx) is row gy*(W/p)+gx,
+// its features ordered (c, i, j), the layout ViT's patch embedding multiplies.
+Tensor patchify(const Tensor& images, int p);
+// The inverse: patches (B, N, C p p) contiguous -> (B, C, H, W) (patchify's backward).
+Tensor unpatchify(const Tensor& patches, const Shape& image_shape, int p);
 
 }  // namespace mv::cuda

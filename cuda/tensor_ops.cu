@@ -1,6 +1,6 @@
 // Small kernels that let the generic ops (ops/) run on CUDA tensors: strided copy (behind
-// Tensor::contiguous, slice and concat), scaled add, column sums (the bias gradient), the sum of
-// all elements, and argmax over the last axis.
+// Tensor::contiguous, slice and concat), fill, scaled add, column sums (the bias gradient), sums
+// over any axes, the sum of all elements, and argmax over the last axis.
 //
 // None of these is on a hot path of the ViT step by itself (GEMMs and attention are), so they
 // are written for clarity: plain grid-stride loops, one thread per output element. Sums are
@@ -15,28 +15,40 @@ using detail::expect_cuda_f32;
 using detail::grid_for;
 
 constexpr int kThreads = 256;
-constexpr int kMaxDims = 8;
-
-struct Layout {
-  int ndim;
-  int64_t shape[kMaxDims];
-  int64_t dst_stride[kMaxDims];
-  int64_t src_stride[kMaxDims];
-};
+using detail::Indexer;
+using detail::kMaxDims;
 
 // dst[idx . dst_stride] = src[idx . src_stride] for every multi-index idx (row-major order of i).
 template <class T>
-__global__ void strided_copy_kernel(T* dst, const T* src, int64_t n, Layout L) {
+__global__ void strided_copy_kernel(T* dst, const T* src, int64_t n, Indexer<2> ix) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    int64_t rem = i, od = 0, os = 0;
-    for (int d = L.ndim - 1; d >= 0; --d) {
-      const int64_t k = rem % L.shape[d];
-      rem /= L.shape[d];
-      od += k * L.dst_stride[d];
-      os += k * L.src_stride[d];
+    int64_t off[2];
+    ix.offsets(i, off);
+    dst[off[0]] = src[off[1]];
+  }
+}
+
+__global__ void fill_kernel(float* p, int64_t n, float v) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) p[i] = v;
+}
+
+// out[o] = scale * sum of x over the reduced index space, one thread per output element: `kept`
+// walks the outputs (x's strides, 0 along reduced axes), `reduced` the reduced axes (x's strides
+// there, size 1 elsewhere), always in the same order, so the sum is deterministic.
+__global__ void sum_axes_kernel(const float* x, float* out, int64_t nout, int64_t count,
+                                Indexer<1> kept, Indexer<1> reduced, float scale) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < nout; o += stride) {
+    int64_t base[1], off[1];
+    kept.offsets(o, base);
+    float s = 0.f;
+    for (int64_t r = 0; r < count; ++r) {
+      reduced.offsets(r, off);
+      s += x[base[0] + off[0]];
     }
-    dst[od] = src[os];
+    out[o] = s * scale;
   }
 }
 
@@ -97,13 +109,7 @@ void copy_strided(const Tensor& dst, const Tensor& src) {
   MV_CHECK(dst.ndim() <= kMaxDims, "cuda::copy_strided: rank ", dst.ndim(), " > ", kMaxDims);
   const int64_t n = dst.numel();
   if (n == 0) return;
-  Layout L{};
-  L.ndim = dst.ndim();
-  for (int d = 0; d < L.ndim; ++d) {
-    L.shape[d] = dst.shape()[size_t(d)];
-    L.dst_stride[d] = dst.strides()[size_t(d)];
-    L.src_stride[d] = src.strides()[size_t(d)];
-  }
+  const Indexer<2> L = Indexer<2>::make(dst.shape(), {&dst.strides(), &src.strides()});
   const unsigned g = grid_for(n, kThreads);
   switch (dtype_size(dst.dtype())) {
     case 4:
@@ -130,6 +136,14 @@ Tensor contiguous(const Tensor& x) {
   return out;
 }
 
+void fill(const Tensor& t, float value) {
+  expect_cuda_f32("fill", "t", t);
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  fill_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(t.data<float>(), n, value);
+  MV_CUDA_LAUNCH_CHECK();
+}
+
 Tensor axpby(const Tensor& a, const Tensor& b, float alpha, float beta) {
   expect_cuda_f32("axpby", "a", a);
   if (b.defined()) {
@@ -153,6 +167,31 @@ Tensor column_sum(const Tensor& x) {
   if (C == 0) return out;
   column_sum_kernel<<<unsigned(detail::ceil_div(C, kThreads)), kThreads, 0, stream()>>>(
       x.data<float>(), out.data<float>(), R, C);
+  MV_CUDA_LAUNCH_CHECK();
+  return out;
+}
+
+Tensor sum_keep(const Tensor& x, const Shape& keep, float scale) {
+  MV_CHECK(x.defined() && x.device() == Device::CUDA && x.dtype() == DType::F32,
+           "cuda::sum_keep: x must be an F32 CUDA tensor, got ", x.str());
+  MV_CHECK(keep.size() == x.shape().size() && x.ndim() <= kMaxDims, "cuda::sum_keep: x ", x.str(),
+           " and the kept shape ", shape_str(keep), " must have the same rank (<= ", kMaxDims, ")");
+  Shape kept_stride(keep.size()), red_shape(keep.size()), red_stride(keep.size());
+  for (size_t d = 0; d < keep.size(); ++d) {
+    const int64_t n = x.shape()[d];
+    MV_CHECK(keep[d] == n || keep[d] == 1, "cuda::sum_keep: axis ", d, " of ", x.str(),
+             " cannot be kept as ", keep[d], " (", shape_str(keep), "): expected ", n, " or 1");
+    const bool reduced = keep[d] == 1 && n != 1;
+    kept_stride[d] = reduced ? 0 : x.strides()[d];
+    red_shape[d] = reduced ? n : 1;
+    red_stride[d] = reduced ? x.strides()[d] : 0;
+  }
+  Tensor out = Tensor::empty(keep, DType::F32, Device::CUDA);
+  const int64_t nout = out.numel(), count = shape_numel(red_shape);
+  if (nout == 0) return out;
+  sum_axes_kernel<<<grid_for(nout, kThreads), kThreads, 0, stream()>>>(
+      x.data<float>(), out.data<float>(), nout, count, Indexer<1>::make(keep, {&kept_stride}),
+      Indexer<1>::make(red_shape, {&red_stride}), scale);
   MV_CUDA_LAUNCH_CHECK();
   return out;
 }

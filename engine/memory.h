@@ -60,6 +60,8 @@ struct CudaHooks {
   PoolStats (*stats)();
   // Writes the strided CUDA tensor src into dst (same shape and dtype, any strides).
   void (*copy_strided)(const Tensor& dst, const Tensor& src);
+  // Sets every element of a contiguous F32 CUDA tensor, on the device.
+  void (*fill)(const Tensor& t, float value);
 };
 const CudaHooks* cuda_hooks();
 bool cuda_available();  // built with CUDA and a device is present

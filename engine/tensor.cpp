@@ -56,9 +56,9 @@ Tensor Tensor::ones(const Shape& shape, DType dtype, Device device) {
 }
 
 Tensor Tensor::full(const Shape& shape, float value, Device device) {
-  Tensor t = empty(shape);
+  Tensor t = empty(shape, DType::F32, device);
   t.fill_(value);
-  return t.to(device);
+  return t;
 }
 
 template <class T>
@@ -185,7 +185,7 @@ Tensor Tensor::view_as(const Shape& shape, const Shape& strides, int64_t offset)
 void Tensor::fill_(float value) {
   MV_CHECK(dtype() == DType::F32 && is_contiguous(), "Tensor::fill_: needs a contiguous F32 tensor, got ", str());
   if (device() != Device::CPU) {
-    copy_(full(shape(), value));
+    cuda_hooks()->fill(*this, value);
     return;
   }
   float* p = data<float>();

@@ -88,21 +88,29 @@ NamedTensors AdamW::state() const {
 
 SGD::SGD(NamedTensors params, float momentum, float wd)
     : Optimizer(std::move(params)), momentum_(momentum), wd_(wd) {
-  for (auto& [n, p] : params_) buf_.push_back(Tensor::zeros(p.shape()));
+  for (auto& [n, p] : params_) buf_.push_back(Tensor::zeros(p.shape(), DType::F32, p.device()));
 }
 
 // g += wd * p (coupled L2, as torch.optim.SGD); b = momentum * b + g; p -= lr * b.
+// On CUDA the same update, one kernel per parameter tensor (cuda::sgd_step).
 void SGD::step(float lr, float gs) {
-  for (auto& [name, p] : params_)
-    MV_CHECK(p.device() == Device::CPU, "--optimizer sgd has no CUDA kernel yet (parameter '", name,
-             "' is on CUDA); use --optimizer adamw or --device cpu");
   ++steps_;
   for (size_t k = 0; k < params_.size(); ++k) {
     auto& [name, p] = params_[k];
+    MV_CHECK(p.device() == params_.front().second.device(), "SGD: parameters '", params_.front().first,
+             "' and '", name, "' live on different devices");
+    // The model moved after the optimizer was made: the momentum buffer follows it.
+    if (buf_[k].device() != p.device()) buf_[k] = buf_[k].to(p.device());
     Tensor g = p.grad();
     if (!g.defined()) continue;
     g = g.contiguous();
     const float wd = decays(name, p) ? wd_ : 0.f;
+    if (p.device() == Device::CUDA) {
+#ifdef MOEVIT_CUDA
+      cuda::sgd_step(p, g, buf_[k], lr, momentum_, wd, gs);
+#endif
+      continue;
+    }
     float *pp = p.data<float>(), *pb = buf_[k].data<float>();
     const float* pg = g.data<float>();
     for (int64_t i = 0, n = p.numel(); i < n; ++i) {

@@ -19,6 +19,7 @@
 #include "models/optim.h"
 #include "ops/elementwise.h"
 #include "ops/loss.h"
+#include "ops/matmul.h"
 #include "ops/prc.h"
 #include "ops/reduce.h"
 #include "ops/shape.h"
@@ -109,8 +110,7 @@ void TrainConfig::validate() const {
   MV_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '", device, "'");
   MV_CHECK(device != "cuda" || cuda_available(), "--device cuda: no CUDA device is available (a "
            "build without CUDA, or no GPU found); use --device cpu");
-  MV_CHECK(device != "cuda" || optimizer == "adamw",
-           "--optimizer sgd has no CUDA kernel yet; use --optimizer adamw with --device cuda");
+  MV_CHECK(!tf32 || device == "cuda", "--tf32 applies to CUDA GEMMs only; add --device cuda");
   MV_CHECK(device != "cuda" || vit.moe_placement == "none", "model '", model,
            "' has MoE layers, which have no CUDA kernels yet; use --device cpu");
   MV_CHECK(!prc || vit.moe_placement != "none", "--prc needs a model with MoE layers (an MoE "
@@ -168,7 +168,7 @@ std::string TrainConfig::to_json() const {
       {"weight_decay", weight_decay}, {"momentum", momentum}, {"schedule", schedule},
       {"warmup_epochs", warmup_epochs}, {"label_smoothing", label_smoothing}, {"clip", clip},
       {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
-      {"limit_test", limit_test}, {"device", device}, {"prc", prc},
+      {"limit_test", limit_test}, {"device", device}, {"tf32", tf32}, {"prc", prc},
       {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
       {"prc_reference_diagonal", prc_reference_diagonal}, {"prc_blocks", prc_blocks},
       {"prc_cls_pair", prc_cls_pair}, {"jaccard_weight", jaccard_weight},
@@ -192,6 +192,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.clip = j.at("clip"), c.augment = j.at("augment"), c.seed = j.at("seed");
     c.limit_train = j.at("limit_train"), c.limit_test = j.at("limit_test");
     c.device = j.value("device", std::string("cpu"));  // checkpoints from before --device: CPU
+    c.tf32 = j.value("tf32", false);                    // ... and from before --tf32
     c.prc = j.value("prc", false);                      // ... and from before --prc
     c.prc_diag_weight = j.value("prc_diag_weight", c.prc_diag_weight);
     c.prc_off_weight = j.value("prc_off_weight", c.prc_off_weight);
@@ -330,6 +331,7 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
   ViT model(cfg.vit, cfg.seed);
   if (cfg.jaccard_weight > 0) model.jaccard_sigma = cfg.jaccard_sigma;
   const Device dev = cfg.device == "cuda" ? Device::CUDA : Device::CPU;
+  ops::set_allow_tf32(cfg.tf32);
   model.to(dev);  // before the optimizer, so its state is allocated on the same device
   std::unique_ptr<Optimizer> opt;
   if (cfg.optimizer == "adamw") opt = std::make_unique<AdamW>(model.named_parameters(), cfg.weight_decay);

@@ -95,15 +95,6 @@ std::vector<std::string> vit_preset_names() {
   return n;
 }
 
-Tensor patchify(const Tensor& x, int p) {
-  MV_CHECK(x.ndim() == 4 && x.size(2) % p == 0 && x.size(3) % p == 0, "patchify: images ", x.str(),
-           " must be (B, C, H, W) with H and W multiples of ", p);
-  const int64_t B = x.size(0), C = x.size(1), gh = x.size(2) / p, gw = x.size(3) / p;
-  Tensor t = ops::reshape(x, {B, C, gh, p, gw, p});
-  t = ops::permute(t, {0, 2, 4, 1, 3, 5});  // (B, gh, gw, C, p, p)
-  return ops::reshape(t, {B, gh * gw, C * p * p});
-}
-
 Block::Block(const ViTConfig& c, int i, Generator& g, Generator* noise) {
   ln1 = register_module("ln1", std::make_shared<LayerNorm>(c.dim));
   attn = register_module("attn", std::make_shared<MultiHeadAttention>(c.dim, c.heads, g));
@@ -150,7 +141,7 @@ Tensor ViT::forward(const Tensor& images) {
            "ViT: images ", images.str(), " do not match the model's (B, ", c.channels, ", ",
            c.image_size, ", ", c.image_size, ")");
   const int64_t B = images.size(0);
-  Tensor x = patch_embed->forward(patchify(images, c.patch));        // (B, N, D)
+  Tensor x = patch_embed->forward(ops::patchify(images, c.patch));        // (B, N, D)
   Tensor cls_b = ops::add(Tensor::zeros({B, 1, int64_t(c.dim)}, DType::F32, cls.device()), cls);
   x = ops::concat({cls_b, x}, 1) + pos;                               // (B, T, D)
   jaccard_.clear();

@@ -81,7 +81,4 @@ class ViT : public Module {
   std::vector<Tensor> jaccard_;  // the last forward's per-layer soft-Jaccard losses
 };
 
-// (B, C, H, W) -> (B, (H/p)*(W/p), C*p*p), patches in row-major order, each flattened (c, i, j).
-Tensor patchify(const Tensor& images, int patch);
-
 }  // namespace mv::models

@@ -8,10 +8,9 @@
 #include "engine/parallel.h"
 #include "ops/common.h"
 #include "ops/fast_math.h"
-
-#ifdef MOEVIT_CUDA
+// Its enums name the CUDA maps (cuda::Binary, cuda::Unary); its functions exist only in builds
+// with MOEVIT_CUDA, and are only called there.
 #include "cuda/kernels.h"
-#endif
 
 namespace mv::ops {
 
@@ -96,12 +95,10 @@ static Tensor unary_kernel(const char* op, const Tensor& x_, F f) {
 }
 
 #ifdef MOEVIT_CUDA
-// ---- CUDA: same-shape maps and the bias broadcast ----------------------------------------------
-// The CUDA kernels cover what a transformer needs: equal shapes, and a "bias" operand that only
-// broadcasts along leading dims (its shape, leading 1s dropped, is a suffix of the other's:
-// (C,) or (1, 1, C) against (B, T, C), (1, T, C) against (B, T, C)). Other broadcasts throw.
+// ---- CUDA: broadcasting maps (cuda::binary); adding a bias gets its own faster kernel ---------
 
-// The number of trailing elements `small` covers when it is such a bias of `big`; -1 otherwise.
+// The number of trailing elements `small` covers when it is a bias of `big`: its shape, leading
+// 1s dropped, is a suffix of big's ((C,) or (1, 1, C) against (B, T, C)); -1 otherwise.
 static int64_t bias_width(const Shape& small, const Shape& big) {
   size_t lead = 0;
   while (lead < small.size() && small[lead] == 1) ++lead;
@@ -115,41 +112,25 @@ static int64_t bias_width(const Shape& small, const Shape& big) {
   return C;
 }
 
-// big + small broadcast as a bias, in big's shape.
-static Tensor cuda_add_bias(const Tensor& big, const Tensor& small, int64_t C) {
-  const int64_t R = C == 0 ? 0 : big.numel() / C;
-  return flat_view(cuda::add_bias(flat_view(big, {R, C}), flat_view(small, {C})), big.shape());
-}
-
-// kind: '+', '-', '*'. Same shapes, or one operand a bias of the other.
-static Tensor cuda_binary(const char* op, const Tensor& a_, const Tensor& b_, char kind) {
-  Tensor a = a_.contiguous(), b = b_.contiguous();
-  if (a.shape() == b.shape()) {
-    if (kind == '+') return cuda::add(a, b);
-    if (kind == '-') return cuda::axpby(a, b, 1.f, -1.f);
-    return cuda::mul(a, b);
+static Tensor cuda_binary(const char* op, const Tensor& a, const Tensor& b, cuda::Binary kind) {
+  const Shape out = broadcast_shape(a.shape(), b.shape(), op);  // the op's own error for bad shapes
+  if (kind == cuda::Binary::Add && a.shape() != b.shape()) {
+    const bool b_small = out == a.shape();
+    const Tensor& big = b_small ? a : b;
+    const Tensor& small = b_small ? b : a;
+    const int64_t C = out == big.shape() ? bias_width(small.shape(), big.shape()) : -1;
+    if (C >= 0) {
+      const int64_t R = C == 0 ? 0 : big.numel() / C;
+      return flat_view(cuda::add_bias(flat_view(big, {R, C}), flat_view(small, {C})), out);
+    }
   }
-  const Shape out = broadcast_shape(a.shape(), b.shape(), op);
-  const bool b_small = out == a.shape();
-  const Tensor& big = b_small ? a : b;
-  const Tensor& small = b_small ? b : a;
-  const int64_t C = out == big.shape() ? bias_width(small.shape(), big.shape()) : -1;
-  MV_CHECK(C >= 0, op, ": broadcasting ", a.str(), " with ", b.str(),
-           " has no CUDA kernel yet (only equal shapes or a bias over trailing dims)");
-  if (kind == '*') {  // materialise the bias at full shape, then an equal-shape product
-    Tensor e = cuda_add_bias(Tensor::zeros(big.shape(), DType::F32, Device::CUDA), small, C);
-    return cuda::mul(big, e);
-  }
-  if (kind == '+') return cuda_add_bias(big, small, C);
-  // a - b: negate b, then add
-  if (b_small) return cuda_add_bias(a, cuda::axpby(b, Tensor(), -1.f, 0.f), C);
-  return cuda_add_bias(cuda::axpby(b, Tensor(), -1.f, 0.f), a, C);
+  return cuda::binary(a, b, kind);
 }
 #endif
 
 // a (op) b on either device; f is the CPU map, kind names it for the CUDA path.
 template <class F>
-static Tensor binary_forward(const char* op, const Tensor& a, const Tensor& b, char kind, F f) {
+static Tensor binary_forward(const char* op, const Tensor& a, const Tensor& b, cuda::Binary kind, F f) {
 #ifdef MOEVIT_CUDA
   if (on_cuda(op, {&a, &b})) return cuda_binary(op, a, b, kind);
 #endif
@@ -170,12 +151,17 @@ static Tensor scalar_forward(const char* op, const Tensor& x, float alpha, float
 Tensor sum_to(const Tensor& g_, const Shape& shape) {
   if (g_.shape() == shape) return g_;
 #ifdef MOEVIT_CUDA
-  if (on_cuda("sum_to", {&g_})) {  // a bias gradient: sum over the leading rows
+  if (on_cuda("sum_to", {&g_})) {
+    MV_CHECK(broadcast_shape(shape, g_.shape(), "sum_to") == g_.shape(), "sum_to: ", shape_str(shape),
+             " does not broadcast to ", g_.str());
     const int64_t C = bias_width(shape, g_.shape());
-    MV_CHECK(C >= 0, "sum_to: reducing ", g_.str(), " to ", shape_str(shape),
-             " has no CUDA kernel yet (only sums over leading dims)");
-    const int64_t R = C == 0 ? 0 : g_.numel() / C;
-    return flat_view(cuda::column_sum(flat_view(g_, {R, C})), shape);
+    if (C >= 0) {  // a bias gradient: column sums over the leading rows
+      const int64_t R = C == 0 ? 0 : g_.numel() / C;
+      return flat_view(cuda::column_sum(flat_view(g_, {R, C})), shape);
+    }
+    Shape keep(g_.shape().size() - shape.size(), 1);  // shape, left-padded with 1s to g's rank
+    keep.insert(keep.end(), shape.begin(), shape.end());
+    return flat_view(cuda::sum_keep(g_, keep), shape);
   }
 #endif
   expect_cpu_f32("sum_to", {&g_});
@@ -205,7 +191,7 @@ Tensor sum_to(const Tensor& g_, const Shape& shape) {
 
 // d(a+b) = (g, g)
 Tensor add(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_forward("add", a, b, '+', [](float x, float y) { return x + y; });
+  Tensor out = binary_forward("add", a, b, cuda::Binary::Add, [](float x, float y) { return x + y; });
   return record("add", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
     return std::vector<Tensor>{sum_to(g, sa), sum_to(g, sb)};
   });
@@ -213,7 +199,7 @@ Tensor add(const Tensor& a, const Tensor& b) {
 
 // d(a-b) = (g, -g)
 Tensor sub(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_forward("sub", a, b, '-', [](float x, float y) { return x - y; });
+  Tensor out = binary_forward("sub", a, b, cuda::Binary::Sub, [](float x, float y) { return x - y; });
   return record("sub", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
     return std::vector<Tensor>{sum_to(g, sa), sum_to(neg(g), sb)};
   });
@@ -221,7 +207,7 @@ Tensor sub(const Tensor& a, const Tensor& b) {
 
 // d(a*b) = (g*b, g*a)
 Tensor mul(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_forward("mul", a, b, '*', [](float x, float y) { return x * y; });
+  Tensor out = binary_forward("mul", a, b, cuda::Binary::Mul, [](float x, float y) { return x * y; });
   const bool ga = a.requires_grad(), gb = b.requires_grad();
   return record("mul", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb](const Tensor& g) {
     return std::vector<Tensor>{ga ? sum_to(mul(g, bd), ad.shape()) : Tensor(),
@@ -231,7 +217,7 @@ Tensor mul(const Tensor& a, const Tensor& b) {
 
 // d(a/b) = (g/b, -g*a/b^2)
 Tensor div(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_kernel("div", a, b, [](float x, float y) { return x / y; });
+  Tensor out = binary_forward("div", a, b, cuda::Binary::Div, [](float x, float y) { return x / y; });
   const bool ga = a.requires_grad(), gb = b.requires_grad();
   return record("div", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb](const Tensor& g) {
     Tensor gq = div(g, bd);
@@ -258,9 +244,9 @@ Tensor neg(const Tensor& x) {
   return record("neg", out, {x}, [](const Tensor& g) { return std::vector<Tensor>{neg(g)}; });
 }
 
-// Unary op whose derivative is a function of (x, y): backward = g * df(x, y).
+// Unary op on the CPU whose derivative is a function of (x, y): backward = g * df(x, y).
 template <class F, class DF>
-static Tensor unary_op(const char* name, const Tensor& x, F f, DF df) {
+static Tensor unary_cpu(const char* name, const Tensor& x, F f, DF df) {
   Tensor y = unary_kernel(name, x, f);
   if (!autograd::needs_graph({x})) return y;
   return record(name, y, {x}, [xd = x.detach(), yd = y.detach(), df](const Tensor& g) {
@@ -275,37 +261,55 @@ static Tensor unary_op(const char* name, const Tensor& x, F f, DF df) {
   });
 }
 
+// The same on either device: on CUDA, the map and its derivative are the kernel's `code`
+// (p: pow's exponent).
+template <class F, class DF>
+static Tensor unary_op(const char* name, const Tensor& x, cuda::Unary code, float p, F f, DF df) {
+#ifdef MOEVIT_CUDA
+  if (on_cuda(name, {&x})) {
+    const Tensor xc = x.contiguous();
+    Tensor y = cuda::unary_forward(xc, code, p);
+    if (!autograd::needs_graph({x})) return y;
+    return record(name, y, {x}, [xd = xc.detach(), yd = y.detach(), code, p](const Tensor& g) {
+      return std::vector<Tensor>{cuda::unary_backward(xd, yd, g.contiguous(), code, p)};
+    });
+  }
+#endif
+  (void)code, (void)p;
+  return unary_cpu(name, x, f, df);
+}
+
 // exp' = y
 Tensor exp(const Tensor& x) {
-  return unary_op("exp", x, [](float v) { return std::exp(v); }, [](float, float y) { return y; });
+  return unary_op("exp", x, cuda::Unary::Exp, 0.f, [](float v) { return std::exp(v); }, [](float, float y) { return y; });
 }
 // log' = 1/x
 Tensor log(const Tensor& x) {
-  return unary_op("log", x, [](float v) { return std::log(v); }, [](float v, float) { return 1.0f / v; });
+  return unary_op("log", x, cuda::Unary::Log, 0.f, [](float v) { return std::log(v); }, [](float v, float) { return 1.0f / v; });
 }
 // sqrt' = 1/(2y)
 Tensor sqrt(const Tensor& x) {
-  return unary_op("sqrt", x, [](float v) { return std::sqrt(v); },
+  return unary_op("sqrt", x, cuda::Unary::Sqrt, 0.f, [](float v) { return std::sqrt(v); },
                   [](float, float y) { return 0.5f / y; });
 }
 // rsqrt' = -y^3/2
 Tensor rsqrt(const Tensor& x) {
-  return unary_op("rsqrt", x, [](float v) { return 1.0f / std::sqrt(v); },
+  return unary_op("rsqrt", x, cuda::Unary::Rsqrt, 0.f, [](float v) { return 1.0f / std::sqrt(v); },
                   [](float, float y) { return -0.5f * y * y * y; });
 }
 // tanh' = 1 - y^2
 Tensor tanh(const Tensor& x) {
-  return unary_op("tanh", x, [](float v) { return fast_tanh(v); },
+  return unary_op("tanh", x, cuda::Unary::Tanh, 0.f, [](float v) { return fast_tanh(v); },
                   [](float, float y) { return 1.0f - y * y; });
 }
 // (x^p)' = p x^(p-1)
 Tensor pow(const Tensor& x, float p) {
-  return unary_op("pow", x, [p](float v) { return std::pow(v, p); },
+  return unary_op("pow", x, cuda::Unary::Pow, p, [p](float v) { return std::pow(v, p); },
                   [p](float v, float) { return p * std::pow(v, p - 1.0f); });
 }
 // relu' = [x > 0]
 Tensor relu(const Tensor& x) {
-  return unary_op("relu", x, [](float v) { return v > 0.f ? v : 0.f; },
+  return unary_op("relu", x, cuda::Unary::Relu, 0.f, [](float v) { return v > 0.f ? v : 0.f; },
                   [](float v, float) { return v > 0.f ? 1.f : 0.f; });
 }
 
@@ -314,9 +318,14 @@ Tensor relu(const Tensor& x) {
 // erf form: y = x Phi(x); y' = Phi(x) + x phi(x)
 Tensor gelu(const Tensor& x, GeluForm form) {
   constexpr float inv_sqrt2 = 0.7071067811865476f, inv_sqrt2pi = 0.3989422804014327f;
+  if (form == GeluForm::Erf)
+    return unary_op(
+        "gelu_erf", x, cuda::Unary::GeluErf, 0.f, [](float v) { return 0.5f * v * (1.f + std::erf(v * inv_sqrt2)); },
+        [](float v, float) {
+          return 0.5f * (1.f + std::erf(v * inv_sqrt2)) + v * inv_sqrt2pi * std::exp(-0.5f * v * v);
+        });
 #ifdef MOEVIT_CUDA
-  if (on_cuda("gelu", {&x})) {
-    MV_CHECK(form == GeluForm::Tanh, "gelu: the erf form has no CUDA kernel yet; got ", x.str());
+  if (on_cuda("gelu", {&x})) {  // the tanh form has its own kernels (the MLP's hot path)
     Tensor y = cuda::gelu_forward(x.contiguous());
     if (!autograd::needs_graph({x})) return y;
     return record("gelu", y, {x}, [xd = x.detach().contiguous()](const Tensor& g) {
@@ -324,20 +333,14 @@ Tensor gelu(const Tensor& x, GeluForm form) {
     });
   }
 #endif
-  if (form == GeluForm::Tanh)
-    return unary_op("gelu", x, [](float v) { return gelu_tanh(v); }, [](float v, float) { return gelu_tanh_grad(v); });
-  return unary_op(
-      "gelu_erf", x, [](float v) { return 0.5f * v * (1.f + std::erf(v * inv_sqrt2)); },
-      [](float v, float) {
-        return 0.5f * (1.f + std::erf(v * inv_sqrt2)) + v * inv_sqrt2pi * std::exp(-0.5f * v * v);
-      });
+  return unary_cpu("gelu", x, [](float v) { return gelu_tanh(v); }, [](float v, float) { return gelu_tanh_grad(v); });
 }
 
 // Phi'(x) = phi(x) = exp(-x^2/2) / sqrt(2 pi)
 Tensor normal_cdf(const Tensor& x) {
   constexpr float inv_sqrt2 = 0.7071067811865476f, inv_sqrt2pi = 0.3989422804014327f;
   return unary_op(
-      "normal_cdf", x, [](float v) { return 0.5f * std::erfc(-v * inv_sqrt2); },
+      "normal_cdf", x, cuda::Unary::NormalCdf, 0.f, [](float v) { return 0.5f * std::erfc(-v * inv_sqrt2); },
       [](float v, float) { return inv_sqrt2pi * std::exp(-0.5f * v * v); });
 }
 

@@ -218,8 +218,14 @@ void column_sums(const float* g, int64_t rows, int64_t cols, int64_t ld, float* 
 
 }  // namespace
 
+namespace {
+bool g_allow_tf32 = false;
+}
+void set_allow_tf32(bool allow) { g_allow_tf32 = allow; }
+bool allow_tf32() { return g_allow_tf32; }
+
 #ifdef MOEVIT_CUDA
-// ---- CUDA: cuBLAS in full FP32 (tf32 off, so results match the CPU to fp32 rounding) ----------
+// ---- CUDA: cuBLAS in full FP32 unless allow_tf32() (off, results match the CPU to fp32 rounding)
 // The backward's transposed operands go to cuBLAS as op(X) = X^T (cuda::matmul_t): no copies.
 
 // a: (..., M, K), b: (K, N) or (..., K, N), shapes already checked.
@@ -228,21 +234,22 @@ static Tensor cuda_matmul(const Tensor& a, const Tensor& b, int64_t M, int64_t N
   const bool shared = b.ndim() == 2;
   Shape out_shape = a.shape();
   out_shape.back() = N;
-  Tensor out = shared ? cuda::matmul(flat_view(a, {nb * M, K}), b.contiguous())
-                      : cuda::matmul(flat_view(a, {nb, M, K}), flat_view(b, {nb, K, N}));
+  const bool tf32 = allow_tf32();
+  Tensor out = shared ? cuda::matmul(flat_view(a, {nb * M, K}), b.contiguous(), tf32)
+                      : cuda::matmul(flat_view(a, {nb, M, K}), flat_view(b, {nb, K, N}), tf32);
   out = flat_view(out, out_shape);
   if (!autograd::needs_graph({a, b})) return out;
   const bool ga = a.requires_grad(), gb = b.requires_grad();
-  return record("matmul", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb, shared, nb, M, N, K](const Tensor& g) {
+  return record("matmul", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb, shared, nb, M, N, K, tf32](const Tensor& g) {
     Tensor gA, gB;
     if (shared) {  // one GEMM over all nb * M rows
       const Tensor g2 = flat_view(g, {nb * M, N});
-      if (ga) gA = flat_view(cuda::matmul_t(g2, bd.contiguous(), false, true), ad.shape());  // dA = dY B^T
-      if (gb) gB = cuda::matmul_t(flat_view(ad, {nb * M, K}), g2, true, false);  // dB = A^T dY
+      if (ga) gA = flat_view(cuda::matmul_t(g2, bd.contiguous(), false, true, tf32), ad.shape());  // dA = dY B^T
+      if (gb) gB = cuda::matmul_t(flat_view(ad, {nb * M, K}), g2, true, false, tf32);  // dB = A^T dY
     } else {
       const Tensor g3 = flat_view(g, {nb, M, N});
-      if (ga) gA = flat_view(cuda::matmul_t(g3, flat_view(bd, {nb, K, N}), false, true), ad.shape());
-      if (gb) gB = flat_view(cuda::matmul_t(flat_view(ad, {nb, M, K}), g3, true, false), bd.shape());
+      if (ga) gA = flat_view(cuda::matmul_t(g3, flat_view(bd, {nb, K, N}), false, true, tf32), ad.shape());
+      if (gb) gB = flat_view(cuda::matmul_t(flat_view(ad, {nb, M, K}), g3, true, false, tf32), bd.shape());
     }
     return std::vector<Tensor>{gA, gB};
   });
@@ -344,18 +351,19 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
   out_shape.back() = nout;
   const int64_t rows = in > 0 ? x.numel() / in : shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
 #ifdef MOEVIT_CUDA
-  if (gpu) {  // cuBLASLt with the bias fused; full FP32
+  if (gpu) {  // cuBLASLt with the bias fused; full FP32 unless allow_tf32()
     const Tensor x2 = flat_view(x, {rows, in});
+    const bool tf32 = allow_tf32();
     Tensor out = flat_view(
-        cuda::linear_forward(x2, w.contiguous(), bias.defined() ? bias.contiguous() : Tensor()), out_shape);
+        cuda::linear_forward(x2, w.contiguous(), bias.defined() ? bias.contiguous() : Tensor(), tf32), out_shape);
     if (!autograd::needs_graph({x, w, bias})) return out;
     const bool gx = x.requires_grad(), gw = w.requires_grad(), gbias = bias.defined() && bias.requires_grad();
     return record("linear", out, {x, w, bias},
-                  [x2 = x2.detach(), wd = w.detach(), xs = x.shape(), gx, gw, gbias, rows, nout](const Tensor& g) {
+                  [x2 = x2.detach(), wd = w.detach(), xs = x.shape(), gx, gw, gbias, rows, nout, tf32](const Tensor& g) {
                     const Tensor g2 = flat_view(g, {rows, nout});
                     Tensor dx, dw, db;
-                    if (gx) dx = flat_view(cuda::matmul_t(g2, wd.contiguous(), false, true), xs);  // dx = dy w^T
-                    if (gw) dw = cuda::matmul_t(x2, g2, true, false);  // dw = x^T dy
+                    if (gx) dx = flat_view(cuda::matmul_t(g2, wd.contiguous(), false, true, tf32), xs);  // dx = dy w^T
+                    if (gw) dw = cuda::matmul_t(x2, g2, true, false, tf32);  // dw = x^T dy
                     if (gbias) db = cuda::column_sum(g2);                // db = column sums of dy
                     return std::vector<Tensor>{dx, dw, db};
                   });

@@ -17,6 +17,13 @@ Tensor bmm(const Tensor& a, const Tensor& b);
 // y = x w + bias (weights stored in -> out, the flax convention).
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
 
+// On CUDA, matmul / bmm / linear (forward and backward) run in full FP32 unless TF32 is allowed:
+// then cuBLAS may use TF32 tensor cores (10-bit mantissa inputs, about 1e-3 relative error) for a
+// several-fold faster GEMM, as torch.backends.cuda.matmul.allow_tf32. Off by default; the CPU
+// ignores it. Process-wide.
+void set_allow_tf32(bool allow);
+bool allow_tf32();
+
 namespace detail {
 // Internal GEMM, no autograd, for ops that schedule their own products over the threads
 // (ops/moe.cpp gives each thread pieces of several experts' rows, one fork-join for all):

@@ -201,17 +201,19 @@ Tensor sum_or_mean(const char* op, const Tensor& x, const std::vector<int>& axes
   const int64_t count = reduced_count(x.shape(), red);
   const double scale = is_mean ? 1.0 / double(count) : 1.0;
 #ifdef MOEVIT_CUDA
-  if (gpu) {  // only the reduction of every element (losses, metrics) has a kernel
-    MV_CHECK(count == x.numel(), op, ": reducing ", x.str(),
-             " over some of its axes has no CUDA kernel yet (only over all of them)");
-    Tensor out = cuda::sum_all(x.contiguous(), float(scale));
-    if (keepdim) out = flat_view(out, Shape(x.shape().size(), 1));
+  if (gpu) {  // every element: one block's tree; some axes: cuda::sum_keep, a thread per output
+    Shape ks = x.shape();
+    for (size_t d = 0; d < ks.size(); ++d)
+      if (red[d]) ks[d] = 1;
+    Tensor k = count == x.numel() ? flat_view(cuda::sum_all(x.contiguous(), float(scale)), ks)
+                                  : cuda::sum_keep(x, ks, float(scale));
+    Tensor out = keepdim ? k : flat_view(k, drop_shape(x.shape(), red));
     if (!autograd::needs_graph({x})) return out;
-    // d/dx = g broadcast to every element, times scale
-    return record(op, out, {x}, [xs = x.shape(), s = float(scale)](const Tensor& g) {
-      const int64_t n = shape_numel(xs);
-      Tensor e = cuda::add_bias(Tensor::zeros({n, 1}, DType::F32, Device::CUDA), flat_view(g, {1}));
-      return std::vector<Tensor>{flat_view(cuda::axpby(e, Tensor(), s, 0.f), xs)};
+    // d/dx = g broadcast back to x's shape, times scale: g + 0 through the broadcasting add
+    return record(op, out, {x}, [xs = x.shape(), ks, s = float(scale)](const Tensor& g) {
+      const Tensor e = cuda::binary(Tensor::zeros(xs, DType::F32, Device::CUDA), flat_view(g, ks),
+                                    cuda::Binary::Add);
+      return std::vector<Tensor>{s == 1.f ? e : cuda::axpby(e, Tensor(), s, 0.f)};
     });
   }
 #endif

@@ -291,4 +291,47 @@ Tensor stack(const std::vector<Tensor>& xs, int axis) {
   return concat(parts, a);
 }
 
+// Calls f(image_offset, patch_offset) for every run of p floats that patchify moves: offsets
+// into contiguous images (B, C, H, W) and patches (B, N, C p p); runs are disjoint on both sides.
+template <class F>
+static void for_patch_runs(const Shape& is, int64_t p, F f) {
+  const int64_t B = is[0], C = is[1], H = is[2], W = is[3], gw = W / p, N = (H / p) * gw;
+  parallel_for(B * N, C * p * p, [&](int64_t s, int64_t e) {
+    for (int64_t bn = s; bn < e; ++bn) {
+      const int64_t b = bn / N, gy = (bn % N) / gw, gx = (bn % N) % gw;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < p; ++i)
+          f(((b * C + c) * H + gy * p + i) * W + gx * p, (bn * C + c) * p * p + i * p);
+    }
+  });
+}
+
+Tensor patchify(const Tensor& x_, int p) {
+  const bool gpu = on_cuda("patchify", {&x_});
+  if (!gpu) expect_cpu_f32("patchify", {&x_});
+  MV_CHECK(p >= 1 && x_.ndim() == 4 && x_.size(2) % p == 0 && x_.size(3) % p == 0, "patchify: images ",
+           x_.str(), " must be (B, C, H, W) with H and W multiples of the patch size ", p);
+  const Shape is = x_.shape();
+#ifdef MOEVIT_CUDA
+  if (gpu)
+    return record("patchify", cuda::patchify(x_, p), {x_}, [is, p](const Tensor& g) {
+      return std::vector<Tensor>{cuda::unpatchify(g.contiguous(), is, p)};
+    });
+#endif
+  const Tensor x = x_.contiguous();
+  Tensor out = Tensor::empty({is[0], (is[2] / p) * (is[3] / p), is[1] * p * p});
+  const size_t run = size_t(p) * sizeof(float);
+  const float* px = x.data<float>();
+  float* po = out.data<float>();
+  for_patch_runs(is, p, [&](int64_t io, int64_t pi) { std::memcpy(po + pi, px + io, run); });
+  return record("patchify", out, {x_}, [is, p, run](const Tensor& g_) {
+    const Tensor g = g_.contiguous();
+    Tensor dx = Tensor::empty(is);
+    const float* pg = g.data<float>();
+    float* pd = dx.data<float>();
+    for_patch_runs(is, p, [&](int64_t io, int64_t pi) { std::memcpy(pd + io, pg + pi, run); });
+    return std::vector<Tensor>{dx};
+  });
+}
+
 }  // namespace mv::ops

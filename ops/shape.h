@@ -29,4 +29,10 @@ Tensor concat(const std::vector<Tensor>& xs, int axis);
 // (axis in [-(rank+1), rank])
 Tensor stack(const std::vector<Tensor>& xs, int axis);
 
+// images: (B, C, H, W), H and W multiples of p -> (B, (H/p)(W/p), C p p), ViT's patches:
+//   out[b, gy (W/p) + gx, (c p + i) p + j] = images[b, c, gy p + i, gx p + j]
+// (patches in row-major order, each flattened (c, i, j)). A permutation of the elements, so the
+// backward is the inverse permutation of the gradient. Has a CUDA kernel.
+Tensor patchify(const Tensor& images, int p);
+
 }  // namespace mv::ops

@@ -35,6 +35,7 @@
 #include "ops/loss.h"
 #include "ops/matmul.h"
 #include "ops/norm.h"
+#include "ops/shape.h"
 #include "ops/softmax.h"
 
 int main(int argc, char** argv) {
@@ -489,7 +490,7 @@ TEST_CASE("cuda cross-entropy: errors") {
 // elementwise
 // =============================================================================================
 
-TEST_CASE("cuda gelu, add_bias, add, mul against double and ops") {
+TEST_CASE("cuda gelu, add_bias, binary (equal shapes) against double and ops") {
   const double c = std::sqrt(2.0 / std::numbers::pi), k = 0.044715;
   for (int64_t n : {1, 3, 1001, 4096}) {
     CAPTURE(n);
@@ -509,10 +510,16 @@ TEST_CASE("cuda gelu, add_bias, add, mul against double and ops") {
     check_f32("gelu vs ops::gelu", get(cuda::gelu_forward(dev(x, {n}))), to_d(get(ops::gelu(host(x, {n}), ops::GeluForm::Tanh))), 1e-5, 1e-6);
     DVec sum(static_cast<size_t>(n)), prod(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) sum[size_t(i)] = double(x[size_t(i)]) + dy[size_t(i)], prod[size_t(i)] = double(x[size_t(i)]) * dy[size_t(i)];
-    check_f32("add", get(cuda::add(dev(x, {n}), dev(dy, {n}))), to_d(get(ops::add(host(x, {n}), host(dy, {n})))), 0, 0);
-    check_f32("mul", get(cuda::mul(dev(x, {n}), dev(dy, {n}))), to_d(get(ops::mul(host(x, {n}), host(dy, {n})))), 0, 0);
-    check_f32("add vs double", get(cuda::add(dev_misaligned(x, {n}), dev(dy, {n}))), sum, 1e-7, 0);
-    check_f32("mul vs double", get(cuda::mul(dev(x, {n}), dev_misaligned(dy, {n}))), prod, 1e-7, 0);
+    const auto bin = [](const Tensor& a, const Tensor& b, cuda::Binary op) { return get(cuda::binary(a, b, op)); };
+    check_f32("add", bin(dev(x, {n}), dev(dy, {n}), cuda::Binary::Add), to_d(get(ops::add(host(x, {n}), host(dy, {n})))), 0, 0);
+    check_f32("mul", bin(dev(x, {n}), dev(dy, {n}), cuda::Binary::Mul), to_d(get(ops::mul(host(x, {n}), host(dy, {n})))), 0, 0);
+    check_f32("add vs double", bin(dev_misaligned(x, {n}), dev(dy, {n}), cuda::Binary::Add), sum, 1e-7, 0);
+    check_f32("mul vs double", bin(dev(x, {n}), dev_misaligned(dy, {n}), cuda::Binary::Mul), prod, 1e-7, 0);
+    DVec diff(static_cast<size_t>(n)), quot(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i)
+      diff[size_t(i)] = double(x[size_t(i)]) - dy[size_t(i)], quot[size_t(i)] = double(x[size_t(i)]) / dy[size_t(i)];
+    check_f32("sub vs double", bin(dev(x, {n}), dev(dy, {n}), cuda::Binary::Sub), diff, 1e-7, 0);
+    check_f32("div vs double", bin(dev(x, {n}), dev(dy, {n}), cuda::Binary::Div), quot, 1e-6, 0);
   }
   for (auto [R, C] : std::vector<std::pair<int64_t, int64_t>>{{37, 77}, {37, 192}, {3, 1}}) {
     CAPTURE(C);
@@ -521,10 +528,182 @@ TEST_CASE("cuda gelu, add_bias, add, mul against double and ops") {
     check_f32("add_bias", get(cuda::add_bias(dev(x, {R, C}), dev(b, {C}))), to_d(ref), 0, 0);
     check_f32("add_bias misaligned", get(cuda::add_bias(dev_misaligned(x, {R, C}), dev(b, {C}))), to_d(ref), 0, 0);
   }
-  CHECK_THROWS_WITH_AS(cuda::add(Tensor::zeros({3}, DType::F32, Device::CUDA), Tensor::zeros({4}, DType::F32, Device::CUDA)),
-                       doctest::Contains("cuda::add: shapes differ: F32 (3) cuda and F32 (4) cuda"), Error);
+  CHECK_THROWS_WITH_AS(cuda::binary(Tensor::zeros({3}, DType::F32, Device::CUDA), Tensor::zeros({4}, DType::F32, Device::CUDA), cuda::Binary::Add),
+                       doctest::Contains("cuda::binary: shapes F32 (3) cuda and F32 (4) cuda do not broadcast"), Error);
   CHECK_THROWS_WITH_AS(cuda::add_bias(Tensor::zeros({3, 4}, DType::F32, Device::CUDA), Tensor::zeros({3}, DType::F32, Device::CUDA)),
                        doctest::Contains("expected x (..., C) and b (C)"), Error);
+}
+
+TEST_CASE("cuda binary: broadcasting and strided operands against a double loop") {
+  // out[i, j, k] = a[...] (op) b[...] with size-1 dims stretched; every case also through a
+  // transposed (strided) view of a.
+  struct Case {
+    Shape a, b, out;
+  };
+  for (const Case& c : std::vector<Case>{{{3, 1, 5}, {1, 4, 5}, {3, 4, 5}},
+                                         {{3, 4, 5}, {5}, {3, 4, 5}},
+                                         {{4, 1}, {3, 1, 7}, {3, 4, 7}},
+                                         {{1}, {2, 3}, {2, 3}}}) {
+    CAPTURE(shape_str(c.a));
+    CAPTURE(shape_str(c.b));
+    const Vec a = randn_vec(shape_numel(c.a), 31), b = randn_vec(shape_numel(c.b), 32, 1.f, 3.f);
+    // element of x (shape xs) that out index (i0, i1, i2) reads, right-aligned, size-1 dims at 0
+    auto at = [&](const Vec& x, const Shape& xs, const std::vector<int64_t>& idx) {
+      int64_t off = 0;
+      for (size_t d = 0; d < xs.size(); ++d) {
+        const int64_t k = idx[idx.size() - xs.size() + d];
+        off = off * xs[d] + (xs[d] == 1 ? 0 : k);
+      }
+      return double(x[size_t(off)]);
+    };
+    for (cuda::Binary op : {cuda::Binary::Add, cuda::Binary::Sub, cuda::Binary::Mul, cuda::Binary::Div}) {
+      CAPTURE(int(op));
+      DVec ref;
+      const Shape o3 = c.out.size() == 3 ? c.out : Shape{1, c.out[0], c.out[1]};
+      for (int64_t i = 0; i < o3[0]; ++i)
+        for (int64_t j = 0; j < o3[1]; ++j)
+          for (int64_t k = 0; k < o3[2]; ++k) {
+            const std::vector<int64_t> idx = c.out.size() == 3 ? std::vector<int64_t>{i, j, k} : std::vector<int64_t>{j, k};
+            const double x = at(a, c.a, idx), y = at(b, c.b, idx);
+            ref.push_back(op == cuda::Binary::Add ? x + y : op == cuda::Binary::Sub ? x - y : op == cuda::Binary::Mul ? x * y : x / y);
+          }
+      const Tensor out = cuda::binary(dev(a, c.a), dev(b, c.b), op);
+      CHECK(out.shape() == c.out);
+      check_f32("binary broadcast", get(out), ref, 1e-6, 0);
+      if (c.a.size() >= 2 && c.a.back() > 1 && c.a[c.a.size() - 2] > 1) {  // a through a transposed view
+        Shape at_shape = c.a;
+        std::swap(at_shape[at_shape.size() - 1], at_shape[at_shape.size() - 2]);
+        Vec a_t(a.size());
+        const int64_t R = c.a[c.a.size() - 2], C = c.a.back(), B = shape_numel(c.a) / (R * C);
+        for (int64_t q = 0; q < B; ++q)
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t s2 = 0; s2 < C; ++s2) a_t[size_t((q * C + s2) * R + r)] = a[size_t((q * R + r) * C + s2)];
+        const Tensor view = ops::transpose(dev(a_t, at_shape), -1, -2);
+        REQUIRE(!view.is_contiguous());
+        check_f32("binary broadcast, strided a", get(cuda::binary(view, dev(b, c.b), op)), ref, 1e-6, 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda unary maps: forward and backward against double") {
+  struct U {
+    cuda::Unary f;
+    const char* name;
+    float p, scale, shift;  // input: scale * N(0, 1) + shift (positive where the domain needs it)
+    double (*y)(double x, double p);
+    double (*dy)(double x, double p);
+  };
+  static constexpr double s_is2 = 0.70710678118654752, s_is2pi = 0.39894228040143268;  // 1/sqrt(2), 1/sqrt(2 pi)
+  const std::vector<U> maps = {
+      {cuda::Unary::Exp, "exp", 0, 2, 0, [](double x, double) { return std::exp(x); }, [](double x, double) { return std::exp(x); }},
+      {cuda::Unary::Log, "log", 0, 0.3f, 2, [](double x, double) { return std::log(x); }, [](double x, double) { return 1 / x; }},
+      {cuda::Unary::Sqrt, "sqrt", 0, 0.3f, 2, [](double x, double) { return std::sqrt(x); }, [](double x, double) { return 0.5 / std::sqrt(x); }},
+      {cuda::Unary::Rsqrt, "rsqrt", 0, 0.3f, 2, [](double x, double) { return 1 / std::sqrt(x); }, [](double x, double) { return -0.5 / (x * std::sqrt(x)); }},
+      {cuda::Unary::Tanh, "tanh", 0, 2, 0, [](double x, double) { return std::tanh(x); }, [](double x, double) { return 1 - std::tanh(x) * std::tanh(x); }},
+      {cuda::Unary::Pow, "pow 3", 3, 1, 0, [](double x, double p) { return std::pow(x, p); }, [](double x, double p) { return p * std::pow(x, p - 1); }},
+      {cuda::Unary::Pow, "pow 0.5", 0.5f, 0.3f, 2, [](double x, double p) { return std::pow(x, p); }, [](double x, double p) { return p * std::pow(x, p - 1); }},
+      {cuda::Unary::Relu, "relu", 0, 1, 0, [](double x, double) { return x > 0 ? x : 0; }, [](double x, double) { return x > 0 ? 1.0 : 0.0; }},
+      {cuda::Unary::GeluErf, "gelu erf", 0, 2, 0,
+       [](double x, double) { return 0.5 * x * (1 + std::erf(x * s_is2)); },
+       [](double x, double) { return 0.5 * (1 + std::erf(x * s_is2)) + x * s_is2pi * std::exp(-0.5 * x * x); }},
+      {cuda::Unary::NormalCdf, "normal cdf", 0, 3, 0,
+       [](double x, double) { return 0.5 * std::erfc(-x * s_is2); },
+       [](double x, double) { return s_is2pi * std::exp(-0.5 * x * x); }},
+  };
+  for (const U& u : maps)
+    for (int64_t n : {1, 1001}) {
+      CAPTURE(u.name);
+      CAPTURE(n);
+      const Vec x = randn_vec(n, 41, u.scale, u.shift), g = randn_vec(n, 42);
+      DVec y, dx;
+      for (int64_t i = 0; i < n; ++i) {
+        y.push_back(u.y(x[size_t(i)], u.p));
+        dx.push_back(g[size_t(i)] * u.dy(x[size_t(i)], u.p));
+      }
+      const Tensor tx = dev_misaligned(x, {n});
+      const Tensor ty = cuda::unary_forward(tx, u.f, u.p);
+      check_f32(std::string(u.name) + " forward", get(ty), y);
+      check_f32(std::string(u.name) + " backward", get(cuda::unary_backward(tx, ty, dev(g, {n}), u.f, u.p)), dx);
+    }
+  CHECK_THROWS_WITH_AS(cuda::unary_backward(Tensor::zeros({3}, DType::F32, Device::CUDA), Tensor::zeros({3}, DType::F32, Device::CUDA),
+                                            Tensor::zeros({4}, DType::F32, Device::CUDA), cuda::Unary::Exp),
+                       doctest::Contains("cuda::unary_backward: shapes differ"), Error);
+}
+
+TEST_CASE("cuda sum_keep (sums over any axes), fill, patchify against double loops") {
+  const int64_t A = 3, B = 5, C = 7;
+  const Vec x = randn_vec(A * B * C, 51);
+  auto X = [&](int64_t i, int64_t j, int64_t k) { return double(x[size_t((i * B + j) * C + k)]); };
+  for (const Shape& keep : {Shape{A, 1, C}, Shape{1, B, 1}, Shape{1, 1, 1}, Shape{A, B, C}, Shape{1, B, C}}) {
+    CAPTURE(shape_str(keep));
+    DVec ref(size_t(shape_numel(keep)), 0.0);
+    for (int64_t i = 0; i < A; ++i)
+      for (int64_t j = 0; j < B; ++j)
+        for (int64_t k = 0; k < C; ++k) {
+          const int64_t o = ((keep[0] == 1 ? 0 : i) * keep[1] + (keep[1] == 1 ? 0 : j)) * keep[2] + (keep[2] == 1 ? 0 : k);
+          ref[size_t(o)] += 0.5 * X(i, j, k);
+        }
+    const Tensor s = cuda::sum_keep(dev(x, {A, B, C}), keep, 0.5f);
+    CHECK(s.shape() == keep);
+    check_f32("sum_keep", get(s), ref, 1e-5, 1e-6 * A * B * C);
+  }
+  // a strided input: the transposed (A, C, B) view of the same values, reduced over its middle axis
+  const Tensor xt = ops::transpose(dev(x, {A, B, C}), 1, 2);
+  DVec ref_t;
+  for (int64_t i = 0; i < A; ++i)
+    for (int64_t j = 0; j < B; ++j) {
+      double acc = 0;
+      for (int64_t k = 0; k < C; ++k) acc += X(i, j, k);
+      ref_t.push_back(acc);
+    }
+  check_f32("sum_keep of a transposed view", get(cuda::sum_keep(xt, {A, 1, B})), ref_t, 1e-5, 1e-5);
+  CHECK_THROWS_WITH_AS(cuda::sum_keep(dev(x, {A, B, C}), {A, 2, C}), doctest::Contains("cannot be kept as 2"), Error);
+
+  Tensor f = Tensor::empty({1001}, DType::F32, Device::CUDA);
+  f.fill_(-2.5f);
+  check_f32("fill_", get(f), DVec(1001, -2.5), 0, 0);
+  check_f32("Tensor::full on the device", get(Tensor::full({3, 4}, 7.f, Device::CUDA)), DVec(12, 7.0), 0, 0);
+
+  // patchify: (2, 3, 8, 12) with p = 4 -> (2, 6, 48); exact (a permutation)
+  const int64_t Bn = 2, Ch = 3, H = 8, W = 12, p = 4, gw = W / p, N = (H / p) * gw, F = Ch * p * p;
+  const Vec img = randn_vec(Bn * Ch * H * W, 52);
+  DVec pref(size_t(Bn * N * F));
+  for (int64_t b = 0; b < Bn; ++b)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < Ch; ++c)
+        for (int64_t i = 0; i < p; ++i)
+          for (int64_t j = 0; j < p; ++j)
+            pref[size_t((b * N + n) * F + (c * p + i) * p + j)] =
+                img[size_t(((b * Ch + c) * H + (n / gw) * p + i) * W + (n % gw) * p + j)];
+  const Tensor patches = cuda::patchify(dev(img, {Bn, Ch, H, W}), int(p));
+  CHECK(patches.shape() == Shape{Bn, N, F});
+  check_f32("patchify", get(patches), pref, 0, 0);
+  check_f32("unpatchify", get(cuda::unpatchify(patches, {Bn, Ch, H, W}, int(p))), to_d(img), 0, 0);
+  CHECK_THROWS_WITH_AS(cuda::patchify(dev(img, {Bn, Ch, H, W}), 5), doctest::Contains("multiples of the patch size 5"), Error);
+}
+
+TEST_CASE("cuda sgd_step: momentum and weight decay against double, gradients unchanged") {
+  const int64_t n = 1001;
+  const float lr = 0.1f, mom = 0.9f, wd = 0.01f, gs = 0.5f;
+  const Vec p0 = randn_vec(n, 61);
+  Tensor P = dev(p0, {n}), Bf = Tensor::zeros({n}, DType::F32, Device::CUDA);
+  DVec p = to_d(p0), buf(size_t(n), 0.0);
+  for (int step = 1; step <= 3; ++step) {
+    const Vec g = randn_vec(n, 62 + uint64_t(step));
+    const Tensor G = dev(g, {n});
+    cuda::sgd_step(P, G, Bf, lr, mom, wd, gs);
+    for (size_t i = 0; i < size_t(n); ++i) {
+      buf[i] = mom * buf[i] + double(g[i]) * gs + wd * p[i];
+      p[i] -= lr * buf[i];
+    }
+    CAPTURE(step);
+    check_f32("sgd p", get(P), p, 1e-5, 1e-6);
+    check_f32("sgd momentum", get(Bf), buf, 1e-5, 1e-6);
+    check_f32("sgd leaves the gradient", get(G), to_d(g), 0, 0);
+  }
+  CHECK_THROWS_WITH_AS(cuda::sgd_step(P, Tensor::zeros({3}, DType::F32, Device::CUDA), Bf, lr, mom, wd),
+                       doctest::Contains("differ in shape"), Error);
 }
 
 // =============================================================================================

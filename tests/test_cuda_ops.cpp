@@ -22,6 +22,7 @@
 #include "engine/random.h"
 #include "engine/tensor.h"
 #include "models/checkpoint.h"
+#include "models/optim.h"
 #include "models/train.h"
 #include "models/vit.h"
 #include "ops/attention.h"
@@ -99,17 +100,25 @@ void parity(const std::string& what, const Fn& f, const std::vector<Tensor>& inp
 
 }  // namespace
 
-TEST_CASE("cuda ops: elementwise add/sub/mul (equal shapes and bias broadcast), scalars, gelu") {
+// Positive values away from 0 (denominators, logs, roots): exp of a small normal.
+Tensor pos(const Shape& s, uint64_t seed) { return ops::exp(rnd(s, seed, 0.5f)).detach(); }
+
+TEST_CASE("cuda ops: elementwise add/sub/mul/div (equal shapes, bias and general broadcasts), scalars, gelu") {
   const Shape s{3, 5, 7};
   auto add = [](const std::vector<Tensor>& x) { return ops::add(x[0], x[1]); };
   auto sub = [](const std::vector<Tensor>& x) { return ops::sub(x[0], x[1]); };
   auto mul = [](const std::vector<Tensor>& x) { return ops::mul(x[0], x[1]); };
-  for (const auto& [name, f] : std::vector<std::pair<std::string, Fn>>{{"add", add}, {"sub", sub}, {"mul", mul}}) {
-    parity(name + " same shape", f, {rnd(s, 1), rnd(s, 2)});
-    parity(name + " (B,T,C) (C)", f, {rnd(s, 3), rnd({7}, 4)});
-    parity(name + " (C) (B,T,C)", f, {rnd({7}, 5), rnd(s, 6)});
-    parity(name + " (B,T,C) (1,T,C)", f, {rnd(s, 7), rnd({1, 5, 7}, 8)});
-    parity(name + " (1,1,C) (B,1,C)", f, {rnd({1, 1, 7}, 9), rnd({3, 1, 7}, 10)});
+  auto div = [](const std::vector<Tensor>& x) { return ops::div(x[0], x[1]); };
+  for (const auto& [name, f] : std::vector<std::pair<std::string, Fn>>{{"add", add}, {"sub", sub}, {"mul", mul}, {"div", div}}) {
+    parity(name + " same shape", f, {rnd(s, 1), pos(s, 2)});
+    parity(name + " (B,T,C) (C)", f, {rnd(s, 3), pos({7}, 4)});
+    parity(name + " (C) (B,T,C)", f, {rnd({7}, 5), pos(s, 6)});
+    parity(name + " (B,T,C) (1,T,C)", f, {rnd(s, 7), pos({1, 5, 7}, 8)});
+    parity(name + " (1,1,C) (B,1,C)", f, {rnd({1, 1, 7}, 9), pos({3, 1, 7}, 10)});
+    // general broadcasts: both operands stretched, a column against a row, a leading-axis vector
+    parity(name + " (B,1,C) (1,T,C)", f, {rnd({3, 1, 7}, 17), pos({1, 5, 7}, 18)});
+    parity(name + " (T,1) (1,C)", f, {rnd({5, 1}, 19), pos({1, 7}, 20)});
+    parity(name + " (B,T,C) (B,T,1)", f, {rnd(s, 21), pos({3, 5, 1}, 22)});
   }
   // a strided (permuted) operand goes through the strided-copy kernel first
   parity("add of a permuted view",
@@ -121,10 +130,24 @@ TEST_CASE("cuda ops: elementwise add/sub/mul (equal shapes and bias broadcast), 
   parity("gelu (tanh)", [](const std::vector<Tensor>& x) { return ops::gelu(x[0]); }, {rnd(s, 16, 2.f)});
 }
 
-TEST_CASE("cuda ops: sum_to reduces the leading dims (the bias gradient)") {
+TEST_CASE("cuda ops: unary maps and their gradients (exp, log, sqrt, rsqrt, tanh, pow, relu, gelu erf, normal_cdf)") {
+  const Shape s{3, 5, 7};
+  using F = Tensor (*)(const Tensor&);
+  for (const auto& [name, f] : std::vector<std::pair<std::string, F>>{{"exp", ops::exp}, {"tanh", ops::tanh}, {"relu", ops::relu}, {"normal_cdf", ops::normal_cdf}})
+    parity(name, [f](const std::vector<Tensor>& x) { return f(x[0]); }, {rnd(s, 23, 2.f)});
+  for (const auto& [name, f] : std::vector<std::pair<std::string, F>>{{"log", ops::log}, {"sqrt", ops::sqrt}, {"rsqrt", ops::rsqrt}})
+    parity(name, [f](const std::vector<Tensor>& x) { return f(x[0]); }, {pos(s, 24)});
+  parity("pow 3", [](const std::vector<Tensor>& x) { return ops::pow(x[0], 3.f); }, {rnd(s, 25)});
+  parity("pow 0.5", [](const std::vector<Tensor>& x) { return ops::pow(x[0], 0.5f); }, {pos(s, 26)});
+  parity("gelu (erf)", [](const std::vector<Tensor>& x) { return ops::gelu(x[0], ops::GeluForm::Erf); }, {rnd(s, 27, 2.f)});
+  parity("exp of a permuted view", [](const std::vector<Tensor>& x) { return ops::exp(ops::permute(x[0], {2, 0, 1})); }, {rnd(s, 28)});
+}
+
+TEST_CASE("cuda ops: sum_to reduces the leading dims (the bias gradient) and any other broadcast") {
   const Tensor g = rnd({4, 5, 6}, 20);
   const Tensor gd = g.to(Device::CUDA);
-  for (const Shape& to : {Shape{6}, Shape{1, 5, 6}, Shape{5, 6}, Shape{1, 1, 6}, Shape{4, 5, 6}})
+  for (const Shape& to : {Shape{6}, Shape{1, 5, 6}, Shape{5, 6}, Shape{1, 1, 6}, Shape{4, 5, 6},
+                          Shape{4, 1, 6}, Shape{5, 1}, Shape{4, 5, 1}, Shape{1}})
     close("sum_to " + shape_str(to), ops::sum_to(gd, to), ops::sum_to(g, to), 1e-5);
   // a large column count and many rows: one thread per column walking the rows
   const Tensor big = rnd({1000, 300}, 21);
@@ -219,17 +242,53 @@ TEST_CASE("cuda ops: argmax (last axis), sum, mean") {
   parity("sum", [](const std::vector<Tensor>& v) { return ops::sum(v[0]); }, {rnd({5, 7, 11}, 71)});
   parity("mean", [](const std::vector<Tensor>& v) { return ops::mean(v[0]); }, {rnd({5, 7, 11}, 72)});
   parity("mean keepdim", [](const std::vector<Tensor>& v) { return ops::mean(v[0], {}, true); }, {rnd({3, 4}, 73)});
+  // some axes: one thread per output element
+  parity("sum axis 0", [](const std::vector<Tensor>& v) { return ops::sum(v[0], {0}); }, {rnd({5, 7, 11}, 74)});
+  parity("sum axes 1, 2", [](const std::vector<Tensor>& v) { return ops::sum(v[0], {1, 2}); }, {rnd({5, 7, 11}, 75)});
+  parity("mean axes 0, 2 keepdim", [](const std::vector<Tensor>& v) { return ops::mean(v[0], {0, -1}, true); }, {rnd({5, 7, 11}, 76)});
+  parity("mean axis 1 of a transposed view",
+         [](const std::vector<Tensor>& v) { return ops::mean(ops::transpose(v[0], 0, 2), {1}); }, {rnd({5, 7, 11}, 77)});
+}
+
+TEST_CASE("cuda ops: patchify (its kernel, forward and backward) and Tensor::full / fill_ on the device") {
+  auto patch = [](int p) { return [p](const std::vector<Tensor>& x) { return ops::patchify(x[0], p); }; };
+  parity("patchify p4", patch(4), {rnd({2, 1, 28, 28}, 78)});
+  parity("patchify p2, 3 channels, non-square", patch(2), {rnd({3, 3, 6, 10}, 79)});
+  parity("patchify of a transposed image",
+         [](const std::vector<Tensor>& x) { return ops::patchify(ops::transpose(x[0], 2, 3), 4); }, {rnd({2, 3, 12, 8}, 84)});
+  close("Tensor::full", Tensor::full({3, 5}, 1.25f, Device::CUDA), Tensor::full({3, 5}, 1.25f), 0);
+  Tensor t = Tensor::zeros({7}, DType::F32, Device::CUDA);
+  t.fill_(-3.f);
+  close("fill_", t, Tensor::full({7}, -3.f), 0);
+}
+
+TEST_CASE("cuda SGD: three steps with momentum and weight decay match the CPU optimizer") {
+  const Tensor w0 = rnd({6, 5}, 85), b0 = rnd({5}, 86);
+  auto run = [&](Device d) {
+    Tensor w = d == Device::CPU ? w0.clone() : w0.to(d), b = d == Device::CPU ? b0.clone() : b0.to(d);
+    w.set_requires_grad(true);
+    b.set_requires_grad(true);
+    models::SGD opt({{"layer.weight", w}, {"layer.bias", b}}, 0.9f, 0.01f);
+    for (int step = 0; step < 3; ++step) {
+      opt.zero_grad();
+      ops::sum(ops::mul(ops::linear(rnd({4, 6}, 87 + uint64_t(step)).to(d), w, b), rnd({4, 5}, 90).to(d))).backward();
+      opt.step(0.1f, 0.5f);
+    }
+    return std::pair{w, b};
+  };
+  const auto [wc, bc] = run(Device::CPU);
+  const auto [wg, bg] = run(Device::CUDA);
+  close("SGD weight (decayed)", wg, wc, 1e-5);
+  close("SGD bias (not decayed)", bg, bc, 1e-5);
 }
 
 TEST_CASE("cuda ops: errors name the op") {
   const Tensor a = rnd({3, 4}, 80), ad = a.to(Device::CUDA);
   CHECK_THROWS_WITH_AS(ops::add(a, ad), doctest::Contains("different devices"), Error);
   CHECK_THROWS_WITH_AS(ops::matmul(ad, rnd({4, 2}, 81)), doctest::Contains("different devices"), Error);
-  CHECK_THROWS_WITH_AS(ops::exp(ad), doctest::Contains("exp: has no CUDA kernel yet"), Error);
-  CHECK_THROWS_WITH_AS(ops::gelu(ad, ops::GeluForm::Erf), doctest::Contains("no CUDA kernel"), Error);
-  CHECK_THROWS_WITH_AS(ops::add(rnd({3, 1}, 82).to(Device::CUDA), rnd({1, 4}, 83).to(Device::CUDA)),
-                       doctest::Contains("add: broadcasting"), Error);
-  CHECK_THROWS_WITH_AS(ops::sum(ad, {0}), doctest::Contains("no CUDA kernel"), Error);
+  CHECK_THROWS_WITH_AS(ops::max(ad, 0), doctest::Contains("max: has no CUDA kernel yet"), Error);
+  CHECK_THROWS_WITH_AS(ops::add(rnd({3, 2}, 82).to(Device::CUDA), rnd({3, 4}, 83).to(Device::CUDA)),
+                       doctest::Contains("add: shapes (3, 2) and (3, 4) do not broadcast"), Error);
   CHECK_THROWS_WITH_AS(ops::argmax(ad, 0), doctest::Contains("argmax: only the last axis"), Error);
 }
 

@@ -112,3 +112,23 @@ TEST_CASE("concat and stack") {
   CHECK_THROWS_WITH_AS(ops::stack({a, b}, 0), doctest::Contains("all must be the same"), Error);
   CHECK_THROWS_WITH_AS(ops::stack({a, a}, 3), doctest::Contains("out of range for rank 3"), Error);
 }
+
+TEST_CASE("patchify: hand-checked layout, the reshape/permute composite, gradient, errors") {
+  // (1, 1, 4, 4) with p = 2: patch (gy, gx) is row 2 gy + gx, its features (i, j) row-major.
+  Tensor x = iota({1, 1, 4, 4});  // row r, column c holds 4 r + c
+  Tensor p = ops::patchify(x, 2);
+  CHECK(p.shape() == Shape{1, 4, 4});
+  check_close(p, {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15});
+  // Several images and channels, non-square, against the composite of shape ops (and through a
+  // transposed, strided input).
+  Tensor y = iota({2, 3, 6, 4});
+  Tensor ref = ops::reshape(ops::permute(ops::reshape(y, {2, 3, 3, 2, 2, 2}), {0, 2, 4, 1, 3, 5}), {2, 6, 12});
+  check_close(ops::patchify(y, 2), ref.to_vector<float>(), 0.f, 0.f);
+  Tensor yt = ops::transpose(iota({2, 3, 4, 6}), 2, 3);
+  Tensor ref_t = ops::reshape(ops::permute(ops::reshape(yt, {2, 3, 3, 2, 2, 2}), {0, 2, 4, 1, 3, 5}), {2, 6, 12});
+  check_close(ops::patchify(yt, 2), ref_t.to_vector<float>(), 0.f, 0.f);
+  check_grad([](const std::vector<Tensor>& t) { return ops::patchify(t[0], 2); }, {param({2, 2, 4, 6}, 5)});
+  CHECK_THROWS_WITH_AS(ops::patchify(iota({1, 1, 6, 4}), 4), doctest::Contains("multiples of the patch size 4"), Error);
+  CHECK_THROWS_WITH_AS(ops::patchify(iota({1, 6, 4}), 2), doctest::Contains("must be (B, C, H, W)"), Error);
+  CHECK_THROWS_WITH_AS(ops::patchify(iota({1, 1, 4, 4}), 0), doctest::Contains("patch size 0"), Error);
+}

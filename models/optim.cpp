@@ -21,6 +21,20 @@ void Optimizer::zero_grad() {
   for (auto& [n, p] : params_) p.zero_grad();
 }
 
+Device Optimizer::params_device(const char* who) const {
+  if (params_.empty()) return Device::CPU;
+  const auto& [first, p0] = params_.front();
+  for (const auto& [name, p] : params_)
+    MV_CHECK(p.device() == p0.device(), who, ": parameters '", first, "' and '", name,
+             "' live on different devices");
+  return p0.device();
+}
+
+void Optimizer::follow(std::vector<Tensor>& buffers, Device d) {
+  for (Tensor& b : buffers)
+    if (b.device() != d) b = b.to(d);
+}
+
 AdamW::AdamW(NamedTensors params, float wd, float b1, float b2, float eps)
     : Optimizer(std::move(params)), wd_(wd), b1_(b1), b2_(b2), eps_(eps) {
   for (auto& [n, p] : params_) {
@@ -34,15 +48,10 @@ AdamW::AdamW(NamedTensors params, float wd, float b1, float b2, float eps)
 // On CUDA the same update (same formula, the decay mask of decays()) is one multi-tensor launch.
 void AdamW::step(float lr, float gs) {
   ++steps_;
-  const bool gpu = !params_.empty() && params_.front().second.device() == Device::CUDA;
-  for (size_t k = 0; k < params_.size(); ++k) {
-    const Tensor& p = params_[k].second;
-    MV_CHECK((p.device() == Device::CUDA) == gpu, "AdamW: parameters '", params_.front().first,
-             "' and '", params_[k].first, "' live on different devices");
-    // The model moved after the optimizer was made: the (still zero or loaded) moments follow it.
-    if (m_[k].device() != p.device()) m_[k] = m_[k].to(p.device()), v_[k] = v_[k].to(p.device());
-  }
-  if (gpu) {
+  const Device dev = params_device("AdamW");
+  follow(m_, dev);
+  follow(v_, dev);
+  if (dev == Device::CUDA) {
 #ifdef MOEVIT_CUDA
     std::vector<Tensor> P, G, M, V;
     std::vector<float> wds;
@@ -95,17 +104,15 @@ SGD::SGD(NamedTensors params, float momentum, float wd)
 // On CUDA the same update, one kernel per parameter tensor (cuda::sgd_step).
 void SGD::step(float lr, float gs) {
   ++steps_;
+  const Device dev = params_device("SGD");
+  follow(buf_, dev);
   for (size_t k = 0; k < params_.size(); ++k) {
     auto& [name, p] = params_[k];
-    MV_CHECK(p.device() == params_.front().second.device(), "SGD: parameters '", params_.front().first,
-             "' and '", name, "' live on different devices");
-    // The model moved after the optimizer was made: the momentum buffer follows it.
-    if (buf_[k].device() != p.device()) buf_[k] = buf_[k].to(p.device());
     Tensor g = p.grad();
     if (!g.defined()) continue;
     g = g.contiguous();
     const float wd = decays(name, p) ? wd_ : 0.f;
-    if (p.device() == Device::CUDA) {
+    if (dev == Device::CUDA) {
 #ifdef MOEVIT_CUDA
       cuda::sgd_step(p, g, buf_[k], lr, momentum_, wd, gs);
 #endif

@@ -31,6 +31,13 @@ class Optimizer {
   void set_steps(int64_t s) { steps_ = s; }
 
  protected:
+  // The device every parameter lives on (CPU when there are none); throws naming two parameters
+  // that differ. `who` names the optimizer in the message.
+  Device params_device(const char* who) const;
+  // Moves every buffer that is not on d there: the model moved after the optimizer was made,
+  // and its (still zero or loaded) state follows it.
+  static void follow(std::vector<Tensor>& buffers, Device d);
+
   NamedTensors params_;
   int64_t steps_ = 0;
 };

@@ -141,7 +141,7 @@ Tensor ViT::forward(const Tensor& images) {
            "ViT: images ", images.str(), " do not match the model's (B, ", c.channels, ", ",
            c.image_size, ", ", c.image_size, ")");
   const int64_t B = images.size(0);
-  Tensor x = patch_embed->forward(ops::patchify(images, c.patch));        // (B, N, D)
+  Tensor x = patch_embed->forward(ops::patchify(images, c.patch));    // (B, N, D)
   Tensor cls_b = ops::add(Tensor::zeros({B, 1, int64_t(c.dim)}, DType::F32, cls.device()), cls);
   x = ops::concat({cls_b, x}, 1) + pos;                               // (B, T, D)
   jaccard_.clear();

@@ -39,6 +39,13 @@ __global__ void patch_kernel(const float* src, float* dst, int64_t total, PatchD
   }
 }
 
+template <bool TO_PATCHES>
+void launch(const float* src, float* dst, int64_t total, const PatchDims& d) {
+  if (total == 0) return;
+  patch_kernel<TO_PATCHES><<<detail::grid_for(total, kThreads), kThreads, 0, stream()>>>(src, dst, total, d);
+  MV_CUDA_LAUNCH_CHECK();
+}
+
 PatchDims dims(const char* fn, const Shape& s, int p) {
   MV_CHECK(s.size() == 4 && p >= 1 && s[2] % p == 0 && s[3] % p == 0, "cuda::", fn, ": images ",
            shape_str(s), " must be (B, C, H, W) with H and W multiples of the patch size ", p);
@@ -59,11 +66,7 @@ Tensor patchify(const Tensor& images, int p) {
   d.sb = images.strides()[0], d.sc = images.strides()[1], d.sh = images.strides()[2], d.sw = images.strides()[3];
   const int64_t B = images.size(0);
   Tensor out = Tensor::empty({B, d.N, d.F}, DType::F32, Device::CUDA);
-  const int64_t total = out.numel();
-  if (total == 0) return out;
-  patch_kernel<true><<<detail::grid_for(total, kThreads), kThreads, 0, stream()>>>(
-      images.data<float>(), out.data<float>(), total, d);
-  MV_CUDA_LAUNCH_CHECK();
+  launch<true>(images.data<float>(), out.data<float>(), out.numel(), d);
   return out;
 }
 
@@ -76,11 +79,7 @@ Tensor unpatchify(const Tensor& patches, const Shape& image_shape, int p) {
            B, ", ", d.N, ", ", d.F, ")");
   d.sw = 1, d.sh = d.W, d.sc = d.H * d.W, d.sb = d.C * d.H * d.W;  // the new image is contiguous
   Tensor out = Tensor::empty(image_shape, DType::F32, Device::CUDA);
-  const int64_t total = patches.numel();
-  if (total == 0) return out;
-  patch_kernel<false><<<detail::grid_for(total, kThreads), kThreads, 0, stream()>>>(
-      patches.data<float>(), out.data<float>(), total, d);
-  MV_CUDA_LAUNCH_CHECK();
+  launch<false>(patches.data<float>(), out.data<float>(), patches.numel(), d);
   return out;
 }
 

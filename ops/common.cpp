@@ -43,4 +43,10 @@ int norm_axis(const char* op, int axis, int ndim) {
   return a;
 }
 
+std::string str_of(const Tensor& t) { return t.defined() ? t.str() : std::string("undefined"); }
+
+bool is_cpu_i64(const Tensor& t, int ndim) {
+  return t.defined() && t.dtype() == DType::I64 && t.device() == Device::CPU && t.ndim() == ndim;
+}
+
 }  // namespace mv::ops

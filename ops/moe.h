@@ -1,5 +1,6 @@
 // Sparse Mixture-of-Experts ops: routing decisions, dispatch of tokens into per-expert buffers,
-// the batched expert matmul, and combine (methods.md sections 2 and 3).
+// the batched expert matmul, and combine (methods.md sections 2 and 3). CPU bodies: routing in
+// ops/route.cpp, Assignment/dispatch/combine/Soft MoE in ops/moe.cpp, experts in ops/experts.cpp.
 //
 // Tokens are routed in G groups of N tokens (one image's tokens, or the whole batch); token n of
 // group g is named by its flat index t = g*N + n. An expert takes at most C tokens of a group,

@@ -3,10 +3,12 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "autograd/gradcheck.h"
 #include "engine/random.h"
+#include "engine/safetensors.h"
 #include "engine/tensor.h"
 
 namespace mv::test {
@@ -37,6 +39,17 @@ inline Tensor param(const Shape& shape, uint64_t seed, float scale = 1.0f) {
   float* p = t.data<float>();
   for (int64_t i = 0; i < t.numel(); ++i) p[i] *= scale;
   return t.set_requires_grad(true);
+}
+
+// The checkpoints of two runs hold the same tensors, bit for bit.
+inline void check_same_checkpoint(const std::string& run_a, const std::string& run_b) {
+  TensorMap ta = load_safetensors(run_a + "/checkpoint.safetensors");
+  TensorMap tb = load_safetensors(run_b + "/checkpoint.safetensors");
+  REQUIRE(ta.size() == tb.size());
+  for (auto& [n, t] : ta) {
+    INFO(n);
+    CHECK(t.to_vector<float>() == tb.at(n).to_vector<float>());
+  }
 }
 
 }  // namespace mv::test

@@ -341,6 +341,9 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
     if (meta.count("route_noise_offset"))
       model.route_noise->offset = std::stoull(meta.at("route_noise_offset"));
   }
+  TrainResult res;
+  // A resumed run's training time counts the epochs before the interruption too.
+  if (resume && meta.count("train_seconds")) res.train_seconds = std::stod(meta.at("train_seconds"));
   if (log) {
     std::fprintf(log, "model %s: %lld parameters; data %s: %lld train, %lld test images\n",
                  cfg.model.c_str(), (long long)model.num_parameters(), cfg.dataset.c_str(),
@@ -373,7 +376,6 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
   const Schedule kind = cfg.schedule == "cosine" ? Schedule::Cosine : Schedule::Linear;
   const std::vector<Tensor> params = model.parameters();
 
-  TrainResult res;
   std::ofstream metrics(out_dir + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
   const int end_epoch = stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs;
   for (int epoch = start_epoch; epoch < end_epoch; ++epoch) {
@@ -428,16 +430,17 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
     const double epoch_s = since(t0);
     const nlohmann::ordered_json moe = moe_stats_json(model);  // of training, before evaluation
     EvalResult ev = evaluate(model, test_set, cfg.dataset, cfg.eval_batch);
-    Metadata save_meta{{"config", cfg.to_json()}, {"epoch", std::to_string(epoch + 1)},
-                       {"test_accuracy", std::to_string(ev.accuracy)},
-                       {"route_noise_offset", std::to_string(model.route_noise->offset)}};
-    save_checkpoint(ckpt, model, opt.get(), save_meta);
-
     res.epochs_done = epoch + 1;
     res.train_loss = loss_sum / double(seen);
     res.test_accuracy = ev.accuracy;
     res.test_loss = ev.loss;
     res.train_seconds += epoch_s;
+    Metadata save_meta{{"config", cfg.to_json()}, {"epoch", std::to_string(epoch + 1)},
+                       {"test_accuracy", std::to_string(ev.accuracy)},
+                       {"route_noise_offset", std::to_string(model.route_noise->offset)},
+                       {"train_seconds", nlohmann::json(res.train_seconds).dump()}};
+    save_checkpoint(ckpt, model, opt.get(), save_meta);
+
     res.images_per_second = double(seen) / compute_s;
     nlohmann::ordered_json line = {
         {"epoch", epoch + 1}, {"step", opt->steps()}, {"train_loss", res.train_loss},

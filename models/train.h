@@ -64,7 +64,8 @@ struct TrainConfig {
 struct TrainResult {
   int epochs_done = 0;
   double test_accuracy = 0, test_loss = 0, train_loss = 0;
-  double train_seconds = 0, images_per_second = 0;
+  double train_seconds = 0;      // training steps of all epochs, those before a resume included
+  double images_per_second = 0;  // of the last epoch
 };
 
 // Trains cfg in out_dir: out_dir/checkpoint.safetensors after every epoch (atomic), one JSON line

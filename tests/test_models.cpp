@@ -1,6 +1,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "autograd/autograd.h"
 #include "engine/memory.h"
@@ -164,7 +165,7 @@ TEST_CASE("a run resumed from epoch 1 reproduces the uninterrupted run bit for b
   train(c, a, false, nullptr);
   train(c, b, false, nullptr, /*stop_after=*/1);
   CHECK(read_lines(b + "/metrics.jsonl").size() == 1);
-  train(c, b, /*resume=*/true, nullptr);
+  const TrainResult rb = train(c, b, /*resume=*/true, nullptr);
   // Losses, accuracies and learning rates of both epochs agree exactly (timings differ).
   auto la = read_lines(a + "/metrics.jsonl"), lb = read_lines(b + "/metrics.jsonl");
   REQUIRE(la.size() == 2);
@@ -173,6 +174,10 @@ TEST_CASE("a run resumed from epoch 1 reproduces the uninterrupted run bit for b
                                        lb[i].substr(0, lb[i].find("epoch_seconds")));
   // And so do the final parameters and optimizer state.
   test::check_same_checkpoint(a, b);
+  // The resumed run's training time counts both epochs, not only the one it ran.
+  double summed = 0;
+  for (auto& l : lb) summed += nlohmann::json::parse(l).at("epoch_seconds").get<double>();
+  CHECK(rb.train_seconds == doctest::Approx(summed));
   fs::remove_all(a);
   fs::remove_all(b);
 }

@@ -336,14 +336,14 @@ TrainResult train(const TrainConfig& given, const std::string& out_dir, bool res
   std::unique_ptr<Optimizer> opt;
   if (cfg.optimizer == "adamw") opt = std::make_unique<AdamW>(model.named_parameters(), cfg.weight_decay);
   else opt = std::make_unique<SGD>(model.named_parameters(), cfg.momentum, cfg.weight_decay);
+  TrainResult res;
   if (resume) {
     load_checkpoint(ckpt, model, opt.get());
     if (meta.count("route_noise_offset"))
       model.route_noise->offset = std::stoull(meta.at("route_noise_offset"));
+    // A resumed run's training time counts the epochs before the interruption too.
+    if (meta.count("train_seconds")) res.train_seconds = std::stod(meta.at("train_seconds"));
   }
-  TrainResult res;
-  // A resumed run's training time counts the epochs before the interruption too.
-  if (resume && meta.count("train_seconds")) res.train_seconds = std::stod(meta.at("train_seconds"));
   if (log) {
     std::fprintf(log, "model %s: %lld parameters; data %s: %lld train, %lld test images\n",
                  cfg.model.c_str(), (long long)model.num_parameters(), cfg.dataset.c_str(),

@@ -2,6 +2,7 @@
 // routing consistency of an MoE model under Gaussian input noise (models/consistency.h).
 //
 //   eval runs/vit-tiny/checkpoint.safetensors [--dump-logits logits.safetensors]
+//   eval runs/vit-tiny                                  (a run folder: its checkpoint)
 //   eval runs/vmoe/checkpoint.safetensors --consistency [--sigmas 0.05,0.1,0.2,0.5,1]
 //        [--noise-on pixels|block:N] [--noise-seed 0] [--report DIR]
 #include <CLI/CLI.hpp>
@@ -23,7 +24,8 @@ int main(int argc, char** argv) {
   std::string ckpt, data_dir, dump, dataset, device = "cpu";
   int batch = 500, threads = 0;
   int64_t limit = 0;
-  app.add_option("checkpoint", ckpt, "a checkpoint.safetensors written by train")->required();
+  app.add_option("checkpoint", ckpt, "a checkpoint.safetensors written by train, or the run "
+                 "folder that holds it")->required();
   app.add_option("--dataset", dataset, "override the data set the run was trained on");
   app.add_option("--data-dir", data_dir, "override the data folder");
   app.add_option("--batch", batch)->capture_default_str();
@@ -47,6 +49,7 @@ int main(int argc, char** argv) {
 
   try {
     if (threads > 0) set_num_threads(threads);
+    ckpt = models::checkpoint_file(ckpt);
     Metadata meta = models::read_checkpoint_metadata(ckpt);
     MV_CHECK(meta.count("config"), "eval: '", ckpt, "' has no training configuration in its metadata");
     models::TrainConfig c = models::TrainConfig::from_json(meta.at("config"));

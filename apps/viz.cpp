@@ -41,7 +41,8 @@ int main(int argc, char** argv) {
   float sigma = 0.5f, capacity = 0.5f;
   uint64_t seed = 0;
   int64_t slot = 0;
-  app.add_option("checkpoint", ckpt, "a checkpoint.safetensors of an MoE model written by train")
+  app.add_option("checkpoint", ckpt, "a checkpoint.safetensors of an MoE model written by train, "
+                 "or the run folder that holds it")
       ->required();
   app.add_option("--picture", picture, "experts | noise | capacity | soft | all")
       ->check(CLI::IsMember({"experts", "noise", "capacity", "soft", "all"}))
@@ -68,6 +69,7 @@ int main(int argc, char** argv) {
     if (threads > 0) set_num_threads(threads);
     MV_CHECK(columns >= 1 && scale >= 1 && scale <= 64, "--columns must be >= 1 and --scale in "
              "1..64, got ", columns, " and ", scale);
+    ckpt = models::checkpoint_file(ckpt);
     Metadata meta = models::read_checkpoint_metadata(ckpt);
     MV_CHECK(meta.count("config"), "viz: '", ckpt, "' has no training configuration in its metadata");
     models::TrainConfig c = models::TrainConfig::from_json(meta.at("config"));

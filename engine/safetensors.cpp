@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
@@ -55,6 +56,9 @@ void save_safetensors(const std::string& path, const TensorMap& tensors, const M
 }
 
 TensorMap load_safetensors(const std::string& path, Metadata* meta) {
+  // On Linux a folder opens as a stream too, and would fail later as a bad header.
+  MV_CHECK(!std::filesystem::is_directory(path), "load_safetensors: '", path,
+           "' is a folder, not a safetensors file");
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   MV_CHECK(in, "load_safetensors: cannot open '", path, "'");
   const uint64_t fsize = uint64_t(in.tellg());

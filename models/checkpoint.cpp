@@ -1,5 +1,7 @@
 #include "models/checkpoint.h"
 
+#include <filesystem>
+
 namespace mv::models {
 
 void save_checkpoint(const std::string& path, const Module& model, const Optimizer* opt,
@@ -40,6 +42,11 @@ Metadata read_checkpoint_metadata(const std::string& path) {
   Metadata meta;
   load_safetensors(path, &meta);
   return meta;
+}
+
+std::string checkpoint_file(const std::string& path_or_run) {
+  if (!std::filesystem::is_directory(path_or_run)) return path_or_run;
+  return (std::filesystem::path(path_or_run) / "checkpoint.safetensors").string();
 }
 
 }  // namespace mv::models

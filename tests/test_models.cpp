@@ -134,6 +134,16 @@ TEST_CASE("checkpoints: round trip, and mismatches named") {
   std::remove(path.c_str());
 }
 
+TEST_CASE("checkpoints: a run folder names the checkpoint inside it") {
+  namespace fs = std::filesystem;
+  const std::string dir = "/tmp/moevit_test_run_folder";
+  fs::create_directories(dir);
+  CHECK(checkpoint_file(dir) == dir + "/checkpoint.safetensors");
+  CHECK(checkpoint_file(dir + "/other.safetensors") == dir + "/other.safetensors");
+  CHECK(checkpoint_file("/tmp/moevit_no_such_path") == "/tmp/moevit_no_such_path");
+  fs::remove_all(dir);
+}
+
 static TrainConfig smoke_config() {
   TrainConfig c;
   c.dataset = "synthetic";

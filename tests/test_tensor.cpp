@@ -1,5 +1,6 @@
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 
 #include "engine/memory.h"
@@ -203,6 +204,12 @@ TEST_CASE("safetensors rejects corrupt files with clear errors") {
   SUBCASE("missing file") {
     std::remove(path.c_str());
     CHECK_THROWS_WITH_AS(load_safetensors(path), doctest::Contains("cannot open"), Error);
+  }
+  SUBCASE("a folder") {
+    const std::string dir = tmp_path("folder.safetensors");
+    std::filesystem::create_directories(dir);
+    CHECK_THROWS_WITH_AS(load_safetensors(dir), doctest::Contains("is a folder"), Error);
+    std::filesystem::remove_all(dir);
   }
   std::remove(path.c_str());
 }

@@ -8,6 +8,7 @@
 #include <cstdio>
 
 #include "engine/parallel.h"
+#include "models/checkpoint.h"
 #include "models/train.h"
 
 using namespace mv;
@@ -142,9 +143,10 @@ int main(int argc, char** argv) {
     const bool is_resume = !resume.empty();
     models::TrainResult r = models::train(c, is_resume ? resume : out, is_resume, stdout, stop_after);
     std::printf("done: %d epochs, test accuracy %.2f%%, test loss %.4f, %.0f train images/s, "
-                "training time %s; checkpoint %s/checkpoint.safetensors\n",
+                "training time %s; checkpoint %s\n",
                 r.epochs_done, 100 * r.test_accuracy, r.test_loss, r.images_per_second,
-                models::format_seconds(r.train_seconds).c_str(), (is_resume ? resume : out).c_str());
+                models::format_seconds(r.train_seconds).c_str(),
+                models::run_checkpoint(is_resume ? resume : out).c_str());
   } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "\ntrain: error: %s\n", e.what());

@@ -44,9 +44,10 @@ Metadata read_checkpoint_metadata(const std::string& path) {
   return meta;
 }
 
+std::string run_checkpoint(const std::string& run_dir) { return run_dir + "/checkpoint.safetensors"; }
+
 std::string checkpoint_file(const std::string& path_or_run) {
-  if (!std::filesystem::is_directory(path_or_run)) return path_or_run;
-  return (std::filesystem::path(path_or_run) / "checkpoint.safetensors").string();
+  return std::filesystem::is_directory(path_or_run) ? run_checkpoint(path_or_run) : path_or_run;
 }
 
 }  // namespace mv::models

@@ -20,8 +20,11 @@ Metadata load_checkpoint(const std::string& path, Module& model, Optimizer* opt)
 // Only the metadata, to rebuild the model before loading its weights.
 Metadata read_checkpoint_metadata(const std::string& path);
 
-// What a user may name a checkpoint by: a run folder (train --out) stands for the
-// checkpoint.safetensors inside it; any other path is returned as it is.
+// The checkpoint that train keeps in its run folder (train --out): run_dir/checkpoint.safetensors.
+std::string run_checkpoint(const std::string& run_dir);
+
+// What a user may name a checkpoint by: a run folder stands for its run_checkpoint; any other
+// path is returned as it is.
 std::string checkpoint_file(const std::string& path_or_run);
 
 }  // namespace mv::models

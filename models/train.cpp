@@ -302,7 +302,7 @@ Tensor prc_loss(const std::vector<MoELayer*>& layers, const Tensor& pairs, const
 TrainResult train(const TrainConfig& given, const std::string& out_dir, bool resume, FILE* log,
                   int stop_after) {
   namespace fs = std::filesystem;
-  const std::string ckpt = out_dir + "/checkpoint.safetensors";
+  const std::string ckpt = run_checkpoint(out_dir);
   TrainConfig cfg = given;
   int start_epoch = 0;
   Metadata meta;

@@ -54,6 +54,7 @@ int main(int argc, char** argv) {
   app.add_option("--load-weight", r.load_weight, "V-MoE load loss weight");
   app.add_option("--ec-capacity", r.ec_capacity, "expert choice capacity factor");
   app.add_option("--slots", r.slots, "Soft MoE slots per expert");
+  app.add_option("--soft-scale", r.soft_scale, "Soft MoE: initial logit scale (the method's is 1)");
   app.add_option("--proj-dim", r.proj_dim, "cosine routers' projection width");
   app.add_option("--centroids", r.centroids, "multi_centroid: centroids per expert");
   app.add_option("--separation-weight", r.separation_weight, "multi_centroid separation loss");
@@ -133,6 +134,7 @@ int main(int argc, char** argv) {
     if (given("--load-weight")) vr.load_weight = r.load_weight;
     if (given("--ec-capacity")) vr.ec_capacity = r.ec_capacity;
     if (given("--slots")) vr.slots = r.slots;
+    if (given("--soft-scale")) vr.soft_scale = r.soft_scale;
     if (given("--proj-dim")) vr.proj_dim = r.proj_dim;
     if (given("--centroids")) vr.centroids = r.centroids;
     if (given("--separation-weight")) vr.separation_weight = r.separation_weight;

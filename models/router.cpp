@@ -234,15 +234,16 @@ class ExpertChoiceRouter : public Router {
   int64_t dim_;
 };
 
-// Soft MoE: soft_logits = Xn (scale Phin), both normalised over d. The learnable scale (init 1)
-// multiplies the slots, the smaller of the two in practice (d * E * p entries against N * d per
-// group: 8 slots against 65 tokens in V-MoE-S/32); either way the logits scale by it.
+// Soft MoE: soft_logits = Xn (scale Phin), both normalised over d. The learnable scale
+// (init config.soft_scale, 1 in the method) multiplies the slots, the smaller of the two in
+// practice (d * E * p entries against N * d per group: 8 slots against 65 tokens in
+// V-MoE-S/32); either way the logits scale by it.
 class SoftRouter : public Router {
  public:
   SoftRouter(const RouterConfig& c, int64_t dim, Generator& g) : Router(c), dim_(dim) {
     slots = register_parameter(
         "slots", init_weight({dim, int64_t(c.experts) * c.slots}, g, 1.f / std::sqrt(float(dim))));
-    scale = register_parameter("scale", Tensor::scalar(1.f));
+    scale = register_parameter("scale", Tensor::scalar(c.soft_scale));
   }
   Route route(const Tensor& x, Generator&) override {
     check_input(x, dim_, "soft");
@@ -332,6 +333,7 @@ void RouterConfig::validate() const {
   MV_CHECK(capacity_eval > 0.f, "router: capacity_eval = ", capacity_eval, ", expected > 0");
   MV_CHECK(ec_capacity > 0.f, "router: ec_capacity = ", ec_capacity, ", expected > 0");
   MV_CHECK(slots >= 1, "router: slots = ", slots, ", expected at least 1");
+  MV_CHECK(soft_scale > 0.f, "router: soft_scale = ", soft_scale, ", expected > 0");
   MV_CHECK(proj_dim >= 1, "router: proj_dim = ", proj_dim, ", expected at least 1");
   MV_CHECK(centroids >= 1, "router: centroids = ", centroids, ", expected at least 1");
   MV_CHECK(vote_dim >= 1, "router: vote_dim = ", vote_dim, ", expected at least 1");

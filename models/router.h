@@ -34,6 +34,7 @@ struct RouterConfig {
   float importance_weight = 0.005f, load_weight = 0.005f;  // V-MoE auxiliary losses (0: off)
   float ec_capacity = 2.f;         // expert_choice and attention_vote: C = N c / E
   int slots = 1;                   // soft: slots per expert
+  float soft_scale = 1.f;          // soft: initial value of the learnable logit scale (method: 1)
   int proj_dim = 16;               // cosine family: projection dimension
   float tau1 = 0.1f, tau2 = 0.1f;  // perturbed_cosine
   int centroids = 2;               // multi_centroid: centroids per expert

@@ -138,7 +138,8 @@ static nlohmann::ordered_json moe_json(const ViTConfig& v) {
           {"round_to_4", r.round_to_4}, {"bpr", r.bpr}, {"renormalize", r.renormalize},
           {"noise_std", r.noise_std}, {"importance_weight", r.importance_weight},
           {"load_weight", r.load_weight}, {"ec_capacity", r.ec_capacity}, {"slots", r.slots},
-          {"proj_dim", r.proj_dim}, {"tau1", r.tau1}, {"tau2", r.tau2},
+          {"soft_scale", r.soft_scale}, {"proj_dim", r.proj_dim}, {"tau1", r.tau1},
+          {"tau2", r.tau2},
           {"centroids", r.centroids}, {"separation_weight", r.separation_weight},
           {"vote_dim", r.vote_dim}, {"global_query", r.global_query}};
 }
@@ -153,6 +154,7 @@ static void moe_from_json(const nlohmann::json& j, ViTConfig& v) {
   r.noise_std = j.at("noise_std"), r.importance_weight = j.at("importance_weight");
   r.load_weight = j.at("load_weight"), r.ec_capacity = j.at("ec_capacity");
   r.slots = j.at("slots"), r.proj_dim = j.at("proj_dim"), r.tau1 = j.at("tau1");
+  r.soft_scale = j.value("soft_scale", 1.f);  // checkpoints before the field had the method's 1
   r.tau2 = j.at("tau2"), r.centroids = j.at("centroids");
   r.separation_weight = j.at("separation_weight"), r.vote_dim = j.at("vote_dim");
   r.global_query = j.at("global_query");

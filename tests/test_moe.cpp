@@ -301,8 +301,18 @@ TEST_CASE("MoE training configs round-trip through JSON") {
   for (const std::string& router : router_types()) {
     TrainConfig c = moe_smoke(router);
     c.vit.moe.router.bpr = true, c.vit.moe.router.k = 1, c.vit.moe.group_per_batch = true;
-    CHECK(TrainConfig::from_json(c.to_json()).to_json() == c.to_json());
+    c.vit.moe.router.soft_scale = 4.f;
+    const TrainConfig back = TrainConfig::from_json(c.to_json());
+    CHECK(back.vit.moe.router.soft_scale == 4.f);
+    CHECK(back.to_json() == c.to_json());
   }
+  // A configuration saved before soft_scale existed reads as the method's 1.
+  std::string old = moe_smoke("soft").to_json();
+  const size_t at = old.find("\"soft_scale\":");
+  REQUIRE(at != std::string::npos);
+  old.erase(at, old.find(',', at) + 1 - at);
+  REQUIRE(old.find("soft_scale") == std::string::npos);
+  CHECK(TrainConfig::from_json(old).vit.moe.router.soft_scale == 1.f);
 }
 
 TEST_CASE("an MoE run resumed from epoch 1 reproduces the uninterrupted run bit for bit") {

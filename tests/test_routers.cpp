@@ -419,7 +419,9 @@ TEST_CASE("attention_vote: votes against a reference, each expert takes exactly 
 
 TEST_CASE("soft: logits of normalised tokens and slots times the scale; probs per expert") {
   RouterConfig c = small("soft");  // 2 slots per expert
+  c.soft_scale = 4.f;  // the initial scale, 1 in the method (checked with the other inits)
   auto r = make(c, 14);
+  CHECK(get(*r, "scale").item() == 4.f);
   get(*r, "scale").fill_(-2.5f);  // the scale multiplies the logits, sign included
   Tensor x = test::param({G, N, D}, 15);
   Generator g(0);
@@ -575,6 +577,9 @@ TEST_CASE("routers: impossible configs fail naming the field") {
   c = small("soft");
   c.slots = 0;
   CHECK_THROWS_WITH_AS(make_router(c, D, g), doctest::Contains("router: slots = 0"), Error);
+  c = small("soft");
+  c.soft_scale = 0.f;
+  CHECK_THROWS_WITH_AS(make_router(c, D, g), doctest::Contains("router: soft_scale = 0"), Error);
   c = small("soft");
   c.experts = 0;
   CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("router: experts = 0"), Error);

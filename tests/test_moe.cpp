@@ -103,6 +103,8 @@ TEST_CASE("MoE-ViT: placements, parameter names and presets") {
     CHECK(v.moe.router.experts == 8);
     CHECK_NOTHROW(v.validate());
   }
+  const RouterConfig soft = vit_preset("soft-tiny").moe.router;
+  CHECK((soft.slots == 6 && soft.soft_scale == 10.f));  // the preset's own choices (vit.cpp)
   const ViTConfig s = vit_preset("vmoe-s-cifar");
   CHECK((s.depth == 8 && s.dim == 512 && s.moe.router.k == 2 && s.is_moe_block(5) &&
          s.is_moe_block(7) && !s.is_moe_block(3)));

@@ -139,8 +139,7 @@ static nlohmann::ordered_json moe_json(const ViTConfig& v) {
           {"noise_std", r.noise_std}, {"importance_weight", r.importance_weight},
           {"load_weight", r.load_weight}, {"ec_capacity", r.ec_capacity}, {"slots", r.slots},
           {"soft_scale", r.soft_scale}, {"proj_dim", r.proj_dim}, {"tau1", r.tau1},
-          {"tau2", r.tau2},
-          {"centroids", r.centroids}, {"separation_weight", r.separation_weight},
+          {"tau2", r.tau2}, {"centroids", r.centroids}, {"separation_weight", r.separation_weight},
           {"vote_dim", r.vote_dim}, {"global_query", r.global_query}};
 }
 

@@ -45,7 +45,8 @@ static ViTConfig tiny_moe(const std::string& router) {
 // Soft MoE with E * slots close to the 50 tokens of an image, as the paper matches slots to
 // tokens, so that experts process about as many vectors as the dense MLP does. The logit scale
 // starts at 10, not the method's 1: from 1 it only reached 1.2-2.8 in 60 epochs, so slots stayed
-// near image averages, and the preset ended at 91.39% against 92.43% from 10 (docs/results.md).
+// broad mixtures of the image, and the preset ended at 91.39% against 92.43% from 10
+// (docs/results.md).
 static ViTConfig soft_tiny() {
   ViTConfig c = tiny_moe("soft");
   c.moe.router.slots = 6;

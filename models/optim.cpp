@@ -1,16 +1,20 @@
 #include "models/optim.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/elementwise.h"
+#include "ops/fast_math.h"
 #include "ops/reduce.h"
 #ifdef MOEVIT_CUDA
 #include "cuda/kernels.h"
 #endif
 
 namespace mv::models {
+
+using ops::lane_sum;
 
 bool decays(const std::string& name, const Tensor& p) {
   const std::string last = name.substr(name.rfind('.') + 1);
@@ -67,6 +71,10 @@ void AdamW::step(float lr, float gs) {
 #endif
   }
   const float c1 = 1.f - std::pow(b1_, float(steps_)), c2 = 1.f - std::pow(b2_, float(steps_));
+  // Locals copied into the loop's closure, not members or references: a store through the float
+  // pointers could otherwise alias them, and the compiler would reload them after every store
+  // instead of vectorising the loop.
+  const float b1 = b1_, b2 = b2_, eps = eps_;
   for (size_t k = 0; k < params_.size(); ++k) {
     auto& [name, p] = params_[k];
     Tensor g = p.grad();
@@ -75,12 +83,12 @@ void AdamW::step(float lr, float gs) {
     const float decay = decays(name, p) ? lr * wd_ : 0.f;
     float *pp = p.data<float>(), *pm = m_[k].data<float>(), *pv = v_[k].data<float>();
     const float* pg = g.data<float>();
-    parallel_for(p.numel(), 8, [&](int64_t s, int64_t e) {
+    parallel_for(p.numel(), 8, [=](int64_t s, int64_t e) {  // by value: see above
       for (int64_t i = s; i < e; ++i) {
         const float gi = pg[i] * gs;
-        pm[i] = b1_ * pm[i] + (1.f - b1_) * gi;
-        pv[i] = b2_ * pv[i] + (1.f - b2_) * gi * gi;
-        pp[i] -= decay * pp[i] + lr * (pm[i] / c1) / (std::sqrt(pv[i] / c2) + eps_);
+        pm[i] = b1 * pm[i] + (1.f - b1) * gi;
+        pv[i] = b2 * pv[i] + (1.f - b2) * gi * gi;
+        pp[i] -= decay * pp[i] + lr * (pm[i] / c1) / (std::sqrt(pv[i] / c2) + eps);
       }
     });
   }
@@ -146,7 +154,11 @@ ClipResult clip_scale(const std::vector<Tensor>& params, float max_norm) {
       dev_sq = dev_sq.defined() ? ops::add(dev_sq, s) : s;
       continue;
     }
-    for (float v : g.to_vector<float>()) sq += double(v) * v;
+    const Tensor gc = g.contiguous();
+    const float* pg = gc.data<float>();
+    // Float lanes over blocks of 4096 (vectorised), the blocks summed in double.
+    for (int64_t b = 0; b < gc.numel(); b += 4096)
+      sq += lane_sum(std::min<int64_t>(4096, gc.numel() - b), [&](int64_t i) { return pg[b + i] * pg[b + i]; });
   }
   if (dev_sq.defined()) sq += double(dev_sq.item());
   const float norm = float(std::sqrt(sq));

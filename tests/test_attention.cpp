@@ -96,7 +96,10 @@ TEST_CASE("self_attention: a non-contiguous qkv gives the same values and gradie
 
 TEST_CASE("self_attention: composite and fused agree, forward and every gradient") {
   struct Case { int64_t B, T, D; int heads; };
-  for (Case c : {Case{2, 5, 8, 2}, Case{1, 7, 12, 3}, Case{2, 9, 32, 4}}) {
+  // Head sizes below, at and past one 8-wide register (read in place or through padded copies),
+  // and T with and without a partial register and partial row tiles.
+  for (Case c : {Case{2, 5, 8, 2}, Case{1, 7, 12, 3}, Case{2, 9, 32, 4}, Case{2, 50, 64, 4}, Case{1, 13, 72, 3},
+                 Case{1, 37, 64, 1}}) {
     CAPTURE(c.T);
     CAPTURE(c.heads);
     Tensor init = param({c.B, c.T, 3 * c.D}, 41 + c.T).detach();

@@ -103,6 +103,16 @@ TEST_CASE("SGD with momentum and gradient clipping") {
   CHECK(c.norm == doctest::Approx(5.0f));
   CHECK(c.scale == doctest::Approx(0.2f).epsilon(1e-5));
   CHECK(clip_scale({w}, 10.0f).scale == 1.0f);
+  // Gradients longer than one summation block (4096), with a partial last block, and two tensors:
+  // the norm against a sum in double.
+  Tensor u = Tensor::zeros({9001}).set_requires_grad(true), z = Tensor::zeros({3, 5}).set_requires_grad(true);
+  Tensor gu = test::param({9001}, 5).detach(), gz = test::param({3, 5}, 6).detach();
+  u.set_grad(gu);
+  z.set_grad(gz);
+  double sq = 0;
+  for (const Tensor& g : {gu, gz})
+    for (float v : g.to_vector<float>()) sq += double(v) * v;
+  CHECK(clip_scale({u, z}, 1.0f).norm == doctest::Approx(std::sqrt(sq)).epsilon(1e-6));
   SGD opt({{"w", w}}, 0.9f, 0.0f);
   opt.step(0.1f, c.scale);  // buffer = g/5 = (0.6, 0.8)
   opt.step(0.1f, c.scale);  // buffer = 0.9 * b + g/5 = (1.14, 1.52)

@@ -19,8 +19,8 @@ using autograd::record;
 
 namespace {
 
-// The rows in use of all experts laid end to end, cut into num_threads() equal shares: each
-// share runs f(e, r0, r1) for every piece [r0, r1) of expert e's rows inside it, and tail(e) for
+// The rows in use of all experts laid end to end, cut into num_threads() equal shares: share i
+// runs f(i, e, r0, r1) for every piece [r0, r1) of expert e's rows inside it, and tail(e) for
 // its part of the experts (E/T of them), which zeroes their unused rows. One fork-join for all
 // experts, balanced however unevenly the routing spread the tokens.
 template <class F, class Tail>
@@ -38,20 +38,9 @@ void for_expert_rows(const std::vector<int64_t>& rows, int64_t cost_per_row, F f
       for (; x < E && start[size_t(x)] < hi; ++x) {
         const int64_t r0 = std::max(lo, start[size_t(x)]) - start[size_t(x)];
         const int64_t r1 = std::min(hi, start[size_t(x + 1)]) - start[size_t(x)];
-        if (r0 < r1) f(x, r0, r1);
+        if (r0 < r1) f(i, x, r0, r1);
       }
     }
-  });
-}
-
-// Columns [0, n) in one block per thread (widths a multiple of 8 where possible): f(c0, c1).
-template <class F>
-void for_column_blocks(int64_t n, int64_t cost_per_column, F f) {
-  const int64_t T = num_threads();
-  const int64_t bw = ((n + T - 1) / T + 7) / 8 * 8;
-  const int64_t blocks = (n + bw - 1) / std::max<int64_t>(bw, 1);
-  parallel_for(blocks, bw * cost_per_column, [&](int64_t s, int64_t e) {
-    for (int64_t i = s; i < e; ++i) f(i * bw, std::min(n, (i + 1) * bw));
   });
 }
 
@@ -69,34 +58,55 @@ std::vector<int64_t> expert_rows(const char* op, const Tensor& rows_, int64_t E,
 }
 
 // dw[e] = x[e, :n_e]^T g[e, :n_e] (d x h) and db[e] = column sums of g[e, :n_e], for x (E, M, d) and
-// g (E, M, h); either output may be null. Split by output columns, so that no two threads sum
-// into the same entry.
+// g (E, M, h); either output may be null. Split by depth, the rows cut as for_expert_rows cuts
+// them, so that each thread packs and reads only its own rows (cutting the columns of dw instead
+// made every thread pack all of x). The piece that starts expert e's rows writes dw[e] and db[e];
+// a piece that goes on with an expert begun in an earlier share (a share's first piece, so at
+// most one per share) writes that share's side buffer, added in after the join.
 void expert_weight_grads(const float* px, const float* pg, const std::vector<int64_t>& rows, int64_t M, int64_t d,
                          int64_t h, float* pdw, float* pdb) {
-  const int64_t E = int64_t(rows.size());
-  int64_t total = 0;
-  for (int64_t n : rows) total += n;
-  for_column_blocks(h, total * (2 * d + 1), [&](int64_t c0, int64_t c1) {
-    std::vector<double> acc(size_t(c1 - c0));
-    std::vector<float> part(size_t(c1 - c0));
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = rows[size_t(e)];
-      const float* ge = pg + e * M * h;
-      if (pdw)
-        detail::gemm_on_thread(d, c1 - c0, n, px + e * M * d, d, true, ge + c0, h, false, pdw + e * d * h + c0, h,
-                               false);
-      if (pdb) {  // float sums over blocks of 64 rows, the blocks summed in double
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t m0 = 0; m0 < n; m0 += 64) {
-          std::fill(part.begin(), part.end(), 0.f);
-          for (int64_t m = m0; m < std::min(n, m0 + 64); ++m)
-            for (int64_t j = c0; j < c1; ++j) part[size_t(j - c0)] += ge[m * h + j];
-          for (int64_t j = 0; j < c1 - c0; ++j) acc[size_t(j)] += part[size_t(j)];
+  const int64_t T = num_threads(), S = d * h + h;  // a side buffer: dw, then db
+  std::vector<float> side(size_t(T * S));
+  std::vector<int64_t> side_of(size_t(T), -1);  // the expert whose piece each share's buffer holds
+  for_expert_rows(
+      rows, 2 * d * h + h,
+      [&](int64_t i, int64_t e, int64_t r0, int64_t r1) {
+        float* dw = pdw ? pdw + e * d * h : nullptr;
+        float* db = pdb ? pdb + e * h : nullptr;
+        if (r0 > 0) {
+          side_of[size_t(i)] = e;
+          dw = side.data() + i * S, db = dw + d * h;
         }
-        for (int64_t j = c0; j < c1; ++j) pdb[e * h + j] = float(acc[size_t(j - c0)]);
-      }
-    }
-  });
+        const float* x = px + (e * M + r0) * d;
+        const float* g = pg + (e * M + r0) * h;
+        const int64_t n = r1 - r0;
+        if (pdw) detail::gemm_on_thread(d, h, n, x, d, true, g, h, false, dw, h, false);
+        if (pdb) {  // float sums over blocks of 64 rows, the blocks summed in double
+          std::vector<double> acc(size_t(h), 0.0);
+          std::vector<float> part(static_cast<size_t>(h));
+          for (int64_t m0 = 0; m0 < n; m0 += 64) {
+            std::fill(part.begin(), part.end(), 0.f);
+            for (int64_t m = m0; m < std::min(n, m0 + 64); ++m)
+              for (int64_t j = 0; j < h; ++j) part[size_t(j)] += g[m * h + j];
+            for (int64_t j = 0; j < h; ++j) acc[size_t(j)] += part[size_t(j)];
+          }
+          for (int64_t j = 0; j < h; ++j) db[j] = float(acc[size_t(j)]);
+        }
+      },
+      [&](int64_t e) {  // an expert with no rows has zero gradients
+        if (rows[size_t(e)] > 0) return;
+        if (pdw) std::fill(pdw + e * d * h, pdw + (e + 1) * d * h, 0.f);
+        if (pdb) std::fill(pdb + e * h, pdb + (e + 1) * h, 0.f);
+      });
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t e = side_of[size_t(i)];
+    if (e < 0) continue;
+    const float* sw = side.data() + i * S;
+    if (pdw)
+      for (int64_t j = 0; j < d * h; ++j) pdw[e * d * h + j] += sw[j];
+    if (pdb)
+      for (int64_t j = 0; j < h; ++j) pdb[e * h + j] += sw[d * h + j];
+  }
 }
 
 }  // namespace
@@ -124,7 +134,7 @@ Tensor expert_matmul(const Tensor& x_, const Tensor& w_, const Tensor& b_, const
   // The bias is written first and the product accumulates onto it: no extra pass.
   for_expert_rows(
       rows, 2 * d * h,
-      [&](int64_t e, int64_t r0, int64_t r1) {
+      [&](int64_t, int64_t e, int64_t r0, int64_t r1) {
         float* o = po + (e * M + r0) * h;
         if (pb)
           for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(o + r * h, pb + e * h, size_t(h) * sizeof(float));
@@ -145,7 +155,7 @@ Tensor expert_matmul(const Tensor& x_, const Tensor& w_, const Tensor& b_, const
                     float* pdx = dx.data<float>();
                     for_expert_rows(
                         rows, 2 * d * h,
-                        [&](int64_t e, int64_t r0, int64_t r1) {
+                        [&](int64_t, int64_t e, int64_t r0, int64_t r1) {
                           detail::gemm_on_thread(r1 - r0, d, h, pg + (e * M + r0) * h, h, false, pw + e * d * h, h,
                                                  true, pdx + (e * M + r0) * d, d, false);
                         },
@@ -207,7 +217,7 @@ Tensor expert_mlp(const Tensor& x_, const Tensor& w1_, const Tensor& b1_, const 
   const std::vector<float> zeros(size_t(pb1 ? 0 : H), 0.f);
   for_expert_rows(
       rows, 2 * H * (d + O) + 24 * H,
-      [&](int64_t e, int64_t r0, int64_t r1) {
+      [&](int64_t, int64_t e, int64_t r0, int64_t r1) {
         for (int64_t m0 = r0; m0 < r1; m0 += kMlpBlock) {
           const int64_t n = std::min(kMlpBlock, r1 - m0), i0 = e * M + m0;
           // The biases are added in the passes that follow each product (no per-row copies).
@@ -258,7 +268,7 @@ Tensor expert_mlp(const Tensor& x_, const Tensor& w1_, const Tensor& b1_, const 
           float* pdx = gx ? dx.data<float>() : nullptr;
           for_expert_rows(
               rows, 2 * H * (O + (gx ? d : 0)) + H,
-              [&](int64_t e, int64_t r0, int64_t r1) {
+              [&](int64_t, int64_t e, int64_t r0, int64_t r1) {
                 for (int64_t m0 = r0; m0 < r1; m0 += kMlpBlock) {
                   const int64_t n = std::min(kMlpBlock, r1 - m0), i0 = e * M + m0;
                   float* a = pda + i0 * H;

@@ -74,6 +74,27 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_
 Mat rows_of(Mat a, int64_t r0) { return at(a, a.t ? r0 : r0 * a.ld); }
 Mat cols_of(Mat b, int64_t c0) { return at(b, b.t ? c0 * b.ld : c0); }
 
+// Deep, narrow products (weight gradients: K counts tokens, M and N are layer widths): thread i
+// multiplies depth slice i into its own partial result, and the partials are summed at the end.
+// Cutting M or N instead would make every thread pack and read the whole of one operand.
+void gemm_split_depth(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, bool acc) {
+  const int64_t T = num_threads(), kb = (K + T - 1) / T;
+  std::vector<float> part(size_t((T - 1) * M * N));  // thread 0 writes into c itself
+  parallel_for(T, 2 * M * N * kb, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) {
+      const int64_t k0 = std::min(K, i * kb), k1 = std::min(K, k0 + kb);
+      float* dst = i == 0 ? c : part.data() + (i - 1) * M * N;
+      const bool add = i == 0 && acc;
+      if (k1 > k0)
+        gemm_serial(M, N, k1 - k0, cols_of(a, k0), rows_of(b, k0), dst, N, add);
+      else if (!add)
+        std::fill(dst, dst + M * N, 0.f);
+    }
+  });
+  for (int64_t i = 1; i < T; ++i)
+    for (int64_t j = 0; j < M * N; ++j) c[j] += part[size_t((i - 1) * M * N + j)];
+}
+
 // c (M x N, contiguous row-major) = a (M x K) b (K x N), or += when acc. Each thread takes a
 // block of output rows (or columns, when N > M); small products, and products inside a parallel
 // region, run on the calling thread.
@@ -86,6 +107,10 @@ void gemm(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, bool acc) {
   const int64_t T = num_threads(), flops = 2 * M * N * K;
   if (T <= 1 || omp_team_size() > 1 || flops < (int64_t(1) << 21)) {
     gemm_serial(M, N, K, a, b, c, N, acc);
+    return;
+  }
+  if (K >= 8 * std::max(M, N)) {
+    gemm_split_depth(M, N, K, a, b, c, acc);
     return;
   }
   const bool by_rows = M >= N;

@@ -56,6 +56,14 @@ TEST_CASE("matmul: shared weight, batched and large shapes against a naive loop"
   Tensor p = randt({70, 130}, 4), q = randt({130, 90}, 5);
   check_close(ops::matmul(p, q), naive_mm(p.to_vector<float>(), q.to_vector<float>(), 1, 70, 130, 90, true),
               1e-4f, 1e-4f);
+  // deep and narrow (K >= 8 max(M, N), as in weight gradients): the depth split over threads, with
+  // an odd K; through linear, the bias written first and the partial products added onto it
+  Tensor dp = randt({13, 9001}, 10), dq = randt({9001, 24}, 11), db = randt({24}, 12);
+  std::vector<float> deep = naive_mm(dp.to_vector<float>(), dq.to_vector<float>(), 1, 13, 9001, 24, true);
+  check_close(ops::matmul(dp, dq), deep, 1e-3f, 1e-4f);
+  for (int64_t i = 0; i < 13; ++i)
+    for (int64_t j = 0; j < 24; ++j) deep[size_t(i * 24 + j)] += db.to_vector<float>()[size_t(j)];
+  check_close(ops::linear(dp, dq, db), deep, 1e-3f, 1e-4f);
   // many small batches: the batch-parallel path
   Tensor s = randt({200, 8, 9}, 6), t = randt({200, 9, 10}, 7);
   check_close(ops::bmm(s, t), naive_mm(s.to_vector<float>(), t.to_vector<float>(), 200, 8, 9, 10, false),

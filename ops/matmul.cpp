@@ -7,9 +7,11 @@
 //
 // Threading is ours, not Eigen's (EIGEN_DONT_PARALLELIZE): one product is cut into one block
 // of output rows (or columns) per thread, each an independent serial Eigen GEMM, so a product
-// costs one fork-join. Eigen's own threading (threads sync once per depth block) measured
-// slower at 2 threads on most shapes in bench/gemm, up to 1.4x (docs/benchmarks.md). Many small
-// products (attention: 512 batches of 50x16x50) run whole products per thread instead.
+// costs one fork-join; deep, narrow products (weight gradients) are cut by depth instead, and
+// their partial results summed. Eigen's own threading (threads sync once per depth block)
+// measured slower at 2 threads on most shapes in bench/gemm, up to 1.4x (docs/benchmarks.md).
+// Many small products (a batch of 512 50x16x50 products, as in the composite attention) run
+// whole products per thread instead.
 #include "ops/matmul.h"
 
 #ifdef MOEVIT_CUDA

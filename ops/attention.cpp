@@ -7,15 +7,16 @@
 //   O = P V                                  (T, Dh)
 //   lse = m + log(l)                         (T,)  the row's log-sum-exp, so P = exp(S - lse)
 //
-// Layout: qkv is (B, T, 3D) row-major and never copied: Q, K and V of head h are (T, Dh) blocks
-// read in place with a row stride of 3D (columns h*Dh, D + h*Dh, 2D + h*Dh); O is written in
-// place into out (B, T, D) with row stride D, and the gradient into (B, T, 3D) the same way as
-// qkv is read. Every (b, h) touches its own columns only, so the (b, h) loop runs in parallel
+// Layout: qkv is (B, T, 3D) row-major and is never split into separate tensors: Q, K and V of
+// head h are (T, Dh) blocks of it with a row stride of 3D (columns h*Dh, D + h*Dh, 2D + h*Dh); O
+// is written into out (B, T, D) with row stride D, and the gradient into (B, T, 3D) the same way
+// as qkv is read. Every (b, h) touches its own columns only, so the (b, h) loop runs in parallel
 // without races. The per-head products are small (T ~ 50, Dh ~ 16) and run through small_gemm
 // (ops/small_gemm.h), register tiles with no operand packing: forward + backward measured
-// 1.3-1.4x faster than with Eigen's GEMM per product at the benchmark's shape. Right operands need rows of whole registers: K^T and V^T are transposed into padded
-// buffers, and (T, Dh) blocks are read and written in place when Dh is a multiple of 8, through
-// zero-padded copies otherwise.
+// 1.3-1.4x faster than with Eigen's GEMM per product at the benchmark's shape. Right operands
+// need rows of whole registers: K^T and V^T are transposed into padded per-thread buffers, and
+// (T, Dh) blocks are read and written in place when Dh is a multiple of 8, through zero-padded
+// copies otherwise.
 //
 // Why save lse and not P: P is (B, heads, T, T), T/Dh times larger than the output; lse is one
 // float per row. Backward rebuilds P = exp(scale Q K^T - lse) exactly (one extra Q K^T product),

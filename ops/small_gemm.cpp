@@ -3,9 +3,10 @@
 // C is cut into column blocks of 1 to 4 AVX registers (8 to 32 columns) and each block into
 // tiles of MR rows, MR chosen so that a tile holds 8 to 12 accumulators of the 16 registers. A
 // tile runs the whole depth K with its accumulators in registers: per k it loads NV vectors of
-// B's row k and broadcasts one element of A per row, MR * NV FMAs for MR + NV loads, so the FMA
-// units, not the loads, set the pace. Nothing is packed: B's rows are read where they are (the
-// caller pads their width to a multiple of 8), A's elements are broadcast from any strides.
+// B's row k and broadcasts one element of A per row: MR * NV FMAs for MR + NV loads (12 for 7
+// in the wider blocks, so the FMA units rather than the loads set the pace). Nothing is packed:
+// B's rows are read where they are (the caller pads their width to a multiple of 8), A's
+// elements are broadcast from any strides.
 #include "ops/small_gemm.h"
 
 #include <immintrin.h>

@@ -5,7 +5,6 @@
 //   S = scale * Q K^T                        (T, T)
 //   P = softmax(S) row by row, stably: P = exp(S - m) / l with m = rowmax(S), l = rowsum(exp(S - m))
 //   O = P V                                  (T, Dh)
-//   lse = m + log(l)                         (T,)  the row's log-sum-exp, so P = exp(S - lse)
 //
 // Layout: qkv is (B, T, 3D) row-major and is never split into separate tensors: Q, K and V of
 // head h are (T, Dh) blocks of it with a row stride of 3D (columns h*Dh, D + h*Dh, 2D + h*Dh); O
@@ -18,9 +17,11 @@
 // (T, Dh) blocks are read and written in place when Dh is a multiple of 8, through zero-padded
 // copies otherwise.
 //
-// Why save lse and not P: P is (B, heads, T, T), T/Dh times larger than the output; lse is one
-// float per row. Backward rebuilds P = exp(scale Q K^T - lse) exactly (one extra Q K^T product),
-// which is what the CUDA flash kernel does too, where the T x T matrix never leaves on-chip memory.
+// What is saved for backward: P itself, (B*heads, T, T) padded to (.., T, Tp). At ViT sizes
+// (T ~ 50, Dh ~ 16) that is 3x the output and a few MB per layer; keeping it spares the backward
+// a Q K^T product and T*T exps per head (bench_attention: docs/benchmarks.md). The CUDA
+// kernels make the other choice, saving the row log-sum-exp and rebuilding P on chip (flash
+// attention), because on the GPU memory traffic, not arithmetic, is what costs.
 //
 // Backward, with dO the output gradient:
 //   dV = P^T dO,  dP = dO V^T,
@@ -135,38 +136,35 @@ struct Work {
   }
 };
 
-// Forward for the (b, h) pairs [begin, end). lse may be null (no backward will run).
-void forward_kernel(const float* qkv, float* out, float* lse, const Dims& d, int64_t begin, int64_t end) {
+// Forward for the (b, h) pairs [begin, end). probs (B*H, T, Tp) receives P for the backward; null
+// when no backward will run, and P then lives in the per-thread buffer.
+void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, int64_t begin, int64_t end) {
   const int64_t T = d.T, D = d.D, Dh = d.Dh, H = d.H;
   const float scale = 1.0f / std::sqrt(float(Dh));
   Work w(d);
   const int64_t Tp = w.Tp;
-  std::vector<float> inv_l(static_cast<size_t>(T));
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / H, h = bh % H;
     const float* q = qkv + b * T * 3 * D + h * Dh;
     float* o = out + b * T * D + h * Dh;
+    float* p = probs ? probs + bh * T * Tp : w.p.data();
     w.cols(q + D, 3 * D, w.kt);
-    small_gemm(T, Tp, Dh, q, 3 * D, 1, w.kt.data(), Tp, w.p.data(), Tp);  // Q K^T
+    small_gemm(T, Tp, Dh, q, 3 * D, 1, w.kt.data(), Tp, p, Tp);  // Q K^T
     for (int64_t i = 0; i < T; ++i) {
-      // Stable softmax: subtract the row max before exp; p keeps the unnormalised exp.
-      float* row = w.p.data() + i * Tp;
+      // Stable softmax: subtract the row max before exp.
+      float* row = p + i * Tp;
       const float m = row_max(row, T) * scale;
       for (int64_t j = 0; j < T; ++j) row[j] = fast_exp(row[j] * scale - m);
-      const float l = lane_sum(T, [&](int64_t j) { return row[j]; });
-      inv_l[size_t(i)] = 1.0f / l;
-      if (lse) lse[bh * T + i] = m + std::log(l);
+      const float inv_l = 1.0f / lane_sum(T, [&](int64_t j) { return row[j]; });
+      for (int64_t j = 0; j < T; ++j) row[j] *= inv_l;
     }
-    w.product(T, w.p.data(), Tp, 1, w.rows(q + 2 * D, 3 * D, 0), w.target(o, D));  // exp(S - m) V
+    w.product(T, p, Tp, 1, w.rows(q + 2 * D, 3 * D, 0), w.target(o, D));  // P V
     w.done(o, D);
-    // Normalise after the product: T*Dh multiplies instead of T*T.
-    for (int64_t i = 0; i < T; ++i)
-      for (int64_t k = 0; k < Dh; ++k) o[i * D + k] *= inv_l[size_t(i)];
   }
 }
 
 // Backward for the (b, h) pairs [begin, end): writes dQ, dK, dV into dqkv (B, T, 3D).
-void backward_kernel(const float* qkv, const float* out, const float* lse, const float* dout, float* dqkv,
+void backward_kernel(const float* qkv, const float* out, const float* probs, const float* dout, float* dqkv,
                      const Dims& d, int64_t begin, int64_t end) {
   const int64_t T = d.T, D = d.D, Dh = d.Dh, H = d.H;
   const float scale = 1.0f / std::sqrt(float(Dh));
@@ -177,24 +175,17 @@ void backward_kernel(const float* qkv, const float* out, const float* lse, const
     const int64_t off = b * T * 3 * D + h * Dh, ooff = b * T * D + h * Dh;
     const float *q = qkv + off, *k = q + D, *v = q + 2 * D, *o = out + ooff, *dO = dout + ooff;
     float *dq = dqkv + off, *dk = dq + D, *dv = dq + 2 * D;
-    const float* l = lse + bh * T;
-    w.cols(k, 3 * D, w.kt);
+    const float* p = probs + bh * T * Tp;
     w.cols(v, 3 * D, w.vt);
-    // P = exp(scale Q K^T - lse), recomputed rather than stored.
-    small_gemm(T, Tp, Dh, q, 3 * D, 1, w.kt.data(), Tp, w.p.data(), Tp);
-    for (int64_t i = 0; i < T; ++i) {
-      float* row = w.p.data() + i * Tp;
-      for (int64_t j = 0; j < T; ++j) row[j] = fast_exp(row[j] * scale - l[i]);
-    }
     // dV = P^T dO (A = P read by columns)
-    w.product(T, w.p.data(), 1, Tp, w.rows(dO, D, 0), w.target(dv, 3 * D));
+    w.product(T, p, 1, Tp, w.rows(dO, D, 0), w.target(dv, 3 * D));
     w.done(dv, 3 * D);
     // dP = dO V^T, then dS = P * (dP - delta) with delta_i = dO_i . O_i = sum_j P_ij dP_ij, and
     // the scale of S folded in.
     small_gemm(T, Tp, Dh, dO, D, 1, w.vt.data(), Tp, w.ds.data(), Tp);
     for (int64_t i = 0; i < T; ++i) {
       const float delta = lane_sum(Dh, [&](int64_t c) { return dO[i * D + c] * o[i * D + c]; });
-      const float* pr = w.p.data() + i * Tp;
+      const float* pr = p + i * Tp;
       float* sr = w.ds.data() + i * Tp;
       for (int64_t j = 0; j < T; ++j) sr[j] = pr[j] * (sr[j] - delta) * scale;
     }
@@ -230,22 +221,23 @@ Tensor self_attention(const Tensor& qkv_, int heads) {
   Tensor qkv = qkv_.contiguous();
   Tensor out = Tensor::empty({d.B, d.T, d.D});
   const bool grad = autograd::needs_graph({qkv_});
-  Tensor lse = grad ? Tensor::empty({d.B, d.H, d.T}) : Tensor();
+  // P (B*H, T, Tp) for the backward, rows padded like the per-thread buffers.
+  const int64_t Tp = round8(d.T);
+  Tensor probs = grad ? Tensor::empty({d.B * d.H, d.T, Tp}) : Tensor();
   const float* pq = qkv.data<float>();
   float* po = out.data<float>();
-  float* pl = grad ? lse.data<float>() : nullptr;
-  parallel_for(d.B * d.H, cost(d), [&](int64_t s, int64_t e) { forward_kernel(pq, po, pl, d, s, e); });
+  float* pp = grad ? probs.data<float>() : nullptr;
+  parallel_for(d.B * d.H, cost(d), [&](int64_t s, int64_t e) { forward_kernel(pq, po, pp, d, s, e); });
   if (!grad) return out;
-  // Saves qkv, the output and lse; never the (B, heads, T, T) probabilities.
   return autograd::record("self_attention", out, {qkv_},
-                          [qd = qkv.detach(), od = out.detach(), lse, d](const Tensor& g) {
+                          [qd = qkv.detach(), od = out.detach(), probs, d](const Tensor& g) {
                             Tensor gc = g.contiguous();
                             Tensor dqkv = Tensor::empty(qd.shape());
                             const float *pq = qd.data<float>(), *po = od.data<float>(),
-                                        *pl = lse.data<float>(), *pg = gc.data<float>();
+                                        *pp = probs.data<float>(), *pg = gc.data<float>();
                             float* pd = dqkv.data<float>();
                             parallel_for(d.B * d.H, 2 * cost(d), [&](int64_t s, int64_t e) {
-                              backward_kernel(pq, po, pl, pg, pd, d, s, e);
+                              backward_kernel(pq, po, pp, pg, pd, d, s, e);
                             });
                             return std::vector<Tensor>{dqkv};
                           });

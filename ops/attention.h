@@ -8,9 +8,9 @@
 
 namespace mv::ops {
 
-// The fused op: one kernel per (batch, head) for forward, and a hand-written backward that
-// recomputes the probabilities from the saved per-row log-sum-exp (the CPU twin of the CUDA
-// flash-attention kernel).
+// The fused op: one kernel per (batch, head) for forward, and a hand-written backward from the
+// saved probabilities (on the GPU: flash-attention kernels that rebuild them from the row
+// log-sum-exp instead).
 // qkv: (B, T, 3*D), D = heads * Dh -> out: (B, T, D)
 Tensor self_attention(const Tensor& qkv, int heads);
 

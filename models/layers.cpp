@@ -5,7 +5,9 @@
 #include "ops/attention.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
+#include "ops/moe.h"
 #include "ops/norm.h"
+#include "ops/shape.h"
 
 namespace mv::models {
 
@@ -33,7 +35,21 @@ MLP::MLP(int64_t dim, int64_t hidden, Generator& g) {
   fc2 = register_module("fc2", std::make_shared<Linear>(hidden, dim, g));
 }
 
-Tensor MLP::forward(const Tensor& x) { return fc2->forward(ops::gelu(fc1->forward(x))); }
+// On the CPU the two layers and the GELU run as one op, the one-expert case of ops::expert_mlp:
+// its 256-row blocks stay in cache from the first product to the second, and GELU's derivative is
+// kept from the forward rather than recomputed. Same math and the same GELU bits as the
+// composite below, which serves the GPU.
+Tensor MLP::forward(const Tensor& x) {
+  if (x.device() != Device::CPU) return fc2->forward(ops::gelu(fc1->forward(x)));
+  const int64_t d = fc1->weight.size(0), h = fc1->weight.size(1), o = fc2->weight.size(1);
+  MV_CHECK(x.ndim() >= 1 && x.size(-1) == d, "MLP: x ", x.str(), " must be (..., ", d, ")");
+  const Tensor y = ops::expert_mlp(ops::reshape(x, {1, x.numel() / d, d}), ops::reshape(fc1->weight, {1, d, h}),
+                                   ops::reshape(fc1->bias, {1, h}), ops::reshape(fc2->weight, {1, h, o}),
+                                   ops::reshape(fc2->bias, {1, o}));
+  Shape out = x.shape();
+  out.back() = o;
+  return ops::reshape(y, out);
+}
 
 MultiHeadAttention::MultiHeadAttention(int64_t dim, int heads_, Generator& g) : heads(heads_) {
   MV_CHECK(heads > 0 && dim % heads == 0, "MultiHeadAttention: width ", dim,

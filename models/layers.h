@@ -33,7 +33,7 @@ class FeedForward : public Module {
 class MLP : public FeedForward {
  public:
   MLP(int64_t dim, int64_t hidden, Generator& g);
-  Tensor forward(const Tensor& x) override;  // fc2(gelu(fc1(x)))
+  Tensor forward(const Tensor& x) override;  // x: (..., dim) -> fc2(gelu(fc1(x))), fused on the CPU
   std::shared_ptr<Linear> fc1, fc2;
 };
 

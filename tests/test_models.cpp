@@ -10,7 +10,9 @@
 #include "models/optim.h"
 #include "models/train.h"
 #include "models/vit.h"
+#include "ops/elementwise.h"
 #include "ops/loss.h"
+#include "ops/matmul.h"
 #include "tests/helpers.h"
 
 using namespace mv;
@@ -77,6 +79,40 @@ TEST_CASE("ViT: end-to-end gradient of a few parameters") {
       CHECK(std::fabs(numeric - analytic[size_t(i)]) <= 1e-2 + 2e-2 * std::fabs(numeric));
     }
   }
+}
+
+TEST_CASE("MLP: the fused CPU path matches linear, gelu, linear, forward and every gradient") {
+  Generator g(12);
+  MLP mlp(6, 7, g);
+  mlp.fc1->bias.copy_(test::param({7}, 13).detach());
+  mlp.fc2->bias.copy_(test::param({6}, 14).detach());
+  std::vector<Tensor> ps = {mlp.fc1->weight, mlp.fc1->bias, mlp.fc2->weight, mlp.fc2->bias};
+  std::vector<Tensor> twins;
+  for (const Tensor& p : ps) twins.push_back(p.detach().clone().set_requires_grad(true));
+  // 2 x 300 tokens: more than one 256-row block per thread, and a partial block.
+  Tensor x = test::param({2, 300, 6}, 15), xc = x.detach().clone().set_requires_grad(true);
+  Tensor y = mlp.forward(x);
+  Tensor yc = ops::linear(ops::gelu(ops::linear(xc, twins[0], twins[1])), twins[2], twins[3]);
+  REQUIRE(y.shape() == Shape{2, 300, 6});
+  test::check_close(y, yc.to_vector<float>(), 1e-5f, 1e-5f);
+  Tensor r = test::param(y.shape(), 16).detach();
+  y.backward(r);
+  yc.backward(r);
+  test::check_close(x.grad(), xc.grad().to_vector<float>(), 1e-5f, 1e-5f);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    CAPTURE(i);
+    test::check_close(ps[i].grad(), twins[i].grad().to_vector<float>(), 1e-4f, 1e-5f);
+  }
+  CHECK_THROWS_WITH_AS(mlp.forward(randn({2, 5})), doctest::Contains("must be (..., 6)"), Error);
+}
+
+TEST_CASE("MLP: gradcheck of the fused CPU path") {
+  Generator g(17);
+  MLP mlp(3, 5, g);
+  mlp.fc1->bias.copy_(test::param({5}, 18).detach());
+  Tensor x = test::param({2, 4, 3}, 19);
+  test::check_grad([&](const std::vector<Tensor>& in) { return mlp.forward(in[0]); },
+                   {x, mlp.fc1->weight, mlp.fc1->bias, mlp.fc2->weight, mlp.fc2->bias});
 }
 
 TEST_CASE("AdamW matches a hand-computed first step, and skips decay where it should") {

@@ -13,7 +13,7 @@
 // without races. The per-head products are small (T ~ 50, Dh ~ 16) and run through small_gemm
 // (ops/small_gemm.h), register tiles with no operand packing: forward + backward measured
 // 1.3-1.4x faster than with Eigen's GEMM per product at the benchmark's shape. Right operands
-// need rows of whole registers: K^T and V^T are transposed into padded per-thread buffers, and
+// need rows of whole registers: K^T and V^T are transposed into a padded per-thread buffer, and
 // (T, Dh) blocks are read and written in place when Dh is a multiple of 8, through zero-padded
 // copies otherwise.
 //
@@ -99,13 +99,13 @@ struct Out {
 // When Dh is a multiple of 8 (Dp = Dh), the (T, Dh) operands and results are used in place.
 struct Work {
   int64_t T, Dh, Tp, Dp;
-  std::vector<float> kt, vt;  // (Dh, Tp): K^T and V^T, right operands of Q K^T and dO V^T
-  std::vector<float> p, ds;   // (T, Tp): probabilities, and dP then dS
+  std::vector<float> rt;      // (Dh, Tp): K^T (forward) or V^T (backward), right operand of Q K^T / dO V^T
+  std::vector<float> s;       // (T, Tp): P when no backward will keep it (forward), dP then dS (backward)
   std::vector<float> pad[3];  // (T, Dp): padded copies of right operands (in place: unused)
   std::vector<float> res;     // (T, Dp): a product's result before its copy into place
   explicit Work(const Dims& d)
-      : T(d.T), Dh(d.Dh), Tp(round8(d.T)), Dp(round8(d.Dh)), kt(size_t(Dh * Tp)), vt(kt.size()),
-        p(size_t(T * Tp)), ds(p.size()), res(Dh == Dp ? 0 : size_t(T * Dp)) {
+      : T(d.T), Dh(d.Dh), Tp(round8(d.T)), Dp(round8(d.Dh)), rt(size_t(Dh * Tp)),
+        s(size_t(T * Tp)), res(Dh == Dp ? 0 : size_t(T * Dp)) {
     if (Dh != Dp)
       for (auto& buf : pad) buf.assign(size_t(T * Dp), 0.f);
   }
@@ -147,9 +147,9 @@ void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, i
     const int64_t b = bh / H, h = bh % H;
     const float* q = qkv + b * T * 3 * D + h * Dh;
     float* o = out + b * T * D + h * Dh;
-    float* p = probs ? probs + bh * T * Tp : w.p.data();
-    w.cols(q + D, 3 * D, w.kt);
-    small_gemm(T, Tp, Dh, q, 3 * D, 1, w.kt.data(), Tp, p, Tp);  // Q K^T
+    float* p = probs ? probs + bh * T * Tp : w.s.data();
+    w.cols(q + D, 3 * D, w.rt);
+    small_gemm(T, Tp, Dh, q, 3 * D, 1, w.rt.data(), Tp, p, Tp);  // Q K^T
     for (int64_t i = 0; i < T; ++i) {
       // Stable softmax: subtract the row max before exp.
       float* row = p + i * Tp;
@@ -176,23 +176,23 @@ void backward_kernel(const float* qkv, const float* out, const float* probs, con
     const float *q = qkv + off, *k = q + D, *v = q + 2 * D, *o = out + ooff, *dO = dout + ooff;
     float *dq = dqkv + off, *dk = dq + D, *dv = dq + 2 * D;
     const float* p = probs + bh * T * Tp;
-    w.cols(v, 3 * D, w.vt);
+    w.cols(v, 3 * D, w.rt);
     // dV = P^T dO (A = P read by columns)
     w.product(T, p, 1, Tp, w.rows(dO, D, 0), w.target(dv, 3 * D));
     w.done(dv, 3 * D);
     // dP = dO V^T, then dS = P * (dP - delta) with delta_i = dO_i . O_i = sum_j P_ij dP_ij, and
     // the scale of S folded in.
-    small_gemm(T, Tp, Dh, dO, D, 1, w.vt.data(), Tp, w.ds.data(), Tp);
+    small_gemm(T, Tp, Dh, dO, D, 1, w.rt.data(), Tp, w.s.data(), Tp);
     for (int64_t i = 0; i < T; ++i) {
       const float delta = lane_sum(Dh, [&](int64_t c) { return dO[i * D + c] * o[i * D + c]; });
       const float* pr = p + i * Tp;
-      float* sr = w.ds.data() + i * Tp;
+      float* sr = w.s.data() + i * Tp;
       for (int64_t j = 0; j < T; ++j) sr[j] = pr[j] * (sr[j] - delta) * scale;
     }
     // dQ = dS K, dK = dS^T Q
-    w.product(T, w.ds.data(), Tp, 1, w.rows(k, 3 * D, 1), w.target(dq, 3 * D));
+    w.product(T, w.s.data(), Tp, 1, w.rows(k, 3 * D, 1), w.target(dq, 3 * D));
     w.done(dq, 3 * D);
-    w.product(T, w.ds.data(), 1, Tp, w.rows(q, 3 * D, 2), w.target(dk, 3 * D));
+    w.product(T, w.s.data(), 1, Tp, w.rows(q, 3 * D, 2), w.target(dk, 3 * D));
     w.done(dk, 3 * D);
   }
 }

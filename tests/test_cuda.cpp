@@ -624,7 +624,11 @@ TEST_CASE("cuda unary maps: forward and backward against double") {
       const Tensor tx = dev_misaligned(x, {n});
       const Tensor ty = cuda::unary_forward(tx, u.f, u.p);
       check_f32(std::string(u.name) + " forward", get(ty), y);
-      check_f32(std::string(u.name) + " backward", get(cuda::unary_backward(tx, ty, dev(g, {n}), u.f, u.p)), dx);
+      // tanh' = 1 - y^2 is formed from the float output y: where |y| is near 1 the result is
+      // small only by cancellation, so terms of size |g| set the attainable error.
+      const double terms = u.f == cuda::Unary::Tanh ? max_abs(to_d(g)) : 0;
+      check_f32(std::string(u.name) + " backward", get(cuda::unary_backward(tx, ty, dev(g, {n}), u.f, u.p)), dx, 1e-5,
+                1e-5, terms);
     }
   CHECK_THROWS_WITH_AS(cuda::unary_backward(Tensor::zeros({3}, DType::F32, Device::CUDA), Tensor::zeros({3}, DType::F32, Device::CUDA),
                                             Tensor::zeros({4}, DType::F32, Device::CUDA), cuda::Unary::Exp),

@@ -10,12 +10,11 @@
 // head h are (T, Dh) blocks of it with a row stride of 3D (columns h*Dh, D + h*Dh, 2D + h*Dh); O
 // is written into out (B, T, D) with row stride D, and the gradient into (B, T, 3D) the same way
 // as qkv is read. Every (b, h) touches its own columns only, so the (b, h) loop runs in parallel
-// without races. The per-head products are small (T ~ 50, Dh ~ 16) and run through small_gemm
-// (ops/small_gemm.h), register tiles with no operand packing: forward + backward measured
-// 1.3-1.4x faster than with Eigen's GEMM per product at the benchmark's shape. Right operands
-// need rows of whole registers: K^T and V^T are transposed into a padded per-thread buffer, and
-// (T, Dh) blocks are read and written in place when Dh is a multiple of 8, through zero-padded
-// copies otherwise.
+// without races. The per-head products are small (T ~ 50, Dh ~ 16) and run through tile_gemm
+// (ops/tile_gemm.h), register tiles with no operand packing that read the (T, Dh) blocks in place
+// and write their results in place: forward + backward measured 1.3-1.4x faster than with
+// Eigen's GEMM per product at the benchmark's shape. Right operands are read by rows: K^T and V^T
+// are transposed into a per-thread buffer.
 //
 // What is saved for backward: P itself, (B*heads, T, T) padded to (.., T, Tp). At ViT sizes
 // (T ~ 50, Dh ~ 16) that is 3x the output and a few MB per layer; keeping it spares the backward
@@ -46,7 +45,7 @@
 #include "ops/fast_math.h"
 #include "ops/matmul.h"
 #include "ops/shape.h"
-#include "ops/small_gemm.h"
+#include "ops/tile_gemm.h"
 #include "ops/softmax.h"
 
 namespace mv::ops {
@@ -84,55 +83,20 @@ float row_max(const float* x, int64_t n) {
   return r;
 }
 
-// Row-major matrices: element (i, j) at p[i * ld + j]; read, and written.
-struct In {
-  const float* p;
-  int64_t ld;
-};
-struct Out {
-  float* p;
-  int64_t ld;
-};
-
-// Per-thread buffers for one (b, h), widths padded to multiples of 8: Tp = T and Dp = Dh rounded
-// up. The padding is zero, so padded columns of a product come out as zeros and are never read.
-// When Dh is a multiple of 8 (Dp = Dh), the (T, Dh) operands and results are used in place.
+// Per-thread buffers for one (b, h), rows padded to Tp = T rounded up to 8 floats (32 bytes).
 struct Work {
-  int64_t T, Dh, Tp, Dp;
-  std::vector<float> rt;      // (Dh, Tp): K^T (forward) or V^T (backward), right operand of Q K^T / dO V^T
-  std::vector<float> s;       // (T, Tp): P when no backward will keep it (forward), dP then dS (backward)
-  std::vector<float> pad[3];  // (T, Dp): padded copies of right operands (in place: unused)
-  std::vector<float> res;     // (T, Dp): a product's result before its copy into place
-  explicit Work(const Dims& d)
-      : T(d.T), Dh(d.Dh), Tp(round8(d.T)), Dp(round8(d.Dh)), rt(size_t(Dh * Tp)),
-        s(size_t(T * Tp)), res(Dh == Dp ? 0 : size_t(T * Dp)) {
-    if (Dh != Dp)
-      for (auto& buf : pad) buf.assign(size_t(T * Dp), 0.f);
-  }
-  // The (T, Dh) block at src (row stride ld) as a right operand of width Dp (pad[i] when copied).
-  In rows(const float* src, int64_t ld, int i) {
-    if (Dh == Dp) return {src, ld};
-    for (int64_t r = 0; r < T; ++r) std::copy(src + r * ld, src + r * ld + Dh, pad[i].data() + r * Dp);
-    return {pad[i].data(), Dp};
-  }
-  // Where a (T, Dp) product bound for the (T, Dh) block at dst is written; done() moves it there.
-  Out target(float* dst, int64_t ld) { return Dh == Dp ? Out{dst, ld} : Out{res.data(), Dp}; }
-  void done(float* dst, int64_t ld) const {
-    if (Dh == Dp) return;
-    for (int64_t r = 0; r < T; ++r) std::copy(res.data() + r * Dp, res.data() + r * Dp + Dh, dst + r * ld);
-  }
-  // (T, Dh) block at src (row stride ld) -> its transpose in dst (Dh, Tp): 8 x 8 blocks in
+  int64_t T, Dh, Tp;
+  std::vector<float> rt;  // (Dh, Tp): K^T (forward) or V^T (backward), right operand of Q K^T / dO V^T
+  std::vector<float> s;   // (T, Tp): P when no backward will keep it (forward), dP then dS (backward)
+  explicit Work(const Dims& d) : T(d.T), Dh(d.Dh), Tp(round8(d.T)), rt(size_t(Dh * Tp)), s(size_t(T * Tp)) {}
+  // (T, Dh) block at src (row stride ld) -> its transpose in rt (Dh, Tp): 8 x 8 blocks in
   // registers, the edges one element at a time.
-  void cols(const float* src, int64_t ld, std::vector<float>& dst) const {
+  void transpose(const float* src, int64_t ld) {
     const int64_t T8 = T / 8 * 8, D8 = Dh / 8 * 8;
     for (int64_t i = 0; i < T8; i += 8)
-      for (int64_t k = 0; k < D8; k += 8) transpose8(src + i * ld + k, ld, dst.data() + k * Tp + i, Tp);
+      for (int64_t k = 0; k < D8; k += 8) transpose8(src + i * ld + k, ld, rt.data() + k * Tp + i, Tp);
     for (int64_t i = 0; i < T; ++i)
-      for (int64_t k = i < T8 ? D8 : 0; k < Dh; ++k) dst[size_t(k * Tp + i)] = src[i * ld + k];
-  }
-  // c = A B for A (T, K) read through strides and B a (K, Dp) view.
-  void product(int64_t K, const float* a, int64_t ars, int64_t acs, In b, Out c) const {
-    small_gemm(T, Dp, K, a, ars, acs, b.p, b.ld, c.p, c.ld);
+      for (int64_t k = i < T8 ? D8 : 0; k < Dh; ++k) rt[size_t(k * Tp + i)] = src[i * ld + k];
   }
 };
 
@@ -148,8 +112,8 @@ void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, i
     const float* q = qkv + b * T * 3 * D + h * Dh;
     float* o = out + b * T * D + h * Dh;
     float* p = probs ? probs + bh * T * Tp : w.s.data();
-    w.cols(q + D, 3 * D, w.rt);
-    small_gemm(T, Tp, Dh, q, 3 * D, 1, w.rt.data(), Tp, p, Tp);  // Q K^T
+    w.transpose(q + D, 3 * D);
+    tile_gemm(T, T, Dh, q, 3 * D, 1, w.rt.data(), Tp, p, Tp);  // Q K^T
     for (int64_t i = 0; i < T; ++i) {
       // Stable softmax: subtract the row max before exp.
       float* row = p + i * Tp;
@@ -158,8 +122,7 @@ void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, i
       const float inv_l = 1.0f / lane_sum(T, [&](int64_t j) { return row[j]; });
       for (int64_t j = 0; j < T; ++j) row[j] *= inv_l;
     }
-    w.product(T, p, Tp, 1, w.rows(q + 2 * D, 3 * D, 0), w.target(o, D));  // P V
-    w.done(o, D);
+    tile_gemm(T, Dh, T, p, Tp, 1, q + 2 * D, 3 * D, o, D);  // P V
   }
 }
 
@@ -176,13 +139,12 @@ void backward_kernel(const float* qkv, const float* out, const float* probs, con
     const float *q = qkv + off, *k = q + D, *v = q + 2 * D, *o = out + ooff, *dO = dout + ooff;
     float *dq = dqkv + off, *dk = dq + D, *dv = dq + 2 * D;
     const float* p = probs + bh * T * Tp;
-    w.cols(v, 3 * D, w.rt);
+    w.transpose(v, 3 * D);
     // dV = P^T dO (A = P read by columns)
-    w.product(T, p, 1, Tp, w.rows(dO, D, 0), w.target(dv, 3 * D));
-    w.done(dv, 3 * D);
+    tile_gemm(T, Dh, T, p, 1, Tp, dO, D, dv, 3 * D);
     // dP = dO V^T, then dS = P * (dP - delta) with delta_i = dO_i . O_i = sum_j P_ij dP_ij, and
     // the scale of S folded in.
-    small_gemm(T, Tp, Dh, dO, D, 1, w.rt.data(), Tp, w.s.data(), Tp);
+    tile_gemm(T, T, Dh, dO, D, 1, w.rt.data(), Tp, w.s.data(), Tp);
     for (int64_t i = 0; i < T; ++i) {
       const float delta = lane_sum(Dh, [&](int64_t c) { return dO[i * D + c] * o[i * D + c]; });
       const float* pr = p + i * Tp;
@@ -190,10 +152,8 @@ void backward_kernel(const float* qkv, const float* out, const float* probs, con
       for (int64_t j = 0; j < T; ++j) sr[j] = pr[j] * (sr[j] - delta) * scale;
     }
     // dQ = dS K, dK = dS^T Q
-    w.product(T, w.s.data(), Tp, 1, w.rows(k, 3 * D, 1), w.target(dq, 3 * D));
-    w.done(dq, 3 * D);
-    w.product(T, w.s.data(), 1, Tp, w.rows(q, 3 * D, 2), w.target(dk, 3 * D));
-    w.done(dk, 3 * D);
+    tile_gemm(T, Dh, T, w.s.data(), Tp, 1, k, 3 * D, dq, 3 * D);
+    tile_gemm(T, Dh, T, w.s.data(), 1, Tp, q, 3 * D, dk, 3 * D);
   }
 }
 

@@ -12,6 +12,7 @@
 #include "ops/fast_math.h"
 #include "ops/matmul.h"
 #include "ops/moe.h"
+#include "ops/shape.h"
 
 namespace mv::ops {
 
@@ -43,6 +44,10 @@ void for_expert_rows(const std::vector<int64_t>& rows, int64_t cost_per_row, F f
     }
   });
 }
+
+// w (E, d, h) -> (E, h, d), contiguous: the right operand of dx = g w^T, read by rows. Copied once
+// per backward rather than once per block of rows.
+Tensor transposed_weights(const Tensor& w) { return transpose(w, 1, 2).contiguous(); }
 
 // Rows in use per expert from an optional rows tensor (every row when undefined), checked.
 std::vector<int64_t> expert_rows(const char* op, const Tensor& rows_, int64_t E, int64_t M, const Tensor& x) {
@@ -148,16 +153,17 @@ Tensor expert_matmul(const Tensor& x_, const Tensor& w_, const Tensor& b_, const
                   const Tensor g = g_.contiguous();
                   const float* pg = g.data<float>();
                   const float* px = x.data<float>();
-                  const float* pw = w.data<float>();
                   Tensor dx, dw, db;
                   if (gx) {
                     dx = Tensor::empty({E, M, d});
                     float* pdx = dx.data<float>();
+                    const Tensor wt = transposed_weights(w);
+                    const float* pwt = wt.data<float>();
                     for_expert_rows(
                         rows, 2 * d * h,
                         [&](int64_t, int64_t e, int64_t r0, int64_t r1) {
-                          detail::gemm_on_thread(r1 - r0, d, h, pg + (e * M + r0) * h, h, false, pw + e * d * h, h,
-                                                 true, pdx + (e * M + r0) * d, d, false);
+                          detail::gemm_on_thread(r1 - r0, d, h, pg + (e * M + r0) * h, h, false, pwt + e * h * d, d,
+                                                 false, pdx + (e * M + r0) * d, d, false);
                         },
                         [&](int64_t e) { std::fill(pdx + (e * M + rows[size_t(e)]) * d, pdx + (e + 1) * M * d, 0.f); });
                   }
@@ -256,8 +262,6 @@ Tensor expert_mlp(const Tensor& x_, const Tensor& w1_, const Tensor& b1_, const 
         const Tensor g = g_.contiguous();
         const float* pg = g.data<float>();
         const float* px = x.data<float>();
-        const float* pw1 = w1.data<float>();
-        const float* pw2 = w2.data<float>();
         const float* ph = hid.data<float>();
         const float* pdg = dgelu.data<float>();
         Tensor dx, dw1, db1, dw2, db2, da;
@@ -266,17 +270,20 @@ Tensor expert_mlp(const Tensor& x_, const Tensor& w1_, const Tensor& b1_, const 
           if (gx) dx = Tensor::empty({E, M, d});
           float* pda = da.data<float>();
           float* pdx = gx ? dx.data<float>() : nullptr;
+          const Tensor w2t = transposed_weights(w2), w1t = gx ? transposed_weights(w1) : Tensor();
+          const float* pw2t = w2t.data<float>();
+          const float* pw1t = gx ? w1t.data<float>() : nullptr;
           for_expert_rows(
               rows, 2 * H * (O + (gx ? d : 0)) + H,
               [&](int64_t, int64_t e, int64_t r0, int64_t r1) {
                 for (int64_t m0 = r0; m0 < r1; m0 += kMlpBlock) {
                   const int64_t n = std::min(kMlpBlock, r1 - m0), i0 = e * M + m0;
                   float* a = pda + i0 * H;
-                  detail::gemm_on_thread(n, H, O, pg + i0 * O, O, false, pw2 + e * H * O, O, true, a, H, false);
+                  detail::gemm_on_thread(n, H, O, pg + i0 * O, O, false, pw2t + e * O * H, H, false, a, H, false);
                   const float* dg = pdg + i0 * H;
                   for (int64_t i = 0; i < n * H; ++i) a[i] *= dg[i];
                   if (pdx)
-                    detail::gemm_on_thread(n, d, H, a, H, false, pw1 + e * d * H, H, true, pdx + i0 * d, d, false);
+                    detail::gemm_on_thread(n, d, H, a, H, false, pw1t + e * H * d, d, false, pdx + i0 * d, d, false);
                 }
               },
               [&](int64_t e) {

@@ -18,8 +18,10 @@
 #include "cuda/kernels.h"
 #endif
 
-// Eigen 3.4's AVX code trips -Wunused-variable where its templates are instantiated (here).
+// Eigen 3.4's AVX code trips -Wunused-variable where its templates are instantiated (here), and
+// with AVX-512 GCC 12's own _mm512_undefined_ps trips -Wmaybe-uninitialized inside Eigen.
 #pragma GCC diagnostic ignored "-Wunused-variable"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define EIGEN_DONT_PARALLELIZE
 #include <Eigen/Core>
 #include <algorithm>
@@ -29,6 +31,7 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+#include "ops/tile_gemm.h"
 
 namespace mv::ops {
 
@@ -63,8 +66,27 @@ void gemm_eigen(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_t
     mc.noalias() = ma * mb;
 }
 
-// One thread: c (M x N, row stride ldc) = a b, or += when acc.
+// One thread: c (M x N, row stride ldc) = a b, or += when acc. Products with a side of at most
+// kNarrow (every layer's products in the models here, whose token side is in the thousands) go
+// through tile_gemm, which packs nothing: at these shapes packing costs about what the
+// arithmetic does. tile_gemm reads B by rows, so a transposed B (a weight in dx = dy w^T) is
+// first copied into a per-thread buffer. Products large on every side go to Eigen, whose
+// packed, cache-blocked operands then pay for themselves.
+constexpr int64_t kNarrow = 256;
 void gemm_serial(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_t ldc, bool acc) {
+  if (std::min({M, N, K}) <= kNarrow && (!b.t || K * N <= kNarrow * kNarrow * 4)) {
+    const float* pb = b.p;
+    int64_t ldb = b.ld;
+    if (b.t) {
+      thread_local std::vector<float> bt;
+      bt.resize(size_t(K * N));
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t k = 0; k < K; ++k) bt[size_t(k * N + j)] = b.p[j * b.ld + k];
+      pb = bt.data(), ldb = N;
+    }
+    tile_gemm(M, N, K, a.p, a.t ? 1 : a.ld, a.t ? a.ld : 1, pb, ldb, c, ldc, acc);
+    return;
+  }
   constexpr int R = Eigen::RowMajor, C = Eigen::ColMajor;
   if (!a.t && !b.t) gemm_eigen<R, R>(M, N, K, a, b, c, ldc, acc);
   else if (!a.t && b.t) gemm_eigen<R, C>(M, N, K, a, b, c, ldc, acc);

@@ -1,0 +1,20 @@
+// Register-tiled matrix products with no operand packing, for the products a training step is
+// made of: tall and narrow (thousands of token rows, layer widths of 8 to a few hundred) or small
+// (attention's per-head T x Dh blocks). A general GEMM copies ("packs") its operands into
+// blocked buffers first, which costs as much as the arithmetic when one side is this narrow.
+// AVX-512 when the build targets it (-Dcpu=native on such a machine), AVX2 + FMA otherwise.
+#pragma once
+#include <cstdint>
+
+namespace mv::ops {
+
+// C (M, N) = A (M, K) B (K, N), or C += A B when accumulate; any sizes.
+// A is read in place through strides, A(i, k) = a[i * ars + k * acs], so it may be a transposed
+// view; B and C are row-major with leading dims ldb and ldc. Columns of C past N are untouched.
+void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
+               int64_t ldb, float* c, int64_t ldc, bool accumulate = false);
+
+// dst (8, 8) = src (8, 8)^T, row strides ls (src) and ld (dst).
+void transpose8(const float* src, int64_t ls, float* dst, int64_t ld);
+
+}  // namespace mv::ops

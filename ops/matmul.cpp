@@ -1,12 +1,15 @@
-// Matrix products on the CPU through Eigen's GEMM.
+// Matrix products on the CPU: tile_gemm (ops/tile_gemm.h) for the narrow ones, Eigen's GEMM
+// for those large on every side.
 //
 // Every operand is described as a Mat (pointer, leading dimension, transposed flag) over the
-// tensor's own memory and handed to Eigen as a Map: row-major when the last dim has stride 1,
-// column-major when the second-to-last has (a transposed view), so neither case copies. Only
-// other strided layouts are made contiguous first. Outputs are contiguous row-major.
+// tensor's own memory: row-major when the last dim has stride 1, column-major when the
+// second-to-last has (a transposed view). Eigen takes either as a Map and tile_gemm reads A
+// through strides, so neither copies, except a transposed B for tile_gemm (a layer's weight,
+// small: gemm_serial). Only other strided layouts are made contiguous first. Outputs are
+// contiguous row-major.
 //
 // Threading is ours, not Eigen's (EIGEN_DONT_PARALLELIZE): one product is cut into one block
-// of output rows (or columns) per thread, each an independent serial Eigen GEMM, so a product
+// of output rows (or columns) per thread, each an independent serial GEMM, so a product
 // costs one fork-join; deep, narrow products (weight gradients) are cut by depth instead, and
 // their partial results summed. Eigen's own threading (threads sync once per depth block)
 // measured slower at 2 threads on most shapes in bench/gemm, up to 1.4x (docs/benchmarks.md).
@@ -421,8 +424,7 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
   Tensor out = Tensor::empty(out_shape);
   float* po = out.data<float>();
   const Operand X = rows_operand(x), W = operand(w);
-  // The bias is written first and the GEMM accumulates onto it: Eigen's plain `=` would zero
-  // the output first anyway, so the bias costs no extra pass.
+  // The bias is written first and the GEMM accumulates onto it: no extra pass over the output.
   if (bias.defined()) {
     const Tensor bc = bias.contiguous();
     const float* pb = bc.data<float>();

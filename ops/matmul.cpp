@@ -70,7 +70,7 @@ void gemm_eigen(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_t
 }
 
 // One thread: c (M x N, row stride ldc) = a b, or += when acc. Products with a side of at most
-// kNarrow (every layer's products in the models here, whose token side is in the thousands) go
+// kNarrow (every layer of the presets up to 384 wide, whose token side is in the thousands) go
 // through tile_gemm, which packs nothing: at these shapes packing costs about what the
 // arithmetic does. tile_gemm reads B by rows, so a transposed B (a weight in dx = dy w^T) is
 // first copied into a per-thread buffer. Products large on every side go to Eigen, whose

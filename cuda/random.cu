@@ -5,9 +5,10 @@
 // Thread mapping: one thread per Philox block, not per element. A block's 128 random bits serve
 // 4 uniform draws (lanes x, y, z, w -> elements 4k .. 4k+3) or 2 normal draws (Box-Muller on
 // x, y: element 2k takes the cosine, 2k+1 the sine), so the 10-round cipher runs once per
-// block instead of once per element. The arithmetic per element is exactly philox.h's
-// (uniform: top 24 bits times 2^-24, exact; normal: the same expression order), which the parity
-// test checks against the CPU. Grid-stride loop; stores are coalesced across the warp.
+// block instead of once per element. The arithmetic per element is philox.h's own (uniform: top
+// 24 bits times 2^-24, exact; normal: philox::normal_pair, plain float steps with no libm call),
+// which the parity test checks against the CPU. Grid-stride loop; stores are coalesced across the
+// warp.
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "engine/philox.h"
@@ -32,14 +33,11 @@ __global__ void __launch_bounds__(256) uniform_kernel(float* __restrict__ out, i
 __global__ void __launch_bounds__(256) normal_kernel(float* __restrict__ out, int64_t n, uint64_t seed, uint64_t offset) {
   const int64_t blocks = (n + 1) / 2;
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < blocks; k += int64_t(gridDim.x) * blockDim.x) {
-    // philox::normal(seed, offset, 2k) and (.., 2k + 1), sharing the block and the radius.
-    const philox::U4 b = philox::block(seed, offset + uint64_t(k));
-    const float u1 = (float(b.x >> 8) + 1.0f) * (1.0f / 16777216.0f);
-    const float u2 = philox::to_unit(b.y);
-    const float r = sqrtf(-2.0f * logf(u1));
-    const float t = 6.2831853071795864f * u2;
-    out[2 * k] = r * cosf(t);
-    if (2 * k + 1 < n) out[2 * k + 1] = r * sinf(t);
+    // philox::normal(seed, offset, 2k) and (.., 2k + 1), one block and one pair.
+    float c, s;
+    philox::normal_pair(philox::block(seed, offset + uint64_t(k)), c, s);
+    out[2 * k] = c;
+    if (2 * k + 1 < n) out[2 * k + 1] = s;
   }
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define MV_HD __host__ __device__ __forceinline__
@@ -46,15 +47,71 @@ MV_HD float uniform(uint64_t seed, uint64_t offset, uint64_t i) {
   return to_unit(lane == 0 ? b.x : lane == 1 ? b.y : lane == 2 ? b.z : b.w);
 }
 
-// Standard normal draw i: Box-Muller on the first two words of block offset + i / 2; even i
-// takes the cosine branch, odd i the sine branch.
+// Box-Muller's log and sine / cosine as plain float arithmetic (no libm calls), so that a CPU
+// loop over many draws vectorises and the GPU runs the very same steps. Both are within a few
+// ulp of libm; tests/test_tensor.cpp checks them against double precision.
+
+// ln u for a normal float u > 0: u = 2^e m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(f),
+// f = (m - 1) / (m + 1), |f| <= 0.172, by the odd series of atanh up to f^9 (the next term is
+// below 3e-9 relative).
+MV_HD float log_positive(float u) {
+  uint32_t bits;
+  memcpy(&bits, &u, 4);
+  int32_t e = int32_t(bits >> 23) - 127;
+  bits = (bits & 0x007FFFFFu) | 0x3F800000u;  // m in [1, 2)
+  float m;
+  memcpy(&m, &bits, 4);
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  e = high ? e + 1 : e;
+  const float f = (m - 1.f) / (m + 1.f), f2 = f * f;
+  float p = 1.f / 9.f;
+  p = p * f2 + 1.f / 7.f;
+  p = p * f2 + 1.f / 5.f;
+  p = p * f2 + 1.f / 3.f;
+  p = p * f2 + 1.f;
+  return float(e) * 0.693147181f + 2.f * f * p;
+}
+
+// sin(2 pi u) and cos(2 pi u) for u in [0, 1) on the 2^-24 grid of to_unit: u minus its nearest
+// quarter turn q / 4 is exact and leaves an angle a in [-pi/4, pi/4], where Taylor series to a^9
+// (sine) and a^8 (cosine) are within 5e-9; the quarter turns then swap and negate the pair.
+MV_HD void sincos_turns(float u, float& s, float& c) {
+  const float q = floorf(4.f * u + 0.5f);
+  const float a = 6.28318531f * (u - 0.25f * q), a2 = a * a;
+  float ps = 1.f / 362880.f;
+  ps = ps * a2 - 1.f / 5040.f;
+  ps = ps * a2 + 1.f / 120.f;
+  ps = ps * a2 - 1.f / 6.f;
+  ps = ps * a2 + 1.f;
+  float pc = 1.f / 40320.f;
+  pc = pc * a2 - 1.f / 720.f;
+  pc = pc * a2 + 1.f / 24.f;
+  pc = pc * a2 - 0.5f;
+  pc = pc * a2 + 1.f;
+  const float sa = a * ps;
+  const int quarter = int(q) & 3;
+  s = quarter == 0 ? sa : quarter == 1 ? pc : quarter == 2 ? -sa : -pc;
+  c = quarter == 0 ? pc : quarter == 1 ? -sa : quarter == 2 ? -pc : sa;
+}
+
+// The pair of standard normal draws of one block: Box-Muller on its first two words,
+// r = sqrt(-2 ln u1), u1 in (0, 1] (so the log is finite), angle 2 pi u2.
+MV_HD void normal_pair(U4 b, float& cos_draw, float& sin_draw) {
+  const float u1 = (float(b.x >> 8) + 1.0f) * (1.0f / 16777216.0f);
+  const float r = sqrtf(-2.0f * log_positive(u1));
+  float s, c;
+  sincos_turns(to_unit(b.y), s, c);
+  cos_draw = r * c;
+  sin_draw = r * s;
+}
+
+// Standard normal draw i: the pair of block offset + i / 2; even i takes the cosine draw, odd i
+// the sine draw.
 MV_HD float normal(uint64_t seed, uint64_t offset, uint64_t i) {
-  U4 b = block(seed, offset + i / 2);
-  float u1 = (float(b.x >> 8) + 1.0f) * (1.0f / 16777216.0f);  // (0, 1]: log is finite
-  float u2 = to_unit(b.y);
-  float r = sqrtf(-2.0f * logf(u1));
-  float t = 6.2831853071795864f * u2;
-  return (i % 2 == 0) ? r * cosf(t) : r * sinf(t);
+  float c, s;
+  normal_pair(block(seed, offset + i / 2), c, s);
+  return (i % 2 == 0) ? c : s;
 }
 
 }  // namespace mv::philox

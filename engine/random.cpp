@@ -24,12 +24,10 @@ Tensor rand(const Shape& shape, Generator& g) {
   return t;
 }
 
-// Draws 2j and 2j + 1 share block off + j and its Box-Muller radius: one block, one log, and the
-// cos / sin pair per two draws instead of per draw. The float steps are philox::normal's, so every
-// value is bitwise the same (tests/test_tensor.cpp checks it). Each block is a pure function of
+// Draws 2j and 2j + 1 share block off + j (philox::normal_pair). Each block is a pure function of
 // (seed, off + j), so the pairs are split over the threads; within a thread, the integer Philox
-// rounds of a chunk of blocks run first in a loop of their own, which vectorises (libm's logf and
-// sincosf, in the second loop, do not).
+// rounds of a chunk of blocks run first in a loop of their own, then Box-Muller in a second: both
+// vectorise.
 Tensor randn(const Shape& shape, Generator& g) {
   Tensor t = Tensor::empty(shape);
   const int64_t n = t.numel(), pairs = (n + 1) / 2;
@@ -37,22 +35,16 @@ Tensor randn(const Shape& shape, Generator& g) {
   float* p = t.data<float>();
   parallel_for(pairs, 96, [&](int64_t s, int64_t e) {
     constexpr int64_t kChunk = 256;
-    uint32_t w1[kChunk], w2[kChunk];
+    philox::U4 blocks[kChunk];
+    float cs[kChunk], sn[kChunk];
     for (int64_t j0 = s; j0 < e; j0 += kChunk) {
       const int64_t m = std::min(kChunk, e - j0);
-      for (int64_t i = 0; i < m; ++i) {
-        const philox::U4 b = philox::block(seed, off + uint64_t(j0 + i));
-        w1[i] = b.x;
-        w2[i] = b.y;
-      }
+      for (int64_t i = 0; i < m; ++i) blocks[i] = philox::block(seed, off + uint64_t(j0 + i));
+      for (int64_t i = 0; i < m; ++i) philox::normal_pair(blocks[i], cs[i], sn[i]);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t j = j0 + i;
-        const float u1 = (float(w1[i] >> 8) + 1.0f) * (1.0f / 16777216.0f);  // (0, 1]: log is finite
-        const float u2 = philox::to_unit(w2[i]);
-        const float r = sqrtf(-2.0f * logf(u1));
-        const float th = 6.2831853071795864f * u2;
-        p[2 * j] = r * cosf(th);
-        if (2 * j + 1 < n) p[2 * j + 1] = r * sinf(th);
+        p[2 * j] = cs[i];
+        if (2 * j + 1 < n) p[2 * j + 1] = sn[i];
       }
     }
   });

@@ -9,8 +9,9 @@
 //     with rtol = 1e-5 and atol = 1e-5 * max|ref| (reductions that cancel need the atol term),
 //     and nmse <= 1e-10;
 //   matmul FP32: |got - ref| <= 1e-5 * sum_k |a_ik b_kj|; TF32: 5e-3 * sum_k |a_ik b_kj|;
-//   philox uniform: bitwise equal; philox normal: 2e-6 relative + 1e-6 absolute (the device's
-//     logf/cosf/sinf are not glibc's; the count of bitwise-equal draws is reported).
+//   philox uniform: bitwise equal; philox normal: 2e-6 relative + 1e-6 absolute (both run
+//     philox::normal_pair, but nvcc and g++ need not fuse the same multiply-adds; the count of
+//     bitwise-equal draws is reported).
 //
 // This binary has its own main: without a CUDA device it prints a line and exits with 77, which
 // meson reports as SKIP.

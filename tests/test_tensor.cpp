@@ -149,6 +149,31 @@ TEST_CASE("random tensors: reproducible, offsets advance, moments right") {
   for (float x : tn) CHECK_UNARY(std::fabs(x) <= 0.04f + 1e-7f);
 }
 
+TEST_CASE("Box-Muller's log and sine / cosine stay within a few ulp of double precision") {
+  double worst_log = 0, worst_s = 0, worst_c = 0;
+  for (uint32_t k = 1; k <= (1u << 24); k += 97) {  // u1's grid, (0, 1]
+    const float u = float(k) * (1.f / 16777216.f);
+    const double want = std::log(double(u));
+    worst_log = std::max(worst_log, std::fabs(philox::log_positive(u) - want) / std::max(std::fabs(want), 1e-30));
+  }
+  for (uint32_t k = 0; k < (1u << 24); k += 89) {  // to_unit's grid, [0, 1)
+    const float u = float(k) * (1.f / 16777216.f);
+    float s, c;
+    philox::sincos_turns(u, s, c);
+    const double a = 2.0 * M_PI * double(u);
+    worst_s = std::max(worst_s, std::fabs(s - std::sin(a)));
+    worst_c = std::max(worst_c, std::fabs(c - std::cos(a)));
+  }
+  INFO("log " << worst_log << " relative, sin " << worst_s << ", cos " << worst_c << " absolute");
+  CHECK(worst_log < 3e-7);
+  CHECK(worst_s < 2e-7);
+  CHECK(worst_c < 2e-7);
+  CHECK(philox::log_positive(1.f) == 0.f);  // u1 = 1 gives radius 0, not NaN
+  float s, c;
+  philox::sincos_turns(0.25f, s, c);  // quarter turns are exact
+  CHECK((s == 1.f && c == 0.f));
+}
+
 TEST_CASE("randn is philox::normal draw for draw, bitwise, at any thread count and odd sizes") {
   // randn computes the Box-Muller pairs once per block and splits them over threads; every value
   // must still be exactly philox::normal(seed, offset, i), which the CUDA kernel matches too.

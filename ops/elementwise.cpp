@@ -338,10 +338,8 @@ Tensor gelu(const Tensor& x, GeluForm form) {
 
 // Phi'(x) = phi(x) = exp(-x^2/2) / sqrt(2 pi)
 Tensor normal_cdf(const Tensor& x) {
-  constexpr float inv_sqrt2 = 0.7071067811865476f, inv_sqrt2pi = 0.3989422804014327f;
-  return unary_op(
-      "normal_cdf", x, cuda::Unary::NormalCdf, 0.f, [](float v) { return 0.5f * std::erfc(-v * inv_sqrt2); },
-      [](float v, float) { return inv_sqrt2pi * std::exp(-0.5f * v * v); });
+  return unary_op("normal_cdf", x, cuda::Unary::NormalCdf, 0.f, [](float v) { return fast_normal_cdf(v); },
+                  [](float v, float) { return fast_normal_pdf(v); });
 }
 
 // x materialised at a shape it broadcasts to (no autograd).

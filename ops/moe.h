@@ -79,8 +79,7 @@ TopKRouting topk_route(const Tensor& gates, const TopKOptions& opt);
 //   P[g, n, e] = Phi((z[g, n, e] - t[g, n]) / noise_std),  t[g, n] = zn[g, n, expert[g, n, k-1]],
 // t being the token's k-th largest noisy logit: P is the chance that z plus fresh noise would
 // still reach it. Gradients reach z directly and zn through t. One pass instead of a second
-// top-k and four elementwise ops; entries with |z - t| / noise_std >= 15, where Phi is exactly
-// 0 or 1 in float and its derivative 0, skip the erfc and exp.
+// top-k and four elementwise ops, with normal_cdf's Phi and phi (ops/fast_math.h), the same bits.
 Tensor topk_load_probs(const Tensor& z, const Tensor& zn, const Tensor& expert, float noise_std);
 
 // scores: (G, N, E) F32 -> Assignment with `capacity` = C rows per group and expert, all used:

@@ -218,10 +218,17 @@ TopKRouting topk_route(const Tensor& gates_, const TopKOptions& opt) {
 
 // ---- the load loss's probabilities --------------------------------------------------------------
 
+// v[t, e] = (z[t, e] - th[t]) * inv for the tokens t in [s, e) (E experts each)
+static void load_scores(const float* z, const float* th, int64_t E, float inv, int64_t s, int64_t e, float* v) {
+  for (int64_t t = s; t < e; ++t)
+    for (int64_t x = 0; x < E; ++x) v[t * E + x] = (z[t * E + x] - th[t]) * inv;
+}
+
 // P = Phi(v), v = (z - t) / std, t = zn[expert_{k-1}]  (the same float steps as
 // normal_cdf(mul(sub(z, t), 1 / std))):
 //   dz = g phi(v) / std;  dzn[expert_{k-1}] = dt = -sum_e dz_e, the rest of dzn 0
-// (phi's exp is fast_exp, a few ulp from libm's, so that the backward loop vectorises)
+// Each thread first writes v for its tokens, then maps Phi or phi over them in one flat loop,
+// which vectorises (a loop over one token's E experts is too short for that).
 Tensor topk_load_probs(const Tensor& z_, const Tensor& zn_, const Tensor& expert_, float noise_std) {
   expect_cpu_f32("topk_load_probs", {&z_, &zn_});
   MV_CHECK(z_.ndim() == 3 && zn_.shape() == z_.shape(), "topk_load_probs: expected z and zn (G, N, E) of one shape, got z ",
@@ -235,57 +242,42 @@ Tensor topk_load_probs(const Tensor& z_, const Tensor& zn_, const Tensor& expert
   const int64_t k = expert_.size(2);
   const Tensor z = z_.contiguous(), zn = zn_.contiguous(), expert = expert_.contiguous();
   const int64_t* pe = expert.data<int64_t>();
-  // The k-th choice of every token, checked here so that no kernel reads out of bounds.
-  std::vector<int64_t> last(size_t(G * N));
+  const float* pzn = zn.data<float>();
+  // t of every token, its k-th choice checked here so that no read goes out of bounds.
+  std::vector<float> th(size_t(G * N));
   for (int64_t t = 0; t < G * N; ++t) {
-    last[size_t(t)] = pe[t * k + k - 1];
-    MV_CHECK(last[size_t(t)] >= 0 && last[size_t(t)] < E, "topk_load_probs: token ", t, " chose expert ",
-             last[size_t(t)], ", outside [0, ", E, ")");
+    const int64_t x = pe[t * k + k - 1];
+    MV_CHECK(x >= 0 && x < E, "topk_load_probs: token ", t, " chose expert ", x, ", outside [0, ", E, ")");
+    th[size_t(t)] = pzn[t * E + x];
   }
-  constexpr float inv_sqrt2 = 0.7071067811865476f, inv_sqrt2pi = 0.3989422804014327f;
-  // |v| >= 15: Phi(v) rounds to exactly 0 or 1 and phi(v) to 0 (e^-112 < 2^-149): libm's slow
-  // underflow paths skipped, same results.
-  constexpr float kSaturated = 15.f;
   const float inv = 1.f / noise_std;
   const float* pz = z.data<float>();
-  const float* pzn = zn.data<float>();
   Tensor out = Tensor::empty({G, N, E});
   float* po = out.data<float>();
-  parallel_for(G * N, E * 24, [&](int64_t s, int64_t e) {
-    for (int64_t t = s; t < e; ++t) {
-      const float th = pzn[t * E + last[size_t(t)]];
-      for (int64_t x = 0; x < E; ++x) {
-        const float v = (pz[t * E + x] - th) * inv;
-        po[t * E + x] = std::fabs(v) >= kSaturated ? (v > 0 ? 1.f : 0.f) : 0.5f * std::erfc(-v * inv_sqrt2);
-      }
-    }
+  parallel_for(G * N, E * 32, [&](int64_t s, int64_t e) {
+    load_scores(pz, th.data(), E, inv, s, e, po);
+    for (int64_t i = s * E; i < e * E; ++i) po[i] = fast_normal_cdf(po[i]);
   });
   const bool gz = z_.requires_grad(), gzn = zn_.requires_grad();
   return record("topk_load_probs", out, {z_, zn_},
-                [z = z.detach(), zn = zn.detach(), last = std::move(last), inv, gz, gzn, G, N, E](const Tensor& g_) {
+                [z = z.detach(), th = std::move(th), expert, inv, gz, gzn, G, N, E, k](const Tensor& g_) {
                   const Tensor g = g_.contiguous();
                   const float* pg = g.data<float>();
                   const float* pz = z.data<float>();
-                  const float* pzn = zn.data<float>();
-                  Tensor dz = Tensor::empty({G, N, E});  // also the scratch for dzn
-                  Tensor dzn = gzn ? Tensor::empty({G, N, E}) : Tensor();
+                  const int64_t* pe = expert.data<int64_t>();
+                  Tensor dz = Tensor::empty({G, N, E});
+                  Tensor dzn = gzn ? Tensor::zeros({G, N, E}) : Tensor();
                   float* pdz = dz.data<float>();
                   float* pdzn = gzn ? dzn.data<float>() : nullptr;
                   parallel_for(G * N, E * 16, [&](int64_t s, int64_t e) {
-                    for (int64_t t = s; t < e; ++t) {
-                      const float th = pzn[t * E + last[size_t(t)]];
-                      float dt = 0;
-                      for (int64_t x = 0; x < E; ++x) {
-                        const int64_t i = t * E + x;
-                        const float v = (pz[i] - th) * inv;
-                        pdz[i] = std::fabs(v) >= kSaturated ? 0.f : pg[i] * (inv_sqrt2pi * fast_exp(-0.5f * v * v)) * inv;
-                        dt -= pdz[i];
+                    load_scores(pz, th.data(), E, inv, s, e, pdz);
+                    for (int64_t i = s * E; i < e * E; ++i) pdz[i] = pg[i] * fast_normal_pdf(pdz[i]) * inv;
+                    if (pdzn)
+                      for (int64_t t = s; t < e; ++t) {
+                        float dt = 0;
+                        for (int64_t x = 0; x < E; ++x) dt -= pdz[t * E + x];
+                        pdzn[t * E + pe[t * k + k - 1]] = dt;
                       }
-                      if (pdzn) {
-                        std::fill(pdzn + t * E, pdzn + (t + 1) * E, 0.f);
-                        pdzn[t * E + last[size_t(t)]] = dt;
-                      }
-                    }
                   });
                   return std::vector<Tensor>{gz ? dz : Tensor(), dzn};
                 });

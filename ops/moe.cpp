@@ -58,8 +58,24 @@ void check_assignment(const char* op, const Assignment& a, bool need_weight) {
   const int64_t* pt = tok.data<int64_t>();
   const int64_t* pr = rows.data<int64_t>();
   const int64_t* ptr = trows.data<int64_t>();
-  for (int64_t e = 0; e < E; ++e) {
+  const int64_t K = trows.size(2);
+  for (int64_t e = 0; e < E; ++e)
     MV_CHECK(pr[e] >= 0 && pr[e] <= R, op, ": assignment rows[", e, "] = ", pr[e], " is outside [0, ", R, "]");
+  // A branch-free count of bad entries first, which vectorises; only a bad assignment goes on to
+  // the loops below that name its first bad entry.
+  int64_t bad = 0;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = pt[e * R + r];
+      bad += r < pr[e] ? (t < 0) | (t >= G * N) : t != -1;
+    }
+  for (int64_t t = 0; t < G * N; ++t)
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t row = ptr[t * K + j], in = row >= 0 && row < E * R ? row : -1;
+      bad += row != -1 && (in != row || pt[in] != t);
+    }
+  if (bad == 0) return;
+  for (int64_t e = 0; e < E; ++e) {
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = pt[e * R + r];
       if (r < pr[e])
@@ -70,7 +86,6 @@ void check_assignment(const char* op, const Assignment& a, bool need_weight) {
                  pr[e], " rows (expected -1)");
     }
   }
-  const int64_t K = trows.size(2);
   for (int64_t t = 0; t < G * N; ++t)
     for (int64_t j = 0; j < K; ++j) {
       const int64_t row = ptr[t * K + j];

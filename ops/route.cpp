@@ -92,19 +92,26 @@ TopKRouting topk_route(const Tensor& gates_, const TopKOptions& opt) {
   float* pv = chosen.data<float>();
 
   // 1. Each token's k best experts: k rounds of a branchless integer argmax over the row's
-  // rank keys, O(E k); a chosen key is then zeroed, below every other.
+  // rank keys, O(E k); a chosen key is then zeroed, below every other. Tokens go kLanes at a
+  // time, their keys laid out expert-major, so that each max runs across the tokens (vectorised;
+  // one token's E keys are too few for that).
   parallel_for(G * N, E * k * 2, [&](int64_t s, int64_t e) {
-    std::vector<uint64_t> key(static_cast<size_t>(E));
-    for (int64_t t = s; t < e; ++t) {
-      const float* row = pg + t * E;
-      for (int64_t x = 0; x < E; ++x) key[size_t(x)] = rank_key(row[x], x);
+    constexpr int64_t kLanes = 16;
+    std::vector<uint64_t> key(static_cast<size_t>(E * kLanes));
+    for (int64_t t0 = s; t0 < e; t0 += kLanes) {
+      const int64_t m = std::min(kLanes, e - t0);
+      for (int64_t x = 0; x < E; ++x)
+        for (int64_t j = 0; j < m; ++j) key[size_t(x * kLanes + j)] = rank_key(pg[(t0 + j) * E + x], x);
       for (int r = 0; r < k; ++r) {
-        uint64_t best = 0;
-        for (int64_t x = 0; x < E; ++x) best = std::max(best, key[size_t(x)]);
-        const int64_t bi = key_index(best);
-        key[size_t(bi)] = 0;
-        pe[t * k + r] = bi;
-        pv[t * k + r] = row[bi];
+        uint64_t best[kLanes] = {};  // lanes past m read stale keys and are never used
+        for (int64_t x = 0; x < E; ++x)
+          for (int64_t j = 0; j < kLanes; ++j) best[j] = std::max(best[j], key[size_t(x * kLanes + j)]);
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t bi = key_index(best[j]), t = t0 + j;
+          key[size_t(bi * kLanes + j)] = 0;
+          pe[t * k + r] = bi;
+          pv[t * k + r] = pg[t * E + bi];
+        }
       }
     }
   });
@@ -228,7 +235,9 @@ static void load_scores(const float* z, const float* th, int64_t E, float inv, i
 // normal_cdf(mul(sub(z, t), 1 / std))):
 //   dz = g phi(v) / std;  dzn[expert_{k-1}] = dt = -sum_e dz_e, the rest of dzn 0
 // Each thread first writes v for its tokens, then maps Phi or phi over them in one flat loop,
-// which vectorises (a loop over one token's E experts is too short for that).
+// which vectorises (a loop over one token's E experts is too short for that). phi is taken as 0
+// beyond |v| = 9 (phi(9) = 1e-18): the far tail's g phi / std would be subnormal floats, which
+// cost x86 a microcode assist each (~100 cycles) and change nothing a float sum can hold.
 Tensor topk_load_probs(const Tensor& z_, const Tensor& zn_, const Tensor& expert_, float noise_std) {
   expect_cpu_f32("topk_load_probs", {&z_, &zn_});
   MV_CHECK(z_.ndim() == 3 && zn_.shape() == z_.shape(), "topk_load_probs: expected z and zn (G, N, E) of one shape, got z ",
@@ -271,7 +280,8 @@ Tensor topk_load_probs(const Tensor& z_, const Tensor& zn_, const Tensor& expert
                   float* pdzn = gzn ? dzn.data<float>() : nullptr;
                   parallel_for(G * N, E * 16, [&](int64_t s, int64_t e) {
                     load_scores(pz, th.data(), E, inv, s, e, pdz);
-                    for (int64_t i = s * E; i < e * E; ++i) pdz[i] = pg[i] * fast_normal_pdf(pdz[i]) * inv;
+                    for (int64_t i = s * E; i < e * E; ++i)
+                      pdz[i] = std::fabs(pdz[i]) > 9.f ? 0.f : pg[i] * fast_normal_pdf(pdz[i]) * inv;
                     if (pdzn)
                       for (int64_t t = s; t < e; ++t) {
                         float dt = 0;

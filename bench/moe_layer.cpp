@@ -5,7 +5,7 @@
 // experts of width h; expert choice and attention vote round(c*h), since the E experts take
 // about c*T tokens per image; soft round(h*E*slots/T), since E*slots slot vectors replace the T
 // tokens. The MoE also spends work the count leaves out: the router and its auxiliary losses,
-// dispatch and combine, and elementwise passes (GELU) over the whole padded buffer. Token-choice
+// and moving rows between the tokens and the expert buffers (dispatch and combine). Token-choice
 // buffers are packed (ops/moe.h), so the expert matmuls multiply only the rows in use: the
 // output states rows computed against the buffer's E*C rows and the k*T active ones.
 //
@@ -13,8 +13,9 @@
 // training step sees; the dense twin gets sum(out * g)), g a fixed random (B, T, D) tensor; the
 // parameters' gradients are dropped between steps. MoE and dense steps alternate so that
 // drifting load from other processes hits both alike. Median and min over the timed steps, no
-// cache flush. For topk, a breakdown times the public ops the layer calls (router, dispatch,
-// experts, combine) one by one under the same shapes, and the backward pass alone.
+// cache flush. For topk, a breakdown times the public ops the layer calls (the router, then
+// moe_mlp: dispatch, experts and combine in one op) one by one under the same shapes, and the
+// backward pass alone.
 //
 //   bench_moe_layer [--router topk] [--batch 128 --tokens 50 --dim 64] [--experts 8 -k 2]
 //                   [--hidden 128 --capacity 1.25 --slots 6] [--threads 2 --steps 20]
@@ -98,7 +99,7 @@ void topk_breakdown(models::MoELayer& layer, const Tensor& x0, const Tensor& g, 
                     const Setup& s, int warmup, int steps) {
   const int64_t B = s.B, T = s.T, D = s.D;
   const std::vector<Tensor> params = layer.parameters();
-  Stat router, dispatch, experts, combine, backward;
+  Stat router, experts, backward;
   for (int it = 0; it < warmup + steps; ++it) {
     Tensor x = x0.detach().set_requires_grad(true);
     drop_grads(params, x);
@@ -107,32 +108,21 @@ void topk_breakdown(models::MoELayer& layer, const Tensor& x0, const Tensor& g, 
     models::Route r = layer.router->route(xg, noise);
     const double t_router = ms_since(t);
     t = Clock::now();
-    Tensor buf = ops::dispatch(xg, r.assign);  // (E, B*C, D), packed
-    const double t_dispatch = ms_since(t);
-    t = Clock::now();
-    Tensor y = ops::expert_mlp(buf, layer.w1, layer.b1, layer.w2, layer.b2, r.assign.rows);
+    Tensor out = ops::reshape(ops::moe_mlp(xg, r.assign, layer.w1, layer.b1, layer.w2, layer.b2), {B, T, D});
     const double t_experts = ms_since(t);
-    t = Clock::now();
-    Tensor out = ops::reshape(ops::combine(y, r.assign), {B, T, D});
-    const double t_combine = ms_since(t);
     Tensor loss = step_loss(out, g, r.aux_loss);
     t = Clock::now();
     loss.backward();
     const double t_backward = ms_since(t);
     if (it < warmup) continue;
-    router.add(t_router), dispatch.add(t_dispatch), experts.add(t_experts);
-    combine.add(t_combine), backward.add(t_backward);
+    router.add(t_router), experts.add(t_experts), backward.add(t_backward);
   }
   std::printf("  topk breakdown, the public ops timed one by one, ms median (min):\n");
-  std::printf("    router   (logits, noise, softmax, topk_route, aux losses) %7.2f (%6.2f)\n",
+  std::printf("    router   (logits, noise, softmax, topk_route, aux losses)    %7.2f (%6.2f)\n",
               router.median(), router.min());
-  std::printf("    dispatch (ops::dispatch)                                  %7.2f (%6.2f)\n",
-              dispatch.median(), dispatch.min());
-  std::printf("    experts  (ops::expert_mlp, the fused GELU MLP)              %7.2f (%6.2f)\n",
+  std::printf("    experts  (ops::moe_mlp: dispatch, expert MLP, combine)      %7.2f (%6.2f)\n",
               experts.median(), experts.min());
-  std::printf("    combine  (ops::combine)                                   %7.2f (%6.2f)\n",
-              combine.median(), combine.min());
-  std::printf("    backward (loss.backward() of the whole graph)             %7.2f (%6.2f)\n",
+  std::printf("    backward (loss.backward() of the whole graph)               %7.2f (%6.2f)\n",
               backward.median(), backward.min());
 }
 

@@ -46,15 +46,15 @@ Tensor MoELayer::forward(const Tensor& x) {
   const int64_t C = last.capacity;
 
   // Buffers (E, G*C, D): one batched matmul per expert layer runs all experts on all groups.
-  // Token routings are packed (ops/moe.h): only the rows in use are multiplied.
+  // Token routings are packed (ops/moe.h): only the rows in use are multiplied, and moe_mlp
+  // gathers them from the tokens itself (dispatch, experts and combine in one op).
   Tensor out;
   if (soft) {
     Tensor buf = ops::reshape(ops::soft_dispatch(xg, last.soft_logits, E), {E, G * C, D});
     Tensor y = ops::reshape(ops::expert_mlp(buf, w1, b1, w2, b2), {E, G, C, D});
     out = ops::soft_combine(y, last.soft_logits);
   } else {
-    const ops::Assignment& a = last.assign;
-    out = ops::combine(ops::expert_mlp(ops::dispatch(xg, a), w1, b1, w2, b2, a.rows), a);
+    out = ops::moe_mlp(xg, last.assign, w1, b1, w2, b2);
   }
 
   // Statistics: rows in use per expert and what routing left out.

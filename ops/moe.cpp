@@ -14,6 +14,7 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+#include "ops/fast_math.h"
 #include "ops/matmul.h"
 #include "ops/shape.h"
 #include "ops/softmax.h"
@@ -22,22 +23,10 @@ namespace mv::ops {
 
 using autograd::record;
 
-namespace {
+namespace detail {
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent partial sums: vectorisable, shorter chains
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int t = 0; t < 8; ++t) s[t] += a[j + t] * b[j + t];
-  float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; j < n; ++j) r += a[j] * b[j];
-  return r;
-}
-
-// Throws unless `a` is a consistent Assignment: shapes, index ranges, used rows first, and every
-// token_rows entry naming a row that holds that token. That is O(E R + G N K) integer reads,
-// small next to the d-wide rows the ops move, and it keeps a hand-made Assignment from sending
-// an op out of bounds.
+// O(E R + G N K) integer reads, small next to the d-wide rows the ops move; it keeps a hand-made
+// Assignment from sending an op out of bounds.
 void check_assignment(const char* op, const Assignment& a, bool need_weight) {
   MV_CHECK(is_cpu_i64(a.token, 2), op, ": assignment tokens must be an I64 (E, R) CPU tensor, got ",
            str_of(a.token));
@@ -94,7 +83,30 @@ void check_assignment(const char* op, const Assignment& a, bool need_weight) {
     }
 }
 
-}  // namespace
+
+void sum_token_rows(const Tensor& token_rows, const float* src, const float* w, int64_t d,
+                           float* dst) {
+  const int64_t* ptr = token_rows.data<int64_t>();
+  const int64_t K = token_rows.size(2);
+  parallel_for(token_rows.size(0) * token_rows.size(1), 2 * K * d, [&](int64_t s, int64_t e) {
+    for (int64_t t = s; t < e; ++t) {
+      float* out = dst + t * d;
+      std::fill(out, out + d, 0.f);
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t row = ptr[t * K + j];
+        if (row < 0) continue;
+        const float wi = w ? w[row] : 1.f;
+        const float* in = src + row * d;
+        for (int64_t c = 0; c < d; ++c) out[c] += wi * in[c];
+      }
+    }
+  });
+}
+
+}  // namespace detail
+
+using detail::check_assignment;
+using detail::sum_token_rows;
 
 Assignment make_assignment(const Tensor& token_, const Tensor& weight, int64_t G, int64_t N, int64_t C) {
   MV_CHECK(G >= 0 && N >= 0 && C >= 0, "make_assignment: G = ", G, ", N = ", N, ", C = ", C,
@@ -137,28 +149,6 @@ Assignment make_assignment(const Tensor& token_, const Tensor& weight, int64_t G
 }
 
 // ---- dispatch and combine ----------------------------------------------------------------------
-
-// token_rows: (G, N, K) rows of each token (-1: none), src: (E*R, d), w: (E*R,) or null
-// -> dst[t] = sum over t's rows of w[row] * src[row] (w = 1 when null); zeros for a token with
-// none. Combine forward and dispatch backward: each thread writes only its own tokens.
-static void sum_token_rows(const Tensor& token_rows, const float* src, const float* w, int64_t d,
-                           float* dst) {
-  const int64_t* ptr = token_rows.data<int64_t>();
-  const int64_t K = token_rows.size(2);
-  parallel_for(token_rows.size(0) * token_rows.size(1), 2 * K * d, [&](int64_t s, int64_t e) {
-    for (int64_t t = s; t < e; ++t) {
-      float* out = dst + t * d;
-      std::fill(out, out + d, 0.f);
-      for (int64_t j = 0; j < K; ++j) {
-        const int64_t row = ptr[t * K + j];
-        if (row < 0) continue;
-        const float wi = w ? w[row] : 1.f;
-        const float* in = src + row * d;
-        for (int64_t c = 0; c < d; ++c) out[c] += wi * in[c];
-      }
-    }
-  });
-}
 
 // out[e, r] = x[token[e, r]] (zeros when unused); dx[t] = sum of the gradients of t's rows
 Tensor dispatch(const Tensor& x_, const Assignment& a) {
@@ -228,7 +218,7 @@ Tensor combine(const Tensor& y_, const Assignment& a) {
                         else
                           for (int64_t j = 0; j < d; ++j) dst[j] = wi * gr[j];
                       }
-                      if (pdw) pdw[i] = gr ? dot(gr, py + i * d, d) : 0.f;
+                      if (pdw) pdw[i] = gr ? lane_sum(d, [&](int64_t j) { return gr[j] * py[i * d + j]; }) : 0.f;
                     });
                   });
                   return std::vector<Tensor>{dy, dw};

@@ -116,6 +116,16 @@ Tensor expert_matmul(const Tensor& x, const Tensor& w, const Tensor& b = Tensor(
 Tensor expert_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
                   const Tensor& rows = Tensor());
 
+// The sparse MoE feed-forward layer in one op: x: (G, N, d), a token-choice or expert-choice
+// Assignment, the expert MLP's weights as in expert_mlp -> (G, N, o), exactly
+// combine(expert_mlp(dispatch(x, a), w1, b1, w2, b2, a.rows), a), bit for bit. Each block of an
+// expert's rows is gathered from x straight into the first product, and in backward each block's
+// output gradient is gathered from g_out (scaled by the combine weight) straight into the second:
+// the (E, R, d) dispatch buffer and its gradient are never written, and the weight gradients are
+// taken block by block while the block is in cache. Gradients to x, a.weight and the weights.
+Tensor moe_mlp(const Tensor& x, const Assignment& a, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+               const Tensor& b2);
+
 // Soft MoE (Puigcerver et al.). logits: (G, N, E*p), slot s = e*p + j is expert e's j-th slot.
 // x: (G, N, d) -> slot inputs (E, G, p, d): each slot is a convex combination of the group's
 // tokens, weights softmax(logits[g, :, s]) over the N tokens. Returned as a permuted view.
@@ -123,5 +133,15 @@ Tensor soft_dispatch(const Tensor& x, const Tensor& logits, int64_t experts);
 // y: (E, G, p, d) -> (G, N, d): each token is a convex combination of all E*p slot outputs,
 // weights softmax(logits[g, n, :]) over the slots.
 Tensor soft_combine(const Tensor& y, const Tensor& logits);
+
+namespace detail {
+// Throws unless `a` is a consistent Assignment: shapes, index ranges, used rows first, and every
+// token_rows entry naming a row that holds that token (with weights: their shape too).
+void check_assignment(const char* op, const Assignment& a, bool need_weight);
+// token_rows: (G, N, K) rows of each token (-1: none), src: (E*R, d), w: (E*R,) or null
+// -> dst: (G*N, d), dst[t] = sum over t's rows of w[row] * src[row] (w = 1 when null); zeros for a
+// token with none. Each thread writes only its own tokens.
+void sum_token_rows(const Tensor& token_rows, const float* src, const float* w, int64_t d, float* dst);
+}  // namespace detail
 
 }  // namespace mv::ops

@@ -3,10 +3,12 @@
 // loops, the load-loss probabilities, gradients, and errors.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
 #include "autograd/autograd.h"
+#include "engine/parallel.h"
 #include "ops/elementwise.h"
 #include "ops/moe.h"
 #include "ops/reduce.h"
@@ -559,6 +561,48 @@ TEST_CASE("expert_mlp: forward and backward against double loops, and the compos
   check_close(b2.grad(), db2, 2e-5f, 2e-5f);
 }
 
+TEST_CASE("moe_mlp: the composed dispatch, expert_mlp and combine, bit for bit, forward and backward") {
+  // Experts with several 256-row blocks, pieces split over 1, 2 and 3 threads, dropped choices;
+  // token choice (K = k rows per token) and expert choice (K = E).
+  const int64_t G = 20, N = 50, E = 3, d = 8, H = 12, O = 8;
+  Tensor gates = ops::softmax(param({G, N, E}, 91).detach());
+  const ops::TopKRouting tc = ops::topk_route(gates, opts(2, 0.9f));
+  const ops::Assignment ec = ops::expert_choice_route(gates, 23);
+  REQUIRE(ints(tc.assign.rows)[0] > 2 * 256);
+  const auto sl = ints(tc.slot);
+  REQUIRE(std::count(sl.begin(), sl.end(), -1) > 0);
+  const int saved = num_threads();
+  for (const ops::Assignment* a0 : {&tc.assign, &ec})
+    for (int threads : {1, 2, 3}) {
+      CAPTURE(threads);
+      set_num_threads(threads);
+      ops::Assignment a = *a0;
+      a.weight = a0->weight.detach().set_requires_grad(true);
+      Tensor x = param({G, N, d}, 92), w1 = param({E, d, H}, 93, 0.4f), b1 = param({E, H}, 94);
+      Tensor w2 = param({E, H, O}, 95, 0.4f), b2 = param({E, O}, 96);
+      const std::vector<Tensor> in = {x, a.weight, w1, b1, w2, b2};
+      const Tensor gout = param({G, N, O}, 97).detach();
+      auto run = [&](bool fused) {
+        for (Tensor t : in) t.zero_grad();
+        Tensor out = fused ? ops::moe_mlp(x, a, w1, b1, w2, b2)
+                           : ops::combine(ops::expert_mlp(ops::dispatch(x, a), w1, b1, w2, b2, a.rows), a);
+        ops::sum(ops::mul(out, gout)).backward();
+        std::vector<std::vector<float>> r = {out.to_vector<float>()};
+        for (const Tensor& t : in) r.push_back(t.grad().to_vector<float>());
+        return r;
+      };
+      const auto fused = run(true), composed = run(false);
+      for (size_t i = 0; i < fused.size(); ++i) {
+        INFO("output 0, gradients of x, weight, w1, b1, w2, b2 1 to 6: " << i);
+        CHECK(std::memcmp(fused[i].data(), composed[i].data(), fused[i].size() * sizeof(float)) == 0);
+      }
+      autograd::NoGrad ng;  // the forward without a graph (no GELU derivative kept): the same values
+      const std::vector<float> plain = ops::moe_mlp(x, a, w1, b1, w2, b2).to_vector<float>();
+      CHECK(std::memcmp(plain.data(), fused[0].data(), plain.size() * sizeof(float)) == 0);
+    }
+  set_num_threads(saved);
+}
+
 TEST_CASE("topk_load_probs: against a double reference, the composed ops, and saturation") {
   const int64_t G = 2, N = 5, E = 4;
   const int k = 2;
@@ -661,6 +705,19 @@ TEST_CASE("sparse MoE ops: gradients") {
                 param({3, 2}, 85)});
     check_grad([](const std::vector<Tensor>& v) { return ops::expert_mlp(v[0], v[1], Tensor(), v[2], Tensor()); },
                {param({2, 3, 4}, 86), param({2, 4, 5}, 87), param({2, 5, 3}, 88)});
+  }
+  SUBCASE("moe_mlp") {
+    ops::TopKRouting r = ops::topk_route(gates.detach(), opts(2, 0.75f));
+    const ops::Assignment a = r.assign;
+    const int64_t R = G * r.capacity;
+    check_grad([&](const std::vector<Tensor>& v) {
+      ops::Assignment b = a;
+      b.weight = v[1];
+      return ops::moe_mlp(v[0], b, v[2], v[3], v[4], v[5]);
+    }, {param({G, N, d}, 41), param({E, R}, 42), param({E, d, 6}, 43), param({E, 6}, 44), param({E, 6, 3}, 45),
+        param({E, 3}, 46)});
+    check_grad([&](const std::vector<Tensor>& v) { return ops::moe_mlp(v[0], a, v[1], Tensor(), v[2], Tensor()); },
+               {param({G, N, d}, 47), param({E, d, 4}, 48), param({E, 4, d}, 49)});
   }
   SUBCASE("soft_dispatch and soft_combine") {
     check_grad([](const std::vector<Tensor>& v) { return ops::soft_dispatch(v[0], v[1], 3); },
@@ -788,6 +845,18 @@ TEST_CASE("sparse MoE ops: errors name the op, the shapes and the values") {
   CHECK_THROWS_WITH_AS(ops::combine(Tensor::zeros({3, 2, 5}), bad),
                        doctest::Contains("combine: assignment weights F32 (3, 3) cpu do not match"), Error);
 
+  CHECK_THROWS_WITH_AS(ops::moe_mlp(Tensor::zeros({2, 4, 5}), r.assign, Tensor::zeros({3, 5, 2}), Tensor(),
+                                    Tensor::zeros({3, 2, 5}), Tensor()),
+                       doctest::Contains("moe_mlp: x F32 (2, 4, 5) cpu does not match the assignment's (G, N) = (1, 4)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::moe_mlp(Tensor::zeros({1, 4, 5}), r.assign, Tensor::zeros({3, 4, 2}), Tensor(),
+                                    Tensor::zeros({3, 2, 5}), Tensor()),
+                       doctest::Contains("moe_mlp: w1 F32 (3, 4, 2) cpu must be (3, 5, h)"), Error);
+  bad = r.assign;
+  bad.weight = Tensor();
+  CHECK_THROWS_WITH_AS(ops::moe_mlp(Tensor::zeros({1, 4, 5}), bad, Tensor::zeros({3, 5, 2}), Tensor(),
+                                    Tensor::zeros({3, 2, 5}), Tensor()),
+                       doctest::Contains("moe_mlp: the assignment has no weights"), Error);
   CHECK_THROWS_WITH_AS(ops::expert_mlp(Tensor::zeros({3, 4, 5}), Tensor::zeros({3, 6, 2}), Tensor(),
                                        Tensor::zeros({3, 2, 5}), Tensor()),
                        doctest::Contains("expert_mlp: w1 F32 (3, 6, 2) cpu must be (3, 5, h)"), Error);

@@ -280,8 +280,10 @@ Tensor topk_load_probs(const Tensor& z_, const Tensor& zn_, const Tensor& expert
                   float* pdzn = gzn ? dzn.data<float>() : nullptr;
                   parallel_for(G * N, E * 16, [&](int64_t s, int64_t e) {
                     load_scores(pz, th.data(), E, inv, s, e, pdz);
-                    for (int64_t i = s * E; i < e * E; ++i)
-                      pdz[i] = std::fabs(pdz[i]) > 9.f ? 0.f : pg[i] * fast_normal_pdf(pdz[i]) * inv;
+                    for (int64_t i = s * E; i < e * E; ++i) {
+                      const float v = pdz[i], dv = pg[i] * fast_normal_pdf(v) * inv;
+                      pdz[i] = std::fabs(v) > 9.f ? 0.f : dv;
+                    }
                     if (pdzn)
                       for (int64_t t = s; t < e; ++t) {
                         float dt = 0;

@@ -3,6 +3,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "engine/parallel.h"
 #include "ops/elementwise.h"
 
 namespace mv::autograd {
@@ -47,8 +48,29 @@ static std::vector<Node*> topological_order(Node* root) {
   return {order.rbegin(), order.rend()};
 }
 
+// slot += g. In place when the slot's tensor is the only handle on its memory (no other slot,
+// saved tensor or caller holds it): one pass and no new tensor. Otherwise a new sum, so that a
+// gradient shared with anything else is never written. Either way the same floats (s + g).
 static void accumulate(std::shared_ptr<TensorImpl>& slot, const Tensor& g) {
-  slot = slot ? ops::add(Tensor(slot), g).impl_ptr() : g.impl_ptr();
+  if (!slot) {
+    slot = g.impl_ptr();
+    return;
+  }
+  const TensorImpl& s = *slot;
+  const bool own = slot.use_count() == 1 && s.storage.use_count() == 1;
+  const bool cpu_f32 = s.storage->device() == Device::CPU && s.dtype == DType::F32 && g.device() == Device::CPU &&
+                       g.dtype() == DType::F32;
+  Tensor acc(slot);
+  if (!own || !cpu_f32 || !acc.is_contiguous() || acc.shape() != g.shape()) {
+    slot = ops::add(acc, g).impl_ptr();
+    return;
+  }
+  const Tensor gc = g.contiguous();
+  float* d = acc.data<float>();
+  const float* a = gc.data<float>();
+  parallel_for(acc.numel(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) d[i] += a[i];
+  });
 }
 
 }  // namespace mv::autograd

@@ -23,6 +23,27 @@ TEST_CASE("gradients accumulate across backward calls until cleared") {
   test::check_close(x.grad(), {5, 5});
 }
 
+TEST_CASE("accumulating in place never writes a gradient that something else holds") {
+  // add's backward hands the same gradient to both inputs: summing into one slot in place would
+  // change the other.
+  Tensor x = Tensor::from({1, 2}, {2}).set_requires_grad(true);
+  Tensor y = Tensor::from({3, 4}, {2}).set_requires_grad(true);
+  Tensor s = x + y;
+  (s * 2.0f + s + x).backward(Tensor::ones({2}));  // dx = 2 + 1 + 1, dy = 2 + 1
+  test::check_close(x.grad(), {4, 4});
+  test::check_close(y.grad(), {3, 3});
+  // A gradient the caller holds keeps its values when the next backward accumulates.
+  const Tensor held = x.grad();
+  (x * 5.0f).backward(Tensor::ones({2}));
+  test::check_close(held, {4, 4});
+  test::check_close(x.grad(), {9, 9});
+  // The one handle left: the next backward adds in place, to the same values.
+  const void* before = x.grad().data<float>();
+  (x * 5.0f).backward(Tensor::ones({2}));
+  test::check_close(x.grad(), {14, 14});
+  CHECK(x.grad().data<float>() == before);
+}
+
 TEST_CASE("NoGrad builds no graph, and constants build none either") {
   Tensor x = Tensor::from({1, 2}, {2}).set_requires_grad(true);
   {

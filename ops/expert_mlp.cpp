@@ -23,6 +23,7 @@
 // within noise of it (bench_moe_layer, 2 threads).
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -154,16 +155,19 @@ void mlp_backward(const Mlp& m, const std::vector<int64_t>& rows, Rows rows_of, 
   std::vector<double> sums(size_t(T * (H + O)));
   std::vector<int64_t> side_of(size_t(T), -1);  // the expert whose piece each share's buffer holds
   auto at = [](float* p, int64_t off) { return p ? p + off : nullptr; };
+  auto own = [&](int64_t e) {  // expert e's slices of the outputs
+    return Grads{at(out.dw1, e * d * H), at(out.db1, e * H), at(out.dw2, e * H * O), at(out.db2, e * O)};
+  };
+  auto side_grads = [&](int64_t i) {  // share i's side buffer, laid out as the outputs it stands for
+    float* sb = side.data() + i * S;
+    return Grads{out.dw1 ? sb : nullptr, out.db1 ? sb + d * H : nullptr, out.dw2 ? sb + d * H + H : nullptr,
+                 out.db2 ? sb + d * H + H + H * O : nullptr};
+  };
   for_expert_rows(
       rows, 2 * H * (2 * O + 2 * d) + 2 * H,
       [&](int64_t i, int64_t e, int64_t r0, int64_t r1) {
-        Grads g{at(out.dw1, e * d * H), at(out.db1, e * H), at(out.dw2, e * H * O), at(out.db2, e * O)};
-        if (r0 > 0) {
-          float* sb = side.data() + i * S;
-          side_of[size_t(i)] = e;
-          g = Grads{out.dw1 ? sb : nullptr, out.db1 ? sb + d * H : nullptr, out.dw2 ? sb + d * H + H : nullptr,
-                    out.db2 ? sb + d * H + H + H * O : nullptr};
-        }
+        if (r0 > 0) side_of[size_t(i)] = e;
+        const Grads g = r0 > 0 ? side_grads(i) : own(e);
         float* xs = scratch.data() + i * X;
         float* dys = xs + kMlpBlock * d;
         float* da = dys + kMlpBlock * O;
@@ -184,23 +188,18 @@ void mlp_backward(const Mlp& m, const std::vector<int64_t>& rows, Rows rows_of, 
       [&](int64_t e) {
         if (pad && dx) std::fill(dx + (e * M + rows[size_t(e)]) * d, dx + (e + 1) * M * d, 0.f);
         if (rows[size_t(e)] > 0) return;  // an expert with no rows has zero gradients
-        if (out.dw1) std::fill(out.dw1 + e * d * H, out.dw1 + (e + 1) * d * H, 0.f);
-        if (out.db1) std::fill(out.db1 + e * H, out.db1 + (e + 1) * H, 0.f);
-        if (out.dw2) std::fill(out.dw2 + e * H * O, out.dw2 + (e + 1) * H * O, 0.f);
-        if (out.db2) std::fill(out.db2 + e * O, out.db2 + (e + 1) * O, 0.f);
+        const Grads g = own(e);
+        for (auto [p, n] : {std::pair{g.dw1, d * H}, {g.db1, H}, {g.dw2, H * O}, {g.db2, O}})
+          if (p) std::fill(p, p + n, 0.f);
       });
   for (int64_t i = 0; i < T; ++i) {
     const int64_t e = side_of[size_t(i)];
     if (e < 0) continue;
-    const float* sb = side.data() + i * S;
-    auto add = [](float* dst, const float* src, int64_t n) {
-      if (dst)
-        for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
-    };
-    add(at(out.dw1, e * d * H), sb, d * H);
-    add(at(out.db1, e * H), sb + d * H, H);
-    add(at(out.dw2, e * H * O), sb + d * H + H, H * O);
-    add(at(out.db2, e * O), sb + d * H + H + H * O, O);
+    const Grads dst = own(e), src = side_grads(i);
+    for (auto [p, q, n] : {std::tuple{dst.dw1, src.dw1, d * H}, {dst.db1, src.db1, H}, {dst.dw2, src.dw2, H * O},
+                           {dst.db2, src.db2, O}})
+      if (p)
+        for (int64_t j = 0; j < n; ++j) p[j] += q[j];
   }
 }
 

@@ -281,8 +281,8 @@ Tensor topk_load_probs(const Tensor& z_, const Tensor& zn_, const Tensor& expert
                   parallel_for(G * N, E * 16, [&](int64_t s, int64_t e) {
                     load_scores(pz, th.data(), E, inv, s, e, pdz);
                     for (int64_t i = s * E; i < e * E; ++i) {
-                      const float v = pdz[i], dv = pg[i] * fast_normal_pdf(v) * inv;
-                      pdz[i] = std::fabs(v) > 9.f ? 0.f : dv;
+                      const float v = pdz[i], phi = std::fabs(v) > 9.f ? 0.f : fast_normal_pdf(v);
+                      pdz[i] = pg[i] * phi * inv;
                     }
                     if (pdzn)
                       for (int64_t t = s; t < e; ++t) {

@@ -1,6 +1,7 @@
 // Sparse MoE ops on the CPU (methods.md sections 2 and 3): the Assignment, dispatch and combine,
 // and Soft MoE's dispatch and combine. Routing is in ops/route.cpp, the experts in
-// ops/experts.cpp.
+// ops/experts.cpp (expert_matmul) and ops/expert_mlp.cpp (expert_mlp, and moe_mlp, which folds
+// dispatch and combine into the experts).
 //
 // Dispatch and combine move d-wide rows between token rows and packed buffer rows through the
 // Assignment's two index tables (row -> token, token -> rows), so every op costs O(size), with

@@ -1,6 +1,7 @@
 // Sparse Mixture-of-Experts ops: routing decisions, dispatch of tokens into per-expert buffers,
 // the batched expert matmul, and combine (methods.md sections 2 and 3). CPU bodies: routing in
-// ops/route.cpp, Assignment/dispatch/combine/Soft MoE in ops/moe.cpp, experts in ops/experts.cpp.
+// ops/route.cpp, Assignment/dispatch/combine/Soft MoE in ops/moe.cpp, experts in ops/experts.cpp
+// and ops/expert_mlp.cpp (the fused MLP, and moe_mlp: dispatch, experts and combine in one op).
 //
 // Tokens are routed in G groups of N tokens (one image's tokens, or the whole batch); token n of
 // group g is named by its flat index t = g*N + n. An expert takes at most C tokens of a group,

@@ -23,6 +23,7 @@
 // within noise of it (bench_moe_layer, 2 threads).
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -126,13 +127,15 @@ template <class XRows>
 void mlp_forward(const Mlp& m, const std::vector<int64_t>& rows, XRows x_rows, float* hid, float* dgelu, float* out,
                  bool pad) {
   const int64_t M = m.M, d = m.d, H = m.H, O = m.O;
-  std::vector<float> scratch(size_t(num_threads() * kMlpBlock * d));
+  // Scratch is written before it is read: left uninitialised (a zero-filled vector would cost a
+  // pass over it per call).
+  const auto scratch = std::make_unique_for_overwrite<float[]>(size_t(num_threads() * kMlpBlock * d));
   for_expert_rows(
       rows, 2 * H * (d + O) + 24 * H,
       [&](int64_t i, int64_t e, int64_t r0, int64_t r1) {
         for (int64_t m0 = r0; m0 < r1; m0 += kMlpBlock) {
           const int64_t n = std::min(kMlpBlock, r1 - m0), i0 = e * M + m0;
-          const float* x = x_rows(e, i0, n, scratch.data() + i * kMlpBlock * d);
+          const float* x = x_rows(e, i0, n, scratch.get() + i * kMlpBlock * d);
           block_forward(m, e, n, x, hid + i0 * H, dgelu ? dgelu + i0 * H : nullptr, out + i0 * O);
         }
       },
@@ -151,7 +154,10 @@ void mlp_backward(const Mlp& m, const std::vector<int64_t>& rows, Rows rows_of, 
   const int64_t M = m.M, d = m.d, H = m.H, O = m.O, T = num_threads();
   const int64_t S = d * H + H + H * O + O;  // a side buffer: dw1, db1, dw2, db2
   const int64_t X = kMlpBlock * (d + O + H);  // a share's scratch: x rows, dy rows, da
-  std::vector<float> side(size_t(T * S)), scratch(size_t(T * X));
+  // Side buffers and scratch are written before they are read (a side buffer's first block
+  // overwrites it): left uninitialised.
+  const auto side = std::make_unique_for_overwrite<float[]>(size_t(T * S));
+  const auto scratch = std::make_unique_for_overwrite<float[]>(size_t(T * X));
   std::vector<double> sums(size_t(T * (H + O)));
   std::vector<int64_t> side_of(size_t(T), -1);  // the expert whose piece each share's buffer holds
   auto at = [](float* p, int64_t off) { return p ? p + off : nullptr; };
@@ -159,7 +165,7 @@ void mlp_backward(const Mlp& m, const std::vector<int64_t>& rows, Rows rows_of, 
     return Grads{at(out.dw1, e * d * H), at(out.db1, e * H), at(out.dw2, e * H * O), at(out.db2, e * O)};
   };
   auto side_grads = [&](int64_t i) {  // share i's side buffer, laid out as the outputs it stands for
-    float* sb = side.data() + i * S;
+    float* sb = side.get() + i * S;
     return Grads{out.dw1 ? sb : nullptr, out.db1 ? sb + d * H : nullptr, out.dw2 ? sb + d * H + H : nullptr,
                  out.db2 ? sb + d * H + H + H * O : nullptr};
   };
@@ -168,7 +174,7 @@ void mlp_backward(const Mlp& m, const std::vector<int64_t>& rows, Rows rows_of, 
       [&](int64_t i, int64_t e, int64_t r0, int64_t r1) {
         if (r0 > 0) side_of[size_t(i)] = e;
         const Grads g = r0 > 0 ? side_grads(i) : own(e);
-        float* xs = scratch.data() + i * X;
+        float* xs = scratch.get() + i * X;
         float* dys = xs + kMlpBlock * d;
         float* da = dys + kMlpBlock * O;
         double* sb1 = sums.data() + i * (H + O);

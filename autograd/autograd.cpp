@@ -4,7 +4,6 @@
 #include <unordered_set>
 
 #include "engine/parallel.h"
-#include "ops/elementwise.h"
 
 namespace mv::autograd {
 
@@ -62,7 +61,7 @@ static void accumulate(std::shared_ptr<TensorImpl>& slot, const Tensor& g) {
                        g.dtype() == DType::F32;
   Tensor acc(slot);
   if (!own || !cpu_f32 || !acc.is_contiguous() || acc.shape() != g.shape()) {
-    slot = ops::add(acc, g).impl_ptr();
+    slot = add_same_shape(acc, g).impl_ptr();
     return;
   }
   const Tensor gc = g.contiguous();

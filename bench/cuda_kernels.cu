@@ -321,14 +321,14 @@ int main(int argc, char** argv) {
     row("gelu forward", ms, 2.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
     ms = timing.median_ms([&] { cuda::gelu_backward(a, b); });
     row("gelu backward", ms, 3.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
-    ms = timing.median_ms([&] { cuda::binary(a, b, cuda::Binary::Add); });
+    ms = timing.median_ms([&] { cuda::binary(a, b, ops::Binary::Add); });
     row("add", ms, 3.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
-    ms = timing.median_ms([&] { cuda::binary(a, b, cuda::Binary::Mul); });
+    ms = timing.median_ms([&] { cuda::binary(a, b, ops::Binary::Mul); });
     row("mul", ms, 3.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
     const Tensor row_b = bias.view_as({1, C}, {C, 1}, 0);
-    ms = timing.median_ms([&] { cuda::binary(a, row_b, cuda::Binary::Mul); });
+    ms = timing.median_ms([&] { cuda::binary(a, row_b, ops::Binary::Mul); });
     row("mul, (1, C) broadcast (index walk)", ms, 2.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
-    ms = timing.median_ms([&] { cuda::unary_forward(a, cuda::Unary::Exp); });
+    ms = timing.median_ms([&] { cuda::unary_forward(a, ops::Unary::Exp); });
     row("exp (unary map)", ms, 2.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
     ms = timing.median_ms([&] { cuda::add_bias(a, bias); });
     row("add_bias", ms, 2.0 * n * 4 / (ms * 1e-3) / GB, dev.peak_gbs, -1);
@@ -411,7 +411,7 @@ int main(int argc, char** argv) {
     for (const C& c : cases) {
       Tensor qkv = randn_dev({B, c.T, 3 * c.D}, 17), dout = randn_dev({B, c.T, c.D}, 18);
       auto f = cuda::attention_forward(qkv, int(c.H));
-      const double ms = timing.median_ms([&] { cuda::attention_backward(qkv, f.out, f.lse, dout, int(c.H)); });
+      const double ms = timing.median_ms([&] { cuda::attention_backward(qkv, f.out, f.saved, dout, int(c.H)); });
       const double flops = 2.5 * 4.0 * B * c.T * c.T * c.D;
       row(fmt("B=%ld T=%ld D=%ld H=%ld", B, c.T, c.D, c.H), ms, flops / (ms * 1e-3) / 1e12, dev.peak_fp32, -1);
     }

@@ -358,7 +358,7 @@ void dispatch_head(const Dims& d, F&& f) {
 
 }  // namespace
 
-AttentionOut attention_forward(const Tensor& qkv, int heads) {
+AttentionOut attention_forward(const Tensor& qkv, int heads, bool /*for_backward: lse is always kept*/) {
   const Dims d = check_qkv("attention_forward", qkv, heads);
   AttentionOut o{Tensor::empty({d.B, d.T, d.D}, DType::F32, Device::CUDA),
                  Tensor::empty({d.B, d.H, d.T}, DType::F32, Device::CUDA)};
@@ -371,7 +371,7 @@ AttentionOut attention_forward(const Tensor& qkv, int heads) {
     using C = Cfg<DH>;
     const dim3 grid(unsigned(ceil_div(d.T, C::BQ)), unsigned(d.H), unsigned(d.B));
     attn_fwd<DH, VEC><<<grid, C::THREADS, 0, stream()>>>(qkv.data<float>(), o.out.data<float>(),
-                                                         o.lse.data<float>(), d.T, d.D, d.H, d.Dh, qscale);
+                                                         o.saved.data<float>(), d.T, d.D, d.H, d.Dh, qscale);
   });
   MV_CUDA_LAUNCH_CHECK();
   return o;

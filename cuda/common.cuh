@@ -45,6 +45,23 @@ inline unsigned grid_for(int64_t n, int threads, int waves = 8) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The number of trailing elements `small` covers when it is a bias of `big`: its shape, leading
+// 1s dropped, is a suffix of big's ((C,) or (1, 1, C) against (B, T, C)); -1 otherwise. Adding
+// such an operand, and summing a gradient back to it, take the row kernels (add_bias,
+// column_sum) instead of the general broadcasting ones.
+inline int64_t bias_width(const Shape& small, const Shape& big) {
+  size_t lead = 0;
+  while (lead < small.size() && small[lead] == 1) ++lead;
+  const size_t k = small.size() - lead;
+  if (k > big.size() || small.size() > big.size() + lead) return -1;
+  int64_t C = 1;
+  for (size_t i = 0; i < k; ++i) {
+    if (small[lead + i] != big[big.size() - k + i]) return -1;
+    C *= small[lead + i];
+  }
+  return C;
+}
+
 // The most dims a strided (or broadcasting) kernel walks.
 constexpr int kMaxDims = 8;
 

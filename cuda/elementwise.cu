@@ -1,5 +1,6 @@
-// Elementwise kernels: GELU (tanh form) forward and backward, bias add, the binary ops with
-// broadcasting, and the other unary maps of ops/elementwise.h with their derivatives.
+// Elementwise kernels, twins of ops/elementwise.cpp: GELU (tanh form) forward and backward, bias
+// add, the binary ops with broadcasting, the other unary maps with their derivatives, and the
+// scaled sum alpha a + beta b (the scalar ops).
 //
 // All are memory-bound maps. One grid-stride kernel template per arity: when every pointer is
 // 16-byte aligned, each thread moves float4s (one 16-byte load per input and one store per
@@ -196,6 +197,13 @@ void launch_bias(const float* x, const float* b, float* out, int64_t R, int64_t 
   MV_CUDA_LAUNCH_CHECK();
 }
 
+__global__ void axpby_kernel(const float* a, const float* b, float* out, int64_t n, float alpha,
+                             float beta) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    out[i] = b ? alpha * a[i] + beta * b[i] : alpha * a[i] + beta;
+}
+
 void expect_same_shape(const char* fn, const Tensor& a, const Tensor& b) {
   MV_CHECK(a.shape() == b.shape(), "cuda::", fn, ": shapes differ: ", a.str(), " and ", b.str());
 }
@@ -237,6 +245,16 @@ Tensor binary(const Tensor& a, const Tensor& b, Binary op) {
   for (auto [t, name] : {std::pair{&a, "a"}, {&b, "b"}})
     MV_CHECK(t->defined() && t->device() == Device::CUDA && t->dtype() == DType::F32, "cuda::binary: ",
              name, " must be an F32 CUDA tensor, got ", t->defined() ? t->str() : "undefined");
+  if (op == Binary::Add && a.shape() != b.shape()) {  // x + bias: the row kernel
+    const bool b_small = b.numel() <= a.numel();
+    const Tensor& big = b_small ? a : b;
+    const Tensor& small = b_small ? b : a;
+    const int64_t C = small.ndim() <= big.ndim() ? detail::bias_width(small.shape(), big.shape()) : -1;
+    if (C >= 0) {  // then the broadcast shape is big's
+      const int64_t R = C == 0 ? 0 : big.numel() / C;
+      return add_bias(big.reshaped({R, C}), small.reshaped({C})).reshaped(big.shape());
+    }
+  }
   if (a.shape() == b.shape() && a.is_contiguous() && b.is_contiguous()) {
     Tensor y = Tensor::empty(a.shape(), DType::F32, Device::CUDA);
     launch_map2(a.data<float>(), b.data<float>(), y.data<float>(), a.numel(), BinaryFn{op});
@@ -263,6 +281,21 @@ Tensor binary(const Tensor& a, const Tensor& b, Binary op) {
       a.data<float>(), b.data<float>(), y.data<float>(), n, Indexer<2>::make(out, {&sa, &sb}), BinaryFn{op});
   MV_CUDA_LAUNCH_CHECK();
   return y;
+}
+
+Tensor axpby(const Tensor& a, const Tensor& b, float alpha, float beta) {
+  expect_cuda_f32("axpby", "a", a);
+  if (b.defined()) {
+    expect_cuda_f32("axpby", "b", b);
+    MV_CHECK(a.shape() == b.shape(), "cuda::axpby: shapes differ: ", a.str(), " and ", b.str());
+  }
+  Tensor out = Tensor::empty(a.shape(), DType::F32, Device::CUDA);
+  const int64_t n = a.numel();
+  if (n == 0) return out;
+  axpby_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(
+      a.data<float>(), b.defined() ? b.data<float>() : nullptr, out.data<float>(), n, alpha, beta);
+  MV_CUDA_LAUNCH_CHECK();
+  return out;
 }
 
 Tensor unary_forward(const Tensor& x, Unary f, float p) {

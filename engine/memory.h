@@ -62,6 +62,8 @@ struct CudaHooks {
   void (*copy_strided)(const Tensor& dst, const Tensor& src);
   // Sets every element of a contiguous F32 CUDA tensor, on the device.
   void (*fill)(const Tensor& t, float value);
+  // a + b of two contiguous F32 CUDA tensors of one shape (add_same_shape).
+  Tensor (*add)(const Tensor& a, const Tensor& b);
 };
 const CudaHooks* cuda_hooks();
 bool cuda_available();  // built with CUDA and a device is present

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <sstream>
 
+#include "engine/parallel.h"
+
 namespace mv {
 
 std::string shape_str(const Shape& s) {
@@ -159,6 +161,12 @@ Tensor Tensor::contiguous() const {
   return out;
 }
 
+Tensor Tensor::reshaped(const Shape& s) const {
+  MV_CHECK(shape_numel(s) == numel(), "Tensor::reshaped: ", str(), " cannot be seen as ", shape_str(s));
+  Tensor c = contiguous();
+  return c.view_as(s, contiguous_strides(s), c.impl().offset);
+}
+
 template <class T> std::vector<T> Tensor::to_vector() const {
   MV_CHECK(dtype() == dtype_of<T>(), "Tensor::to_vector: tensor ", str(), " is not ",
            dtype_name(dtype_of<T>()));
@@ -226,6 +234,21 @@ void Tensor::copy_(const Tensor& src) {
   MV_CHECK(is_contiguous(), "Tensor::copy_: destination ", str(), " must be contiguous");
   Tensor c = src.contiguous();
   copy_bytes(raw(), device(), c.raw(), c.device(), nbytes());
+}
+
+Tensor add_same_shape(const Tensor& a_, const Tensor& b_) {
+  MV_CHECK(a_.shape() == b_.shape() && a_.dtype() == DType::F32 && b_.dtype() == DType::F32 &&
+               a_.device() == b_.device(),
+           "add_same_shape: expected two F32 tensors of one shape on one device, got ", a_.str(), " and ", b_.str());
+  const Tensor a = a_.contiguous(), b = b_.contiguous();
+  if (a.device() == Device::CUDA) return cuda_hooks()->add(a, b);
+  Tensor out = Tensor::empty(a.shape());
+  const float *pa = a.data<float>(), *pb = b.data<float>();
+  float* po = out.data<float>();
+  parallel_for(out.numel(), 1, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) po[i] = pa[i] + pb[i];
+  });
+  return out;
 }
 
 Tensor& Tensor::set_requires_grad(bool r) {

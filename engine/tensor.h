@@ -72,6 +72,9 @@ class Tensor {
 
   Tensor to(Device device) const;  // same tensor if already there
   Tensor contiguous() const;       // same tensor if already contiguous
+  // The elements, made contiguous if they are not, seen as `shape` (same element count). No
+  // autograd: kernels flatten their operands with it (ops::reshape is the differentiable one).
+  Tensor reshaped(const Shape& shape) const;
   Tensor clone() const;            // a contiguous copy with no autograd history
   Tensor detach() const;           // shares storage, no autograd history
 
@@ -89,7 +92,7 @@ class Tensor {
   void set_grad(const Tensor& g) { impl().grad = g.impl_; }
   void zero_grad() { impl().grad.reset(); }
   const std::shared_ptr<autograd::Node>& grad_fn() const { return impl().grad_fn; }
-  void backward(const Tensor& grad_output = Tensor()) const;  // in autograd/backward.cpp
+  void backward(const Tensor& grad_output = Tensor()) const;  // in autograd/autograd.cpp
 
   TensorImpl& impl() const {
     MV_CHECK(impl_, "use of an undefined Tensor");
@@ -107,5 +110,10 @@ template <class T> T* Tensor::data() const {
            dtype_name(dtype_of<T>()));
   return static_cast<T*>(raw());
 }
+
+// a + b for F32 tensors of one shape on one device: a new contiguous tensor, no autograd. What
+// autograd sums gradients with where paths meet (autograd sits below ops/, so not ops::add; the
+// same floats).
+Tensor add_same_shape(const Tensor& a, const Tensor& b);
 
 }  // namespace mv

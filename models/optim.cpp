@@ -4,17 +4,9 @@
 #include <cmath>
 
 #include "autograd/autograd.h"
-#include "engine/parallel.h"
-#include "ops/elementwise.h"
-#include "ops/fast_math.h"
-#include "ops/reduce.h"
-#ifdef MOEVIT_CUDA
-#include "cuda/kernels.h"
-#endif
+#include "ops/optim.h"
 
 namespace mv::models {
-
-using ops::lane_sum;
 
 bool decays(const std::string& name, const Tensor& p) {
   const std::string last = name.substr(name.rfind('.') + 1);
@@ -47,51 +39,23 @@ AdamW::AdamW(NamedTensors params, float wd, float b1, float b2, float eps)
   }
 }
 
-// p -= lr * wd * p (decoupled decay); m, v moving averages of g and g^2;
-// p -= lr * m_hat / (sqrt(v_hat) + eps), with the bias corrections of Adam.
-// On CUDA the same update (same formula, the decay mask of decays()) is one multi-tensor launch.
+// The update of ops::adamw_step (decoupled decay, bias-corrected moments), on every parameter
+// that has a gradient, with the decay mask of decays().
 void AdamW::step(float lr, float gs) {
   ++steps_;
   const Device dev = params_device("AdamW");
   follow(m_, dev);
   follow(v_, dev);
-  if (dev == Device::CUDA) {
-#ifdef MOEVIT_CUDA
-    std::vector<Tensor> P, G, M, V;
-    std::vector<float> wds;
-    for (size_t k = 0; k < params_.size(); ++k) {
-      auto& [name, p] = params_[k];
-      Tensor g = p.grad();
-      if (!g.defined()) continue;
-      P.push_back(p), G.push_back(g.contiguous()), M.push_back(m_[k]), V.push_back(v_[k]);
-      wds.push_back(decays(name, p) ? wd_ : 0.f);
-    }
-    cuda::adamw_step(P, G, M, V, lr, b1_, b2_, eps_, wds, steps_, gs);
-    return;
-#endif
-  }
-  const float c1 = 1.f - std::pow(b1_, float(steps_)), c2 = 1.f - std::pow(b2_, float(steps_));
-  // Locals copied into the loop's closure, not members or references: a store through the float
-  // pointers could otherwise alias them, and the compiler would reload them after every store
-  // instead of vectorising the loop.
-  const float b1 = b1_, b2 = b2_, eps = eps_;
+  std::vector<Tensor> P, G, M, V;
+  std::vector<float> wds;
   for (size_t k = 0; k < params_.size(); ++k) {
     auto& [name, p] = params_[k];
     Tensor g = p.grad();
     if (!g.defined()) continue;
-    g = g.contiguous();
-    const float decay = decays(name, p) ? lr * wd_ : 0.f;
-    float *pp = p.data<float>(), *pm = m_[k].data<float>(), *pv = v_[k].data<float>();
-    const float* pg = g.data<float>();
-    parallel_for(p.numel(), 8, [=](int64_t s, int64_t e) {  // by value: see above
-      for (int64_t i = s; i < e; ++i) {
-        const float gi = pg[i] * gs;
-        pm[i] = b1 * pm[i] + (1.f - b1) * gi;
-        pv[i] = b2 * pv[i] + (1.f - b2) * gi * gi;
-        pp[i] -= decay * pp[i] + lr * (pm[i] / c1) / (std::sqrt(pv[i] / c2) + eps);
-      }
-    });
+    P.push_back(p), G.push_back(g.contiguous()), M.push_back(m_[k]), V.push_back(v_[k]);
+    wds.push_back(decays(name, p) ? wd_ : 0.f);
   }
+  ops::adamw_step(P, G, M, V, lr, b1_, b2_, eps_, wds, steps_, gs);
 }
 
 NamedTensors AdamW::state() const {
@@ -108,30 +72,14 @@ SGD::SGD(NamedTensors params, float momentum, float wd)
   for (auto& [n, p] : params_) buf_.push_back(Tensor::zeros(p.shape(), DType::F32, p.device()));
 }
 
-// g += wd * p (coupled L2, as torch.optim.SGD); b = momentum * b + g; p -= lr * b.
-// On CUDA the same update, one kernel per parameter tensor (cuda::sgd_step).
+// The update of ops::sgd_step (coupled L2, as torch.optim.SGD), one parameter at a time.
 void SGD::step(float lr, float gs) {
   ++steps_;
-  const Device dev = params_device("SGD");
-  follow(buf_, dev);
+  follow(buf_, params_device("SGD"));
   for (size_t k = 0; k < params_.size(); ++k) {
     auto& [name, p] = params_[k];
-    Tensor g = p.grad();
-    if (!g.defined()) continue;
-    g = g.contiguous();
-    const float wd = decays(name, p) ? wd_ : 0.f;
-    if (dev == Device::CUDA) {
-#ifdef MOEVIT_CUDA
-      cuda::sgd_step(p, g, buf_[k], lr, momentum_, wd, gs);
-#endif
-      continue;
-    }
-    float *pp = p.data<float>(), *pb = buf_[k].data<float>();
-    const float* pg = g.data<float>();
-    for (int64_t i = 0, n = p.numel(); i < n; ++i) {
-      pb[i] = momentum_ * pb[i] + pg[i] * gs + wd * pp[i];
-      pp[i] -= lr * pb[i];
-    }
+    const Tensor g = p.grad();
+    if (g.defined()) ops::sgd_step(p, g.contiguous(), buf_[k], lr, momentum_, decays(name, p) ? wd_ : 0.f, gs);
   }
 }
 
@@ -141,27 +89,12 @@ NamedTensors SGD::state() const {
   return s;
 }
 
-// CUDA gradients: sum of squares on the device, one host read for all of them.
 ClipResult clip_scale(const std::vector<Tensor>& params, float max_norm) {
   autograd::NoGrad no_grad;
-  double sq = 0;
-  Tensor dev_sq;
-  for (const Tensor& p : params) {
-    const Tensor g = p.grad();
-    if (!g.defined()) continue;
-    if (g.device() == Device::CUDA) {
-      const Tensor s = ops::sum(ops::mul(g, g));
-      dev_sq = dev_sq.defined() ? ops::add(dev_sq, s) : s;
-      continue;
-    }
-    const Tensor gc = g.contiguous();
-    const float* pg = gc.data<float>();
-    // Float lanes over blocks of 4096 (vectorised), the blocks summed in double.
-    for (int64_t b = 0; b < gc.numel(); b += 4096)
-      sq += lane_sum(std::min<int64_t>(4096, gc.numel() - b), [&](int64_t i) { return pg[b + i] * pg[b + i]; });
-  }
-  if (dev_sq.defined()) sq += double(dev_sq.item());
-  const float norm = float(std::sqrt(sq));
+  std::vector<Tensor> grads;
+  for (const Tensor& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  const float norm = float(std::sqrt(ops::sum_of_squares(grads)));
   const float scale = (max_norm > 0 && norm > max_norm) ? max_norm / (norm + 1e-6f) : 1.f;
   return {norm, scale};
 }

@@ -36,11 +36,7 @@
 
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
-#include "ops/common.h"
-
-#ifdef MOEVIT_CUDA
-#include "cuda/kernels.h"
-#endif
+#include "ops/dispatch.h"
 #include "ops/elementwise.h"
 #include "ops/fast_math.h"
 #include "ops/matmul.h"
@@ -48,13 +44,24 @@
 #include "ops/tile_gemm.h"
 #include "ops/softmax.h"
 
-namespace mv::ops {
+namespace mv::cpu {
+
+using ops::fast_exp;
+using ops::lane_sum;
+using ops::tile_gemm;
+using ops::transpose8;
 
 namespace {
 
 struct Dims {
   int64_t B, T, D, H, Dh;
 };
+
+// The sizes of a checked qkv.
+Dims dims_of(const Tensor& qkv, int heads) {
+  const int64_t D = qkv.size(2) / 3;
+  return {qkv.size(0), qkv.size(1), D, heads, D / heads};
+}
 
 // Shape checks shared by both versions; returns the sizes.
 Dims check_qkv(const char* op, const Tensor& qkv, int heads) {
@@ -64,8 +71,7 @@ Dims check_qkv(const char* op, const Tensor& qkv, int heads) {
   MV_CHECK(C % (3 * int64_t(heads)) == 0, op, ": qkv ", qkv.str(), ": last dim ", C,
            " is not divisible by 3 * heads = ", 3 * heads, ", expected (B, T, 3 * heads * Dh)");
   MV_CHECK(C > 0, op, ": qkv ", qkv.str(), " has an empty last dim, expected (B, T, 3 * heads * Dh)");
-  const int64_t D = C / 3;
-  return {qkv.size(0), qkv.size(1), D, heads, D / heads};
+  return dims_of(qkv, heads);
 }
 
 int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
@@ -162,52 +168,52 @@ int64_t cost(const Dims& d) { return 4 * d.T * d.T * d.Dh + 8 * d.T * d.T; }
 
 }  // namespace
 
-Tensor self_attention(const Tensor& qkv_, int heads) {
-  const bool gpu = on_cuda("self_attention", {&qkv_});
-  if (!gpu) expect_cpu_f32("self_attention", {&qkv_});
-  const Dims d = check_qkv("self_attention", qkv_, heads);
-#ifdef MOEVIT_CUDA
-  if (gpu) {  // flash-style kernels; the forward saves lse, the backward recomputes from it
-    const Tensor qkv = qkv_.contiguous();
-    cuda::AttentionOut f = cuda::attention_forward(qkv, heads);
-    if (!autograd::needs_graph({qkv_})) return f.out;
-    return autograd::record("self_attention", f.out, {qkv_},
-                            [qd = qkv.detach(), od = f.out.detach(), lse = f.lse, heads](const Tensor& g) {
-                              return std::vector<Tensor>{
-                                  cuda::attention_backward(qd, od, lse, g.contiguous(), heads)};
-                            });
-  }
-#endif
-  Tensor qkv = qkv_.contiguous();
-  Tensor out = Tensor::empty({d.B, d.T, d.D});
-  const bool grad = autograd::needs_graph({qkv_});
+// qkv: (B, T, 3D) contiguous -> out (B, T, D) and, for the backward, P (B*heads, T, Tp)
+ops::AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backward) {
+  const Dims d = dims_of(qkv, heads);
+  ops::AttentionOut o{Tensor::empty({d.B, d.T, d.D}), Tensor()};
   // P (B*H, T, Tp) for the backward, rows padded like the per-thread buffers.
-  const int64_t Tp = round8(d.T);
-  Tensor probs = grad ? Tensor::empty({d.B * d.H, d.T, Tp}) : Tensor();
+  if (for_backward) o.saved = Tensor::empty({d.B * d.H, d.T, round8(d.T)});
   const float* pq = qkv.data<float>();
-  float* po = out.data<float>();
-  float* pp = grad ? probs.data<float>() : nullptr;
+  float* po = o.out.data<float>();
+  float* pp = for_backward ? o.saved.data<float>() : nullptr;
   parallel_for(d.B * d.H, cost(d), [&](int64_t s, int64_t e) { forward_kernel(pq, po, pp, d, s, e); });
-  if (!grad) return out;
-  return autograd::record("self_attention", out, {qkv_},
-                          [qd = qkv.detach(), od = out.detach(), probs, d](const Tensor& g) {
-                            Tensor gc = g.contiguous();
-                            Tensor dqkv = Tensor::empty(qd.shape());
-                            const float *pq = qd.data<float>(), *po = od.data<float>(),
-                                        *pp = probs.data<float>(), *pg = gc.data<float>();
-                            float* pd = dqkv.data<float>();
-                            parallel_for(d.B * d.H, 2 * cost(d), [&](int64_t s, int64_t e) {
-                              backward_kernel(pq, po, pp, pg, pd, d, s, e);
-                            });
-                            return std::vector<Tensor>{dqkv};
+  return o;
+}
+
+// qkv, out, saved (P) from the forward, dout: (B, T, D) -> dqkv: (B, T, 3D)
+Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& saved, const Tensor& dout, int heads) {
+  const Dims d = dims_of(qkv, heads);
+  const Tensor gc = dout.contiguous();
+  Tensor dqkv = Tensor::empty(qkv.shape());
+  const float *pq = qkv.data<float>(), *po = out.data<float>(), *pp = saved.data<float>(), *pg = gc.data<float>();
+  float* pd = dqkv.data<float>();
+  parallel_for(d.B * d.H, 2 * cost(d), [&](int64_t s, int64_t e) { backward_kernel(pq, po, pp, pg, pd, d, s, e); });
+  return dqkv;
+}
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+Tensor self_attention(const Tensor& qkv_, int heads) {
+  const OpDevice dev = device_of("self_attention", {&qkv_});
+  expect_f32("self_attention", {&qkv_});
+  cpu::check_qkv("self_attention", qkv_, heads);
+  const Tensor qkv = qkv_.contiguous();
+  AttentionOut f = MV_KERNEL(attention_forward)(dev, qkv, heads, autograd::needs_graph({qkv_}));
+  return autograd::record("self_attention", f.out, {qkv_},
+                          [dev, qd = qkv.detach(), od = f.out.detach(), saved = f.saved, heads](const Tensor& g) {
+                            return std::vector<Tensor>{MV_KERNEL(attention_backward)(dev, qd, od, saved, g, heads)};
                           });
 }
 
 // Composite: every step an op with its own backward; autograd chains them. Stores the
 // (B, heads, T, T) scores and probabilities for backward, which the fused op avoids.
 Tensor self_attention_composite(const Tensor& qkv, int heads) {
-  expect_cpu_f32("self_attention_composite", {&qkv});
-  const Dims d = check_qkv("self_attention_composite", qkv, heads);
+  device_of("self_attention_composite", {&qkv});
+  expect_f32("self_attention_composite", {&qkv});
+  const cpu::Dims d = cpu::check_qkv("self_attention_composite", qkv, heads);
   // part i of [q | k | v]: (B, T, D) -> (B, T, H, Dh) -> (B, H, T, Dh)
   auto part = [&](int64_t i) {
     return permute(reshape(slice(qkv, 2, i * d.D, (i + 1) * d.D), {d.B, d.T, d.H, d.Dh}), {0, 2, 1, 3});

@@ -1,20 +1,16 @@
-// Elementwise ops. The broadcasting kernel walks the output row by row (a row is the last
-// dimension); each input is read through strides that are 0 along its broadcast dimensions.
+// Elementwise ops; their CUDA twin is cuda/elementwise.cu. The CPU's broadcasting kernel walks the
+// output row by row (a row is the last dimension); each input is read through strides that are 0
+// along its broadcast dimensions.
 #include "ops/elementwise.h"
 
 #include <cmath>
 
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
-#include "ops/common.h"
+#include "ops/dispatch.h"
 #include "ops/fast_math.h"
-// Its enums name the CUDA maps (cuda::Binary, cuda::Unary); its functions exist only in builds
-// with MOEVIT_CUDA, and are only called there.
-#include "cuda/kernels.h"
 
 namespace mv::ops {
-
-using autograd::record;
 
 Shape broadcast_shape(const Shape& a, const Shape& b, const char* op) {
   const size_t n = std::max(a.size(), b.size());
@@ -29,8 +25,17 @@ Shape broadcast_shape(const Shape& a, const Shape& b, const char* op) {
   return out;
 }
 
+}  // namespace mv::ops
+
+namespace mv::cpu {
+
+using ops::Binary;
+using ops::Unary;
+
+namespace {
+
 // Strides of a contiguous tensor of shape `s` seen as shape `out` (0 where broadcast).
-static Shape broadcast_strides(const Shape& s, const Shape& out) {
+Shape broadcast_strides(const Shape& s, const Shape& out) {
   Shape st(out.size(), 0);
   Shape cs = contiguous_strides(s);
   const size_t lead = out.size() - s.size();
@@ -39,7 +44,7 @@ static Shape broadcast_strides(const Shape& s, const Shape& out) {
 }
 
 // Offset of the first element of output row `row` through strides `st`.
-static int64_t row_offset(int64_t row, const Shape& out, const Shape& st) {
+int64_t row_offset(int64_t row, const Shape& out, const Shape& st) {
   int64_t off = 0;
   for (int d = int(out.size()) - 2; d >= 0; --d) {
     off += (row % out[d]) * st[d];
@@ -48,12 +53,11 @@ static int64_t row_offset(int64_t row, const Shape& out, const Shape& st) {
   return off;
 }
 
-// out[i] = f(a[i], b[i]) with broadcasting.
+// out[i] = f(a[i], b[i]) with broadcasting (shapes already checked to fit).
 template <class F>
-static Tensor binary_kernel(const char* op, const Tensor& a_, const Tensor& b_, F f) {
-  expect_cpu_f32(op, {&a_, &b_});
+Tensor map2(const Tensor& a_, const Tensor& b_, F f) {
   Tensor a = a_.contiguous(), b = b_.contiguous();
-  const Shape out_shape = broadcast_shape(a.shape(), b.shape(), op);
+  const Shape out_shape = ops::broadcast_shape(a.shape(), b.shape(), "map2");
   Tensor out = Tensor::empty(out_shape);
   const float* pa = a.data<float>();
   const float* pb = b.data<float>();
@@ -82,8 +86,7 @@ static Tensor binary_kernel(const char* op, const Tensor& a_, const Tensor& b_, 
 
 // out[i] = f(x[i]).
 template <class F>
-static Tensor unary_kernel(const char* op, const Tensor& x_, F f) {
-  expect_cpu_f32(op, {&x_});
+Tensor map1(const Tensor& x_, F f) {
   Tensor x = x_.contiguous();
   Tensor out = Tensor::empty(x.shape());
   const float* px = x.data<float>();
@@ -94,87 +97,82 @@ static Tensor unary_kernel(const char* op, const Tensor& x_, F f) {
   return out;
 }
 
-#ifdef MOEVIT_CUDA
-// ---- CUDA: broadcasting maps (cuda::binary); adding a bias gets its own faster kernel ---------
+// dx[i] = dy[i] * df(x[i], y[i]): the backward of a map whose derivative is written with x and y.
+template <class DF>
+Tensor map_grad(const Tensor& x_, const Tensor& y, const Tensor& dy, DF df) {
+  const Tensor g = dy.contiguous(), x = x_.contiguous();
+  Tensor gx = Tensor::empty(x.shape());
+  const float *pg = g.data<float>(), *px = x.data<float>(), *py = y.data<float>();
+  float* po = gx.data<float>();
+  parallel_for(gx.numel(), 4, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) po[i] = pg[i] * df(px[i], py[i]);
+  });
+  return gx;
+}
 
-// The number of trailing elements `small` covers when it is a bias of `big`: its shape, leading
-// 1s dropped, is a suffix of big's ((C,) or (1, 1, C) against (B, T, C)); -1 otherwise.
-static int64_t bias_width(const Shape& small, const Shape& big) {
-  size_t lead = 0;
-  while (lead < small.size() && small[lead] == 1) ++lead;
-  const size_t k = small.size() - lead;
-  if (k > big.size() || small.size() > big.size() + lead) return -1;
-  int64_t C = 1;
-  for (size_t i = 0; i < k; ++i) {
-    if (small[lead + i] != big[big.size() - k + i]) return -1;
-    C *= small[lead + i];
+// Calls visit(f, df) with the map named by `code` and its derivative df(x, y), y = f(x).
+template <class Visit>
+Tensor with_unary(Unary code, float p, Visit visit) {
+  constexpr float inv_sqrt2 = 0.7071067811865476f, inv_sqrt2pi = 0.3989422804014327f;
+  switch (code) {
+    case Unary::Exp:  // exp' = y
+      return visit([](float v) { return std::exp(v); }, [](float, float y) { return y; });
+    case Unary::Log:  // log' = 1/x
+      return visit([](float v) { return std::log(v); }, [](float v, float) { return 1.0f / v; });
+    case Unary::Sqrt:  // sqrt' = 1/(2y)
+      return visit([](float v) { return std::sqrt(v); }, [](float, float y) { return 0.5f / y; });
+    case Unary::Rsqrt:  // rsqrt' = -y^3/2
+      return visit([](float v) { return 1.0f / std::sqrt(v); }, [](float, float y) { return -0.5f * y * y * y; });
+    case Unary::Tanh:  // tanh' = 1 - y^2
+      return visit([](float v) { return ops::fast_tanh(v); }, [](float, float y) { return 1.0f - y * y; });
+    case Unary::Pow:  // (x^p)' = p x^(p-1)
+      return visit([p](float v) { return std::pow(v, p); }, [p](float v, float) { return p * std::pow(v, p - 1.0f); });
+    case Unary::Relu:  // relu' = [x > 0]
+      return visit([](float v) { return v > 0.f ? v : 0.f; }, [](float v, float) { return v > 0.f ? 1.f : 0.f; });
+    case Unary::GeluErf:  // y = x Phi(x); y' = Phi(x) + x phi(x)
+      return visit([](float v) { return 0.5f * v * (1.f + std::erf(v * inv_sqrt2)); },
+                   [](float v, float) {
+                     return 0.5f * (1.f + std::erf(v * inv_sqrt2)) + v * inv_sqrt2pi * std::exp(-0.5f * v * v);
+                   });
+    case Unary::NormalCdf:  // Phi'(x) = phi(x) = exp(-x^2/2) / sqrt(2 pi)
+      return visit([](float v) { return ops::fast_normal_cdf(v); }, [](float v, float) { return ops::fast_normal_pdf(v); });
   }
-  return C;
+  MV_FAIL("unary: unknown map ", int(code));
 }
 
-static Tensor cuda_binary(const char* op, const Tensor& a, const Tensor& b, cuda::Binary kind) {
-  const Shape out = broadcast_shape(a.shape(), b.shape(), op);  // the op's own error for bad shapes
-  if (kind == cuda::Binary::Add && a.shape() != b.shape()) {
-    const bool b_small = out == a.shape();
-    const Tensor& big = b_small ? a : b;
-    const Tensor& small = b_small ? b : a;
-    const int64_t C = out == big.shape() ? bias_width(small.shape(), big.shape()) : -1;
-    if (C >= 0) {
-      const int64_t R = C == 0 ? 0 : big.numel() / C;
-      return flat_view(cuda::add_bias(flat_view(big, {R, C}), flat_view(small, {C})), out);
-    }
+}  // namespace
+
+// a, b: shapes that broadcast, any layout -> a (op) b in the broadcast shape
+Tensor binary(const Tensor& a, const Tensor& b, Binary op) {
+  switch (op) {
+    case Binary::Add: return map2(a, b, [](float x, float y) { return x + y; });
+    case Binary::Sub: return map2(a, b, [](float x, float y) { return x - y; });
+    case Binary::Mul: return map2(a, b, [](float x, float y) { return x * y; });
+    case Binary::Div: return map2(a, b, [](float x, float y) { return x / y; });
   }
-  return cuda::binary(a, b, kind);
-}
-#endif
-
-// a (op) b on either device; f is the CPU map, kind names it for the CUDA path.
-template <class F>
-static Tensor binary_forward(const char* op, const Tensor& a, const Tensor& b, cuda::Binary kind, F f) {
-#ifdef MOEVIT_CUDA
-  if (on_cuda(op, {&a, &b})) return cuda_binary(op, a, b, kind);
-#endif
-  (void)kind;
-  return binary_kernel(op, a, b, f);
+  MV_FAIL("binary: unknown op ", int(op));
 }
 
-// alpha * x + beta on either device; f is the same map for the CPU kernel.
-template <class F>
-static Tensor scalar_forward(const char* op, const Tensor& x, float alpha, float beta, F f) {
-#ifdef MOEVIT_CUDA
-  if (on_cuda(op, {&x})) return cuda::axpby(x.contiguous(), Tensor(), alpha, beta);
-#endif
-  (void)alpha, (void)beta;
-  return unary_kernel(op, x, f);
+// a: any shape, b: undefined or a's shape -> alpha a + beta b, or alpha a + beta. Plain x + beta
+// and alpha x where the other term is the identity, so add, mul and neg give exactly x + s, x s
+// and -x.
+Tensor axpby(const Tensor& a, const Tensor& b, float alpha, float beta) {
+  if (b.defined()) return map2(a, b, [=](float x, float y) { return alpha * x + beta * y; });
+  if (alpha == 1.f) return map1(a, [=](float x) { return x + beta; });
+  if (beta == 0.f) return map1(a, [=](float x) { return alpha * x; });
+  return map1(a, [=](float x) { return alpha * x + beta; });
 }
 
+// g: any layout, shape: broadcasts to g's shape -> g summed back to shape. Serial: output rows
+// may receive many input rows; it sums in place without a race.
 Tensor sum_to(const Tensor& g_, const Shape& shape) {
-  if (g_.shape() == shape) return g_;
-#ifdef MOEVIT_CUDA
-  if (on_cuda("sum_to", {&g_})) {
-    MV_CHECK(broadcast_shape(shape, g_.shape(), "sum_to") == g_.shape(), "sum_to: ", shape_str(shape),
-             " does not broadcast to ", g_.str());
-    const int64_t C = bias_width(shape, g_.shape());
-    if (C >= 0) {  // a bias gradient: column sums over the leading rows
-      const int64_t R = C == 0 ? 0 : g_.numel() / C;
-      return flat_view(cuda::column_sum(flat_view(g_, {R, C})), shape);
-    }
-    Shape keep(g_.shape().size() - shape.size(), 1);  // shape, left-padded with 1s to g's rank
-    keep.insert(keep.end(), shape.begin(), shape.end());
-    return flat_view(cuda::sum_keep(g_, keep), shape);
-  }
-#endif
-  expect_cpu_f32("sum_to", {&g_});
   Tensor g = g_.contiguous();
   const Shape& gs = g.shape();
-  MV_CHECK(broadcast_shape(shape, gs, "sum_to") == gs, "sum_to: ", shape_str(shape),
-           " does not broadcast to ", shape_str(gs));
   Tensor out = Tensor::zeros(shape);
   const Shape so = broadcast_strides(shape, gs);
   const int64_t cols = gs.back(), co = so.back();
   const float* pg = g.data<float>();
   float* po = out.data<float>();
-  // Serial: output rows may receive many input rows. Sums in place without a race.
   for (int64_t r = 0, rows = g.numel() / std::max<int64_t>(cols, 1); r < rows; ++r) {
     float* ro = po + row_offset(r, gs, so);
     const float* rg = pg + r * cols;
@@ -189,9 +187,98 @@ Tensor sum_to(const Tensor& g_, const Shape& shape) {
   return out;
 }
 
+// x: contiguous -> f(x) for the map named by code (p: pow's exponent)
+Tensor unary_forward(const Tensor& x, Unary code, float p) {
+  return with_unary(code, p, [&](auto f, auto) { return map1(x, f); });
+}
+// x, y = f(x), dy: one shape -> dy * f'(x)
+Tensor unary_backward(const Tensor& x, const Tensor& y, const Tensor& dy, Unary code, float p) {
+  return with_unary(code, p, [&](auto, auto df) { return map_grad(x, y, dy, df); });
+}
+
+// GELU, tanh form (ops/fast_math.h):
+//   y = x/2 (1 + tanh(u)), u = c (x + 0.044715 x^3), c = sqrt(2/pi)
+//   y' = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 * 0.044715 x^2)
+Tensor gelu_forward(const Tensor& x) {
+  return map1(x, [](float v) { return ops::gelu_tanh(v); });
+}
+Tensor gelu_backward(const Tensor& x, const Tensor& dy) {
+  return map_grad(x, x, dy, [](float v, float) { return ops::gelu_tanh_grad(v); });
+}
+
+// mask, a, b: shapes that broadcast to one -> a where mask != 0, else b
+Tensor where(const Tensor& mask, const Tensor& a, const Tensor& b) {
+  const Shape s = ops::broadcast_shape(ops::broadcast_shape(mask.shape(), a.shape(), "where"), b.shape(), "where");
+  auto expand_to = [&](const Tensor& x) {  // x materialised at the output's shape
+    return x.shape() == s ? x.contiguous() : map2(x, Tensor::zeros(s), [](float v, float) { return v; });
+  };
+  Tensor m = expand_to(mask), ea = expand_to(a), eb = expand_to(b);
+  Tensor out = Tensor::empty(s);
+  const float *pm = m.data<float>(), *pa = ea.data<float>(), *pb = eb.data<float>();
+  float* po = out.data<float>();
+  for (int64_t i = 0, n = out.numel(); i < n; ++i) po[i] = pm[i] != 0.f ? pa[i] : pb[i];
+  return out;
+}
+
+// x, mask: broadcasts to x -> value where mask != 0, else x
+Tensor masked_fill(const Tensor& x, const Tensor& mask, float value) {
+  return map2(x, mask, [value](float v, float mv) { return mv != 0.f ? value : v; });
+}
+
+// g, mask: broadcasts to g -> g where (mask != 0) == set, else 0 (where's and masked_fill's
+// backward)
+Tensor mask_select(const Tensor& g, const Tensor& mask, bool set) {
+  return map2(g, mask, [set](float v, float mv) { return (mv != 0.f) == set ? v : 0.f; });
+}
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+using autograd::record;
+
+namespace {
+
+// a (op) b on the inputs' device, after the op's own checks.
+Tensor binary_op(const char* op, const Tensor& a, const Tensor& b, Binary kind) {
+  const OpDevice dev = device_of(op, {&a, &b});
+  expect_f32(op, {&a, &b});
+  broadcast_shape(a.shape(), b.shape(), op);  // the op's own message for shapes that do not fit
+  return MV_KERNEL(binary)(dev, a, b, kind);
+}
+
+// alpha x + beta on the input's device.
+Tensor scalar_op(const char* op, const Tensor& x, float alpha, float beta) {
+  const OpDevice dev = device_of(op, {&x});
+  expect_f32(op, {&x});
+  return MV_KERNEL(axpby)(dev, x.contiguous(), Tensor(), alpha, beta);
+}
+
+// y = f(x) for the map named by code, whose derivative the backward kernel writes with x and y.
+Tensor unary_op(const char* op, const Tensor& x, Unary code, float p = 0.f) {
+  const OpDevice dev = device_of(op, {&x});
+  expect_f32(op, {&x});
+  const Tensor xc = x.contiguous();
+  Tensor y = MV_KERNEL(unary_forward)(dev, xc, code, p);
+  return record(op, y, {x}, [dev, xd = xc.detach(), yd = y.detach(), code, p](const Tensor& g) {
+    return std::vector<Tensor>{MV_KERNEL(unary_backward)(dev, xd, yd, g.contiguous(), code, p)};
+  });
+}
+
+}  // namespace
+
+Tensor sum_to(const Tensor& g, const Shape& shape) {
+  if (g.shape() == shape) return g;
+  const OpDevice dev = device_of("sum_to", {&g});
+  expect_f32("sum_to", {&g});
+  MV_CHECK(broadcast_shape(shape, g.shape(), "sum_to") == g.shape(), "sum_to: ", shape_str(shape),
+           " does not broadcast to ", g.str());
+  return MV_KERNEL(sum_to)(dev, g, shape);
+}
+
 // d(a+b) = (g, g)
 Tensor add(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_forward("add", a, b, cuda::Binary::Add, [](float x, float y) { return x + y; });
+  Tensor out = binary_op("add", a, b, Binary::Add);
   return record("add", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
     return std::vector<Tensor>{sum_to(g, sa), sum_to(g, sb)};
   });
@@ -199,7 +286,7 @@ Tensor add(const Tensor& a, const Tensor& b) {
 
 // d(a-b) = (g, -g)
 Tensor sub(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_forward("sub", a, b, cuda::Binary::Sub, [](float x, float y) { return x - y; });
+  Tensor out = binary_op("sub", a, b, Binary::Sub);
   return record("sub", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
     return std::vector<Tensor>{sum_to(g, sa), sum_to(neg(g), sb)};
   });
@@ -207,7 +294,7 @@ Tensor sub(const Tensor& a, const Tensor& b) {
 
 // d(a*b) = (g*b, g*a)
 Tensor mul(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_forward("mul", a, b, cuda::Binary::Mul, [](float x, float y) { return x * y; });
+  Tensor out = binary_op("mul", a, b, Binary::Mul);
   const bool ga = a.requires_grad(), gb = b.requires_grad();
   return record("mul", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb](const Tensor& g) {
     return std::vector<Tensor>{ga ? sum_to(mul(g, bd), ad.shape()) : Tensor(),
@@ -217,7 +304,7 @@ Tensor mul(const Tensor& a, const Tensor& b) {
 
 // d(a/b) = (g/b, -g*a/b^2)
 Tensor div(const Tensor& a, const Tensor& b) {
-  Tensor out = binary_forward("div", a, b, cuda::Binary::Div, [](float x, float y) { return x / y; });
+  Tensor out = binary_op("div", a, b, Binary::Div);
   const bool ga = a.requires_grad(), gb = b.requires_grad();
   return record("div", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb](const Tensor& g) {
     Tensor gq = div(g, bd);
@@ -228,151 +315,66 @@ Tensor div(const Tensor& a, const Tensor& b) {
 
 // d(a+s) = g
 Tensor add(const Tensor& a, float s) {
-  Tensor out = scalar_forward("add", a, 1.f, s, [s](float x) { return x + s; });
+  Tensor out = scalar_op("add", a, 1.f, s);
   return record("add_scalar", out, {a}, [](const Tensor& g) { return std::vector<Tensor>{g}; });
 }
 
 // d(a*s) = g*s
 Tensor mul(const Tensor& a, float s) {
-  Tensor out = scalar_forward("mul", a, s, 0.f, [s](float x) { return x * s; });
+  Tensor out = scalar_op("mul", a, s, 0.f);
   return record("mul_scalar", out, {a}, [s](const Tensor& g) { return std::vector<Tensor>{mul(g, s)}; });
 }
 
 // d(-x) = -g
 Tensor neg(const Tensor& x) {
-  Tensor out = scalar_forward("neg", x, -1.f, 0.f, [](float v) { return -v; });
+  Tensor out = scalar_op("neg", x, -1.f, 0.f);
   return record("neg", out, {x}, [](const Tensor& g) { return std::vector<Tensor>{neg(g)}; });
 }
 
-// Unary op on the CPU whose derivative is a function of (x, y): backward = g * df(x, y).
-template <class F, class DF>
-static Tensor unary_cpu(const char* name, const Tensor& x, F f, DF df) {
-  Tensor y = unary_kernel(name, x, f);
-  if (!autograd::needs_graph({x})) return y;
-  return record(name, y, {x}, [xd = x.detach(), yd = y.detach(), df](const Tensor& g) {
-    Tensor gc = g.contiguous();
-    Tensor gx = Tensor::empty(xd.shape());
-    const float *pg = gc.data<float>(), *px = xd.contiguous().data<float>(), *py = yd.data<float>();
-    float* po = gx.data<float>();
-    parallel_for(gx.numel(), 4, [&](int64_t s, int64_t e) {
-      for (int64_t i = s; i < e; ++i) po[i] = pg[i] * df(px[i], py[i]);
-    });
-    return std::vector<Tensor>{gx};
+// The derivatives of these maps are written next to them in cpu::with_unary.
+Tensor exp(const Tensor& x) { return unary_op("exp", x, Unary::Exp); }
+Tensor log(const Tensor& x) { return unary_op("log", x, Unary::Log); }
+Tensor sqrt(const Tensor& x) { return unary_op("sqrt", x, Unary::Sqrt); }
+Tensor rsqrt(const Tensor& x) { return unary_op("rsqrt", x, Unary::Rsqrt); }
+Tensor tanh(const Tensor& x) { return unary_op("tanh", x, Unary::Tanh); }
+Tensor pow(const Tensor& x, float p) { return unary_op("pow", x, Unary::Pow, p); }
+Tensor relu(const Tensor& x) { return unary_op("relu", x, Unary::Relu); }
+Tensor normal_cdf(const Tensor& x) { return unary_op("normal_cdf", x, Unary::NormalCdf); }
+
+// The tanh form has kernels of its own (the MLP's hot path); the erf form is a unary map.
+Tensor gelu(const Tensor& x, GeluForm form) {
+  if (form == GeluForm::Erf) return unary_op("gelu_erf", x, Unary::GeluErf);
+  const OpDevice dev = device_of("gelu", {&x});
+  expect_f32("gelu", {&x});
+  const Tensor xc = x.contiguous();
+  Tensor y = MV_KERNEL(gelu_forward)(dev, xc);
+  return record("gelu", y, {x}, [dev, xd = xc.detach()](const Tensor& g) {
+    return std::vector<Tensor>{MV_KERNEL(gelu_backward)(dev, xd, g.contiguous())};
   });
 }
 
-// The same on either device: on CUDA, the map and its derivative are the kernel's `code`
-// (p: pow's exponent).
-template <class F, class DF>
-static Tensor unary_op(const char* name, const Tensor& x, cuda::Unary code, float p, F f, DF df) {
-#ifdef MOEVIT_CUDA
-  if (on_cuda(name, {&x})) {
-    const Tensor xc = x.contiguous();
-    Tensor y = cuda::unary_forward(xc, code, p);
-    if (!autograd::needs_graph({x})) return y;
-    return record(name, y, {x}, [xd = xc.detach(), yd = y.detach(), code, p](const Tensor& g) {
-      return std::vector<Tensor>{cuda::unary_backward(xd, yd, g.contiguous(), code, p)};
-    });
-  }
-#endif
-  (void)code, (void)p;
-  return unary_cpu(name, x, f, df);
-}
-
-// exp' = y
-Tensor exp(const Tensor& x) {
-  return unary_op("exp", x, cuda::Unary::Exp, 0.f, [](float v) { return std::exp(v); }, [](float, float y) { return y; });
-}
-// log' = 1/x
-Tensor log(const Tensor& x) {
-  return unary_op("log", x, cuda::Unary::Log, 0.f, [](float v) { return std::log(v); }, [](float v, float) { return 1.0f / v; });
-}
-// sqrt' = 1/(2y)
-Tensor sqrt(const Tensor& x) {
-  return unary_op("sqrt", x, cuda::Unary::Sqrt, 0.f, [](float v) { return std::sqrt(v); },
-                  [](float, float y) { return 0.5f / y; });
-}
-// rsqrt' = -y^3/2
-Tensor rsqrt(const Tensor& x) {
-  return unary_op("rsqrt", x, cuda::Unary::Rsqrt, 0.f, [](float v) { return 1.0f / std::sqrt(v); },
-                  [](float, float y) { return -0.5f * y * y * y; });
-}
-// tanh' = 1 - y^2
-Tensor tanh(const Tensor& x) {
-  return unary_op("tanh", x, cuda::Unary::Tanh, 0.f, [](float v) { return fast_tanh(v); },
-                  [](float, float y) { return 1.0f - y * y; });
-}
-// (x^p)' = p x^(p-1)
-Tensor pow(const Tensor& x, float p) {
-  return unary_op("pow", x, cuda::Unary::Pow, p, [p](float v) { return std::pow(v, p); },
-                  [p](float v, float) { return p * std::pow(v, p - 1.0f); });
-}
-// relu' = [x > 0]
-Tensor relu(const Tensor& x) {
-  return unary_op("relu", x, cuda::Unary::Relu, 0.f, [](float v) { return v > 0.f ? v : 0.f; },
-                  [](float v, float) { return v > 0.f ? 1.f : 0.f; });
-}
-
-// tanh form: y = x/2 (1 + tanh(u)), u = c (x + 0.044715 x^3), c = sqrt(2/pi)
-//   y' = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 * 0.044715 x^2)
-// erf form: y = x Phi(x); y' = Phi(x) + x phi(x)
-Tensor gelu(const Tensor& x, GeluForm form) {
-  constexpr float inv_sqrt2 = 0.7071067811865476f, inv_sqrt2pi = 0.3989422804014327f;
-  if (form == GeluForm::Erf)
-    return unary_op(
-        "gelu_erf", x, cuda::Unary::GeluErf, 0.f, [](float v) { return 0.5f * v * (1.f + std::erf(v * inv_sqrt2)); },
-        [](float v, float) {
-          return 0.5f * (1.f + std::erf(v * inv_sqrt2)) + v * inv_sqrt2pi * std::exp(-0.5f * v * v);
-        });
-#ifdef MOEVIT_CUDA
-  if (on_cuda("gelu", {&x})) {  // the tanh form has its own kernels (the MLP's hot path)
-    Tensor y = cuda::gelu_forward(x.contiguous());
-    if (!autograd::needs_graph({x})) return y;
-    return record("gelu", y, {x}, [xd = x.detach().contiguous()](const Tensor& g) {
-      return std::vector<Tensor>{cuda::gelu_backward(xd, g.contiguous())};
-    });
-  }
-#endif
-  return unary_cpu("gelu", x, [](float v) { return gelu_tanh(v); }, [](float v, float) { return gelu_tanh_grad(v); });
-}
-
-// Phi'(x) = phi(x) = exp(-x^2/2) / sqrt(2 pi)
-Tensor normal_cdf(const Tensor& x) {
-  return unary_op("normal_cdf", x, cuda::Unary::NormalCdf, 0.f, [](float v) { return fast_normal_cdf(v); },
-                  [](float v, float) { return fast_normal_pdf(v); });
-}
-
-// x materialised at a shape it broadcasts to (no autograd).
-static Tensor expand_to(const Tensor& x, const Shape& shape) {
-  if (x.shape() == shape) return x.contiguous();
-  return binary_kernel("expand", x, Tensor::zeros(shape), [](float v, float) { return v; });
-}
-
-// d where = (g * m, g * (1 - m)) reduced to a's and b's shapes; no gradient for the mask
+// d where = (g where mask, g where not mask), reduced to a's and b's shapes; no gradient for the
+// mask
 Tensor where(const Tensor& mask, const Tensor& a, const Tensor& b) {
-  expect_cpu_f32("where", {&mask, &a, &b});
+  const OpDevice dev = device_of("where", {&mask, &a, &b});
+  expect_f32("where", {&mask, &a, &b});
   const Shape s = broadcast_shape(broadcast_shape(mask.shape(), a.shape(), "where"), b.shape(), "where");
-  Tensor m = expand_to(mask, s), ea = expand_to(a, s), eb = expand_to(b, s);
-  Tensor out = Tensor::empty(s);
-  const float *pm = m.data<float>(), *pa = ea.data<float>(), *pb = eb.data<float>();
-  float* po = out.data<float>();
-  for (int64_t i = 0, n = out.numel(); i < n; ++i) po[i] = pm[i] != 0.f ? pa[i] : pb[i];
-  return record("where", out, {a, b}, [m, sa = a.shape(), sb = b.shape()](const Tensor& g) {
-    Tensor gm = binary_kernel("where", g, m, [](float v, float mv) { return mv != 0.f ? v : 0.f; });
-    return std::vector<Tensor>{sum_to(gm, sa), sum_to(sub(g, gm), sb)};
+  Tensor out = MV_CPU_KERNEL(where)(dev, mask, a, b);
+  return record("where", out, {a, b}, [dev, m = mask.detach(), sa = a.shape(), sb = b.shape()](const Tensor& g) {
+    return std::vector<Tensor>{sum_to(MV_CPU_KERNEL(mask_select)(dev, g, m, true), sa),
+                               sum_to(MV_CPU_KERNEL(mask_select)(dev, g, m, false), sb)};
   });
 }
 
 // d masked_fill = g where the mask is zero
 Tensor masked_fill(const Tensor& x, const Tensor& mask, float value) {
-  expect_cpu_f32("masked_fill", {&x, &mask});
+  const OpDevice dev = device_of("masked_fill", {&x, &mask});
+  expect_f32("masked_fill", {&x, &mask});
   MV_CHECK(broadcast_shape(x.shape(), mask.shape(), "masked_fill") == x.shape(), "masked_fill: mask ",
            mask.str(), " must broadcast to x ", x.str());
-  Tensor out = binary_kernel("masked_fill", x, mask,
-                             [value](float v, float mv) { return mv != 0.f ? value : v; });
-  return record("masked_fill", out, {x}, [md = mask.detach()](const Tensor& g) {
-    return std::vector<Tensor>{binary_kernel("masked_fill", g, md,
-                                             [](float v, float mv) { return mv != 0.f ? 0.f : v; })};
+  Tensor out = MV_CPU_KERNEL(masked_fill)(dev, x, mask, value);
+  return record("masked_fill", out, {x}, [dev, md = mask.detach()](const Tensor& g) {
+    return std::vector<Tensor>{MV_CPU_KERNEL(mask_select)(dev, g, md, false)};
   });
 }
 

@@ -1,6 +1,6 @@
-// The expert MLP, fused, on the CPU: expert_mlp (both expert layers and the GELU between them, on
+// The expert MLP, fused (CPU kernels only so far): expert_mlp (both expert layers and the GELU between them, on
 // packed expert buffers) and moe_mlp (the same with dispatch and combine folded in). One driver
-// runs both: the rows in use of all experts, cut over the threads as ops/expert_rows.h cuts them,
+// runs both: the rows in use of all experts, cut over the threads as ops/moe_cpu.h cuts them,
 // go through in blocks of kMlpBlock rows of one expert, and every product of a block runs while
 // the block is in cache.
 //
@@ -11,7 +11,7 @@
 // Saved for backward: hid and dgelu (the rows in use only). The weight gradients are summed block
 // by block while dy and da are at hand, so neither is written out as an (E, M, .) tensor. The
 // piece of rows that starts expert e's rows writes e's gradients; a piece that goes on with an
-// expert begun in an earlier share (at most one per share, ops/expert_rows.h) writes that share's
+// expert begun in an earlier share (at most one per share, ops/moe_cpu.h) writes that share's
 // side buffer, added in after the join.
 //
 // The two ops differ only in where a block's rows come from and go to. expert_mlp reads x and dy
@@ -31,16 +31,23 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
-#include "ops/expert_rows.h"
+#include "ops/dispatch.h"
 #include "ops/fast_math.h"
 #include "ops/matmul.h"
 #include "ops/moe.h"
+#include "ops/moe_cpu.h"
 
-namespace mv::ops {
+namespace mv::cpu {
 
-using autograd::record;
-using detail::for_expert_rows;
-using detail::gemm_on_thread;
+using ops::Assignment;
+using ops::ExpertMlpGrads;
+using ops::ExpertMlpNeeds;
+using ops::ExpertMlpOut;
+using ops::ExpertWeights;
+using ops::gelu_tanh;
+using ops::gelu_tanh_both;
+using ops::lane_sum;
+using ops::detail::gemm_on_thread;
 
 namespace {
 
@@ -53,26 +60,6 @@ struct Mlp {
   const float *w1t = nullptr, *w2t = nullptr;
   int64_t M, d, H, O;
 };
-
-// Checks the weights against E experts of width d and returns (H, O).
-std::pair<int64_t, int64_t> check_weights(const char* op, int64_t E, int64_t d, const Tensor& x, const Tensor& w1,
-                                          const Tensor& b1, const Tensor& w2, const Tensor& b2) {
-  expect_cpu_f32(op, {&w1, &w2});
-  if (b1.defined()) expect_cpu_f32(op, {&b1});
-  if (b2.defined()) expect_cpu_f32(op, {&b2});
-  MV_CHECK(w1.ndim() == 3 && w2.ndim() == 3, op, ": expected w1 (E, d, h) and w2 (E, h, o), got w1 ", w1.str(),
-           " and w2 ", w2.str());
-  const int64_t H = w1.size(2), O = w2.size(2);
-  MV_CHECK(w1.size(0) == E && w1.size(1) == d, op, ": w1 ", w1.str(), " must be (", E, ", ", d, ", h) for x ",
-           x.str());
-  MV_CHECK(w2.size(0) == E && w2.size(1) == H, op, ": w2 ", w2.str(), " must be (", E, ", ", H, ", o) for w1 ",
-           w1.str());
-  MV_CHECK(!b1.defined() || b1.shape() == Shape({E, H}), op, ": b1 ", b1.str(), " must be (", E, ", ", H,
-           ") for w1 ", w1.str());
-  MV_CHECK(!b2.defined() || b2.shape() == Shape({E, O}), op, ": b2 ", b2.str(), " must be (", E, ", ", O,
-           ") for w2 ", w2.str());
-  return {H, O};
-}
 
 // One block of n rows of expert e: x (n, d) -> hid, dgelu (n, H; dgelu may be null), out (n, O).
 void block_forward(const Mlp& m, int64_t e, int64_t n, const float* x, float* hid, float* dgelu, float* out) {
@@ -209,12 +196,12 @@ void mlp_backward(const Mlp& m, const std::vector<int64_t>& rows, Rows rows_of, 
   }
 }
 
-// The graph's gradient tensors for the weights that need one.
+// The gradient tensors for the weights that need one.
 struct WeightGradTensors {
   Tensor dw1, db1, dw2, db2;
-  WeightGradTensors(bool g1, bool gb1, bool g2, bool gb2, int64_t E, int64_t d, int64_t H, int64_t O)
-      : dw1(g1 ? Tensor::empty({E, d, H}) : Tensor()), db1(gb1 ? Tensor::empty({E, H}) : Tensor()),
-        dw2(g2 ? Tensor::empty({E, H, O}) : Tensor()), db2(gb2 ? Tensor::empty({E, O}) : Tensor()) {}
+  WeightGradTensors(const ExpertMlpNeeds& need, int64_t E, int64_t d, int64_t H, int64_t O)
+      : dw1(need.w1 ? Tensor::empty({E, d, H}) : Tensor()), db1(need.b1 ? Tensor::empty({E, H}) : Tensor()),
+        dw2(need.w2 ? Tensor::empty({E, H, O}) : Tensor()), db2(need.b2 ? Tensor::empty({E, O}) : Tensor()) {}
   Grads pointers() {
     auto p = [](Tensor& t) { return t.defined() ? t.data<float>() : nullptr; };
     return Grads{p(dw1), p(db1), p(dw2), p(db2)};
@@ -223,75 +210,74 @@ struct WeightGradTensors {
 
 const float* data_or_null(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
 
-}  // namespace
-
-// expert_mlp: the driver on (E, M, .) buffers, reading x and dy in place.
-Tensor expert_mlp(const Tensor& x_, const Tensor& w1_, const Tensor& b1_, const Tensor& w2_, const Tensor& b2_,
-                  const Tensor& rows_) {
-  expect_cpu_f32("expert_mlp", {&x_});
-  MV_CHECK(x_.ndim() == 3, "expert_mlp: expected x (E, M, d), got x ", x_.str());
-  const int64_t E = x_.size(0), M = x_.size(1), d = x_.size(2);
-  const auto [H, O] = check_weights("expert_mlp", E, d, x_, w1_, b1_, w2_, b2_);
-  const std::vector<int64_t> rows = detail::expert_rows("expert_mlp", rows_, E, M, x_);
-  const Tensor x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
-  const Tensor b1 = b1_.defined() ? b1_.contiguous() : Tensor(), b2 = b2_.defined() ? b2_.contiguous() : Tensor();
-  const Mlp m{w1.data<float>(), data_or_null(b1), w2.data<float>(), data_or_null(b2), nullptr, nullptr, M, d, H, O};
-  const bool graph = autograd::needs_graph({x_, w1_, b1_, w2_, b2_});
-  // Rows past rows[e] of hid and dgelu are never written nor read.
-  Tensor hid = Tensor::empty({E, M, H}), dgelu = graph ? Tensor::empty({E, M, H}) : Tensor();
-  Tensor out = Tensor::empty({E, M, O});
-  const float* px = x.data<float>();
-  mlp_forward(
-      m, rows, [px, d](int64_t, int64_t i0, int64_t, float*) { return px + i0 * d; }, hid.data<float>(),
-      graph ? dgelu.data<float>() : nullptr, out.data<float>(), true);
-  if (!graph) return out;
-  const bool gx = x_.requires_grad();
-  const bool g1 = w1_.requires_grad(), gb1 = b1_.defined() && b1_.requires_grad();
-  const bool g2 = w2_.requires_grad(), gb2 = b2_.defined() && b2_.requires_grad();
-  return record("expert_mlp", out, {x_, w1_, b1_, w2_, b2_},
-                [x = x.detach(), w1 = w1.detach(), w2 = w2.detach(), hid, dgelu, rows, m, gx, g1, gb1, g2, gb2, E](
-                    const Tensor& g_) {
-                  const Tensor g = g_.contiguous(), w1t = detail::transposed_weights(w1),
-                               w2t = detail::transposed_weights(w2);
-                  Mlp mb = m;
-                  mb.w1t = w1t.data<float>(), mb.w2t = w2t.data<float>();
-                  const float* px = x.data<float>();
-                  const float* pg = g.data<float>();
-                  const int64_t d = m.d, O = m.O;
-                  Tensor dx = gx ? Tensor::empty({E, m.M, d}) : Tensor();
-                  WeightGradTensors wg(g1, gb1, g2, gb2, E, d, m.H, O);
-                  mlp_backward(
-                      mb, rows,
-                      [px, pg, d, O](int64_t, int64_t i0, int64_t, float*, float*, const float*& xr, const float*& dy) {
-                        xr = px + i0 * d, dy = pg + i0 * O;
-                      },
-                      hid.data<float>(), dgelu.data<float>(), gx ? dx.data<float>() : nullptr, wg.pointers(), true);
-                  return std::vector<Tensor>{dx, wg.dw1, wg.db1, wg.dw2, wg.db2};
-                });
+// The weights' pointers and sizes for buffers of M rows per expert; with the transposes for the
+// backward.
+Mlp mlp_of(const ExpertWeights& w, int64_t M, bool backward, Tensor* w1t, Tensor* w2t) {
+  Mlp m{w.w1.data<float>(), data_or_null(w.b1), w.w2.data<float>(), data_or_null(w.b2), nullptr, nullptr,
+        M, w.w1.size(1), w.w1.size(2), w.w2.size(2)};
+  if (backward) {
+    *w1t = transposed_weights(w.w1), *w2t = transposed_weights(w.w2);
+    m.w1t = w1t->data<float>(), m.w2t = w2t->data<float>();
+  }
+  return m;
 }
 
-// moe_mlp: the driver with dispatch and combine folded in. Forward: each block's x rows gathered
-// from the tokens; the expert outputs y (E, R, O) are kept, and combine sums each token's rows of
-// them. Backward: each block's dy = weight * g_out[token] gathered the same way, the weight's
-// gradient g_out[token] . y taken alongside (combine's backward); the tokens' gradient is the sum
-// of their rows of dx (dispatch's backward).
-Tensor moe_mlp(const Tensor& x_, const Assignment& a, const Tensor& w1_, const Tensor& b1_, const Tensor& w2_,
-               const Tensor& b2_) {
-  expect_cpu_f32("moe_mlp", {&x_});
-  MV_CHECK(x_.ndim() == 3, "moe_mlp: x must be (G, N, d), got ", x_.str());
-  detail::check_assignment("moe_mlp", a, true);
+}  // namespace
+
+// x: (E, M, d), weights (ops/moe.h), rows: (E,) I64 or undefined -> out (E, M, O) and, with
+// for_backward, hid and dgelu. Reads x in place.
+ExpertMlpOut expert_mlp_forward(const Tensor& x_, const ExpertWeights& w, const Tensor& rows_, bool for_backward) {
+  const int64_t E = x_.size(0), M = x_.size(1), d = x_.size(2);
+  const std::vector<int64_t> rows = expert_rows("expert_mlp", rows_, E, M, x_);
+  const Tensor x = x_.contiguous();
+  const Mlp m = mlp_of(w, M, false, nullptr, nullptr);
+  // Rows past rows[e] of hid and dgelu are never written nor read.
+  ExpertMlpOut o{Tensor::empty({E, M, m.O}), Tensor::empty({E, M, m.H}),
+                 for_backward ? Tensor::empty({E, M, m.H}) : Tensor(), Tensor()};
+  const float* px = x.data<float>();
+  mlp_forward(
+      m, rows, [px, d](int64_t, int64_t i0, int64_t, float*) { return px + i0 * d; }, o.hid.data<float>(),
+      for_backward ? o.dgelu.data<float>() : nullptr, o.out.data<float>(), true);
+  return o;
+}
+
+// dy: (E, M, O), x and weights as in the forward, saved: its hid and dgelu -> the gradients
+// asked for; x and dy are read in place.
+ExpertMlpGrads expert_mlp_backward(const Tensor& dy, const Tensor& x_, const ExpertWeights& w, const Tensor& rows_,
+                                   const ExpertMlpOut& saved, const ExpertMlpNeeds& need) {
+  const int64_t E = x_.size(0), M = x_.size(1), d = x_.size(2);
+  const std::vector<int64_t> rows = expert_rows("expert_mlp", rows_, E, M, x_);
+  const Tensor g = dy.contiguous(), x = x_.contiguous();
+  Tensor w1t, w2t;
+  const Mlp m = mlp_of(w, M, true, &w1t, &w2t);
+  const float* px = x.data<float>();
+  const float* pg = g.data<float>();
+  const int64_t O = m.O;
+  ExpertMlpGrads o;
+  if (need.x) o.dx = Tensor::empty({E, M, d});
+  WeightGradTensors wg(need, E, d, m.H, O);
+  mlp_backward(
+      m, rows,
+      [px, pg, d, O](int64_t, int64_t i0, int64_t, float*, float*, const float*& xr, const float*& dyr) {
+        xr = px + i0 * d, dyr = pg + i0 * O;
+      },
+      saved.hid.data<float>(), saved.dgelu.data<float>(), need.x ? o.dx.data<float>() : nullptr, wg.pointers(), true);
+  o.dw1 = wg.dw1, o.db1 = wg.db1, o.dw2 = wg.dw2, o.db2 = wg.db2;
+  return o;
+}
+
+// x: (G, N, d), a, weights -> out (G, N, O); keeps y (E, R, O), the expert outputs combine sums,
+// and with for_backward hid and dgelu. Each block's x rows are gathered from the tokens.
+ExpertMlpOut moe_mlp_forward(const Tensor& x_, const Assignment& a, const ExpertWeights& w, bool for_backward) {
+  check_assignment_values("moe_mlp", a);
   const int64_t G = x_.size(0), N = x_.size(1), d = x_.size(2), E = a.token.size(0), R = a.token.size(1);
-  MV_CHECK(G == a.G && N == a.N, "moe_mlp: x ", x_.str(), " does not match the assignment's (G, N) = (", a.G, ", ",
-           a.N, ")");
-  const auto [H, O] = check_weights("moe_mlp", E, d, x_, w1_, b1_, w2_, b2_);
   const std::vector<int64_t> rows = a.rows.to_vector<int64_t>();
-  const Tensor x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
-  const Tensor b1 = b1_.defined() ? b1_.contiguous() : Tensor(), b2 = b2_.defined() ? b2_.contiguous() : Tensor();
-  const Tensor token = a.token.contiguous(), weight = a.weight.contiguous(), token_rows = a.token_rows.contiguous();
-  const Mlp m{w1.data<float>(), data_or_null(b1), w2.data<float>(), data_or_null(b2), nullptr, nullptr, R, d, H, O};
-  const bool graph = autograd::needs_graph({x_, a.weight, w1_, b1_, w2_, b2_});
-  Tensor hid = Tensor::empty({E, R, H}), dgelu = graph ? Tensor::empty({E, R, H}) : Tensor();
-  Tensor y = Tensor::empty({E, R, O});  // rows past rows[e] never written nor read
+  const Tensor x = x_.contiguous();
+  const Tensor token = a.token.contiguous(), weight = a.weight.contiguous();
+  const Mlp m = mlp_of(w, R, false, nullptr, nullptr);
+  ExpertMlpOut o{Tensor::empty({G, N, m.O}), Tensor::empty({E, R, m.H}),
+                 for_backward ? Tensor::empty({E, R, m.H}) : Tensor(),
+                 Tensor::empty({E, R, m.O})};  // rows past rows[e] never written nor read
   const float* px = x.data<float>();
   const int64_t* pt = token.data<int64_t>();
   mlp_forward(
@@ -300,50 +286,134 @@ Tensor moe_mlp(const Tensor& x_, const Assignment& a, const Tensor& w1_, const T
         for (int64_t r = 0; r < n; ++r) std::memcpy(xs + r * d, px + pt[i0 + r] * d, size_t(d) * sizeof(float));
         return static_cast<const float*>(xs);
       },
-      hid.data<float>(), graph ? dgelu.data<float>() : nullptr, y.data<float>(), false);
-  Tensor out = Tensor::empty({G, N, O});
-  detail::sum_token_rows(token_rows, y.data<float>(), weight.data<float>(), O, out.data<float>());
-  if (!graph) return out;
-  const bool gx = x_.requires_grad(), gw = a.weight.requires_grad();
-  const bool g1 = w1_.requires_grad(), gb1 = b1_.defined() && b1_.requires_grad();
-  const bool g2 = w2_.requires_grad(), gb2 = b2_.defined() && b2_.requires_grad();
-  return record(
-      "moe_mlp", out, {x_, a.weight, w1_, b1_, w2_, b2_},
-      [x = x.detach(), w1 = w1.detach(), w2 = w2.detach(), token, weight = weight.detach(), token_rows, hid, dgelu, y,
-       rows, m, gx, gw, g1, gb1, g2, gb2, G, N, E, R](const Tensor& g_) {
-        const Tensor g = g_.contiguous(), w1t = detail::transposed_weights(w1), w2t = detail::transposed_weights(w2);
-        Mlp mb = m;
-        mb.w1t = w1t.data<float>(), mb.w2t = w2t.data<float>();
-        const float* px = x.data<float>();
-        const float* pg = g.data<float>();
-        const float* py = y.data<float>();
-        const float* pw = weight.data<float>();
-        const int64_t* pt = token.data<int64_t>();
-        const int64_t d = m.d, O = m.O;
-        Tensor dweight = gw ? Tensor::zeros({E, R}) : Tensor();
-        float* pdw = gw ? dweight.data<float>() : nullptr;
-        Tensor dxr = gx ? Tensor::empty({E, R, d}) : Tensor();  // rows past rows[e] never written nor read
-        WeightGradTensors wg(g1, gb1, g2, gb2, E, d, m.H, O);
-        mlp_backward(
-            mb, rows,
-            [=](int64_t, int64_t i0, int64_t n, float* xs, float* dys, const float*& xr, const float*& dy) {
-              for (int64_t r = 0; r < n; ++r) {
-                const int64_t i = i0 + r;
-                const float* gr = pg + pt[i] * O;
-                std::memcpy(xs + r * d, px + pt[i] * d, size_t(d) * sizeof(float));
-                for (int64_t j = 0; j < O; ++j) dys[r * O + j] = pw[i] * gr[j];
-                if (pdw) pdw[i] = lane_sum(O, [&](int64_t j) { return gr[j] * py[i * O + j]; });
-              }
-              xr = xs, dy = dys;
-            },
-            hid.data<float>(), dgelu.data<float>(), gx ? dxr.data<float>() : nullptr, wg.pointers(), false);
-        Tensor dx;
-        if (gx) {
-          dx = Tensor::empty({G, N, d});
-          detail::sum_token_rows(token_rows, dxr.data<float>(), nullptr, d, dx.data<float>());
+      o.hid.data<float>(), for_backward ? o.dgelu.data<float>() : nullptr, o.y.data<float>(), false);
+  sum_token_rows(a.token_rows.contiguous(), o.y.data<float>(), weight.data<float>(), m.O, o.out.data<float>());
+  return o;
+}
+
+// dout: (G, N, O) -> the gradients asked for. Each block's dy = weight * dout[token] is gathered
+// the same way, the weight's gradient dout[token] . y taken alongside (combine's backward); the
+// tokens' gradient is the sum of their rows of dx (dispatch's backward).
+ExpertMlpGrads moe_mlp_backward(const Tensor& dout, const Tensor& x_, const Assignment& a, const ExpertWeights& w,
+                                const ExpertMlpOut& saved, const ExpertMlpNeeds& need) {
+  const int64_t G = x_.size(0), N = x_.size(1), d = x_.size(2), E = a.token.size(0), R = a.token.size(1);
+  const std::vector<int64_t> rows = a.rows.to_vector<int64_t>();
+  const Tensor g = dout.contiguous(), x = x_.contiguous();
+  const Tensor token = a.token.contiguous(), weight = a.weight.contiguous();
+  Tensor w1t, w2t;
+  const Mlp m = mlp_of(w, R, true, &w1t, &w2t);
+  const float* px = x.data<float>();
+  const float* pg = g.data<float>();
+  const float* py = saved.y.data<float>();
+  const float* pw = weight.data<float>();
+  const int64_t* pt = token.data<int64_t>();
+  const int64_t O = m.O;
+  ExpertMlpGrads o;
+  if (need.weight) o.dweight = Tensor::zeros({E, R});
+  float* pdw = need.weight ? o.dweight.data<float>() : nullptr;
+  Tensor dxr = need.x ? Tensor::empty({E, R, d}) : Tensor();  // rows past rows[e] never written nor read
+  WeightGradTensors wg(need, E, d, m.H, O);
+  mlp_backward(
+      m, rows,
+      [=](int64_t, int64_t i0, int64_t n, float* xs, float* dys, const float*& xr, const float*& dy) {
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t i = i0 + r;
+          const float* gr = pg + pt[i] * O;
+          std::memcpy(xs + r * d, px + pt[i] * d, size_t(d) * sizeof(float));
+          for (int64_t j = 0; j < O; ++j) dys[r * O + j] = pw[i] * gr[j];
+          if (pdw) pdw[i] = lane_sum(O, [&](int64_t j) { return gr[j] * py[i * O + j]; });
         }
-        return std::vector<Tensor>{dx, dweight, wg.dw1, wg.db1, wg.dw2, wg.db2};
-      });
+        xr = xs, dy = dys;
+      },
+      saved.hid.data<float>(), saved.dgelu.data<float>(), need.x ? dxr.data<float>() : nullptr, wg.pointers(), false);
+  if (need.x) {
+    o.dx = Tensor::empty({G, N, d});
+    sum_token_rows(a.token_rows.contiguous(), dxr.data<float>(), nullptr, d, o.dx.data<float>());
+  }
+  o.dw1 = wg.dw1, o.db1 = wg.db1, o.dw2 = wg.dw2, o.db2 = wg.db2;
+  return o;
+}
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+namespace {
+
+// Checks the weights against E experts of width d and returns (H, O).
+std::pair<int64_t, int64_t> check_weights(const char* op, int64_t E, int64_t d, const Tensor& x, const Tensor& w1,
+                                          const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  expect_f32(op, {&w1, &w2});
+  if (b1.defined()) expect_f32(op, {&b1});
+  if (b2.defined()) expect_f32(op, {&b2});
+  MV_CHECK(w1.ndim() == 3 && w2.ndim() == 3, op, ": expected w1 (E, d, h) and w2 (E, h, o), got w1 ", w1.str(),
+           " and w2 ", w2.str());
+  const int64_t H = w1.size(2), O = w2.size(2);
+  MV_CHECK(w1.size(0) == E && w1.size(1) == d, op, ": w1 ", w1.str(), " must be (", E, ", ", d, ", h) for x ",
+           x.str());
+  MV_CHECK(w2.size(0) == E && w2.size(1) == H, op, ": w2 ", w2.str(), " must be (", E, ", ", H, ", o) for w1 ",
+           w1.str());
+  MV_CHECK(!b1.defined() || b1.shape() == Shape({E, H}), op, ": b1 ", b1.str(), " must be (", E, ", ", H,
+           ") for w1 ", w1.str());
+  MV_CHECK(!b2.defined() || b2.shape() == Shape({E, O}), op, ": b2 ", b2.str(), " must be (", E, ", ", O,
+           ") for w2 ", w2.str());
+  return {H, O};
+}
+
+// The weights as the kernels take them (contiguous), detached for the backward's closure.
+ExpertWeights kernel_weights(const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  auto k = [](const Tensor& t) { return t.defined() ? t.contiguous().detach() : Tensor(); };
+  return {k(w1), k(b1), k(w2), k(b2)};
+}
+
+}  // namespace
+
+Tensor expert_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                  const Tensor& rows) {
+  const OpDevice dev = device_of("expert_mlp", {&x, &w1, &b1, &w2, &b2, &rows});
+  expect_f32("expert_mlp", {&x});
+  MV_CHECK(x.ndim() == 3, "expert_mlp: expected x (E, M, d), got x ", x.str());
+  const int64_t E = x.size(0), d = x.size(2);
+  check_weights("expert_mlp", E, d, x, w1, b1, w2, b2);
+  MV_CHECK(!rows.defined() || (is_i64(rows, 1) && rows.size(0) == E), "expert_mlp: rows ", rows.str(),
+           " must be I64 (", E, ") for x ", x.str());
+  const ExpertWeights w = kernel_weights(w1, b1, w2, b2);
+  const bool graph = autograd::needs_graph({x, w1, b1, w2, b2});
+  ExpertMlpOut f = MV_CPU_KERNEL(expert_mlp_forward)(dev, x, w, rows, graph);
+  const ExpertMlpNeeds need{x.requires_grad(), false, w1.requires_grad(), b1.defined() && b1.requires_grad(),
+                            w2.requires_grad(), b2.defined() && b2.requires_grad()};
+  const Tensor out = f.out;
+  f.out = Tensor();  // the backward keeps hid and dgelu, not its own output
+  return autograd::record("expert_mlp", out, {x, w1, b1, w2, b2},
+                          [dev, xd = x.detach(), w, rows, f, need](const Tensor& g) {
+                            ExpertMlpGrads d = MV_CPU_KERNEL(expert_mlp_backward)(dev, g, xd, w, rows, f, need);
+                            return std::vector<Tensor>{d.dx, d.dw1, d.db1, d.dw2, d.db2};
+                          });
+}
+
+Tensor moe_mlp(const Tensor& x, const Assignment& a, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+               const Tensor& b2) {
+  const OpDevice dev = device_of("moe_mlp", {&x, &a.token, &a.weight, &a.rows, &a.token_rows, &w1, &b1, &w2, &b2});
+  expect_f32("moe_mlp", {&x});
+  MV_CHECK(x.ndim() == 3, "moe_mlp: x must be (G, N, d), got ", x.str());
+  detail::check_assignment("moe_mlp", a, true);
+  MV_CHECK(x.size(0) == a.G && x.size(1) == a.N, "moe_mlp: x ", x.str(), " does not match the assignment's (G, N) = (",
+           a.G, ", ", a.N, ")");
+  check_weights("moe_mlp", a.token.size(0), x.size(2), x, w1, b1, w2, b2);
+  const ExpertWeights w = kernel_weights(w1, b1, w2, b2);
+  const bool graph = autograd::needs_graph({x, a.weight, w1, b1, w2, b2});
+  ExpertMlpOut f = MV_CPU_KERNEL(moe_mlp_forward)(dev, x, a, w, graph);
+  const ExpertMlpNeeds need{x.requires_grad(), a.weight.requires_grad(), w1.requires_grad(),
+                            b1.defined() && b1.requires_grad(), w2.requires_grad(), b2.defined() && b2.requires_grad()};
+  const Tensor out = f.out;
+  f.out = Tensor();
+  Assignment saved = a;
+  saved.weight = a.weight.detach();
+  return autograd::record("moe_mlp", out, {x, a.weight, w1, b1, w2, b2},
+                          [dev, xd = x.detach(), saved, w, f, need](const Tensor& g) {
+                            ExpertMlpGrads d = MV_CPU_KERNEL(moe_mlp_backward)(dev, g, xd, saved, w, f, need);
+                            return std::vector<Tensor>{d.dx, d.dweight, d.dw1, d.db1, d.dw2, d.db2};
+                          });
 }
 
 }  // namespace mv::ops

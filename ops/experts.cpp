@@ -1,6 +1,6 @@
-// expert_matmul on the CPU: one batched product over all experts' packed buffers. Only the rows in
+// expert_matmul (CPU kernels only so far): one batched product over all experts' packed buffers. Only the rows in
 // use are multiplied (ops/moe.h explains the packed buffers); all experts' pieces are spread over
-// the threads in one fork-join (ops/expert_rows.h). The fused expert MLP is in ops/expert_mlp.cpp.
+// the threads in one fork-join (ops/moe_cpu.h). The fused expert MLP is in ops/expert_mlp.cpp.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -8,35 +8,27 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
-#include "ops/expert_rows.h"
+#include "ops/dispatch.h"
 #include "ops/matmul.h"
 #include "ops/moe.h"
+#include "ops/moe_cpu.h"
 #include "ops/shape.h"
 
-namespace mv::ops {
+namespace mv::cpu {
 
-namespace detail {
+using ops::detail::gemm_on_thread;
 
-Tensor transposed_weights(const Tensor& w) { return transpose(w, 1, 2).contiguous(); }
+Tensor transposed_weights(const Tensor& w) { return ops::transpose(w, 1, 2).contiguous(); }
 
 std::vector<int64_t> expert_rows(const char* op, const Tensor& rows_, int64_t E, int64_t M, const Tensor& x) {
   std::vector<int64_t> rows(size_t(E), M);
   if (!rows_.defined()) return rows;
-  MV_CHECK(is_cpu_i64(rows_, 1) && rows_.size(0) == E, op, ": rows ", rows_.str(), " must be I64 (", E,
-           ") for x ", x.str());
   rows = rows_.to_vector<int64_t>();
   for (int64_t e = 0; e < E; ++e)
     MV_CHECK(rows[size_t(e)] >= 0 && rows[size_t(e)] <= M, op, ": rows[", e, "] = ", rows[size_t(e)],
              " is outside [0, ", M, "] for x ", x.str());
   return rows;
 }
-
-}  // namespace detail
-
-using autograd::record;
-using detail::expert_rows;
-using detail::for_expert_rows;
-using detail::transposed_weights;
 
 namespace {
 
@@ -63,7 +55,7 @@ void expert_weight_grads(const float* px, const float* pg, const std::vector<int
         const float* x = px + (e * M + r0) * d;
         const float* g = pg + (e * M + r0) * h;
         const int64_t n = r1 - r0;
-        if (pdw) detail::gemm_on_thread(d, h, n, x, d, true, g, h, false, dw, h, false);
+        if (pdw) gemm_on_thread(d, h, n, x, d, true, g, h, false, dw, h, false);
         if (pdb) {  // float sums over blocks of 64 rows, the blocks summed in double
           std::vector<double> acc(size_t(h), 0.0);
           std::vector<float> part(static_cast<size_t>(h));
@@ -94,19 +86,10 @@ void expert_weight_grads(const float* px, const float* pg, const std::vector<int
 
 }  // namespace
 
-// out[e, :n_e] = x[e, :n_e] w[e] + b[e], n_e = rows[e];  out[e, n_e:] = 0
-//   dx[e, :n_e] = g[e, :n_e] w[e]^T (0 past n_e);  dw[e] = x[e, :n_e]^T g[e, :n_e];
-//   db[e] = sum over the first n_e rows of g[e]
-Tensor expert_matmul(const Tensor& x_, const Tensor& w_, const Tensor& b_, const Tensor& rows_) {
-  expect_cpu_f32("expert_matmul", {&x_, &w_});
-  if (b_.defined()) expect_cpu_f32("expert_matmul", {&b_});
-  MV_CHECK(x_.ndim() == 3 && w_.ndim() == 3, "expert_matmul: expected x (E, M, d) and w (E, d, h), got x ",
-           x_.str(), " and w ", w_.str());
+// x: (E, M, d), w: (E, d, h), b: (E, h) or undefined, rows: (E,) I64 or undefined
+//   -> out[e, :n_e] = x[e, :n_e] w[e] + b[e], n_e = rows[e];  out[e, n_e:] = 0
+Tensor expert_matmul_forward(const Tensor& x_, const Tensor& w_, const Tensor& b_, const Tensor& rows_) {
   const int64_t E = x_.size(0), M = x_.size(1), d = x_.size(2), h = w_.size(2);
-  MV_CHECK(w_.size(0) == E && w_.size(1) == d, "expert_matmul: w ", w_.str(), " must be (", E, ", ", d,
-           ", h) for x ", x_.str());
-  MV_CHECK(!b_.defined() || b_.shape() == Shape({E, h}), "expert_matmul: bias ", b_.str(), " must be (",
-           E, ", ", h, ") for w ", w_.str());
   const std::vector<int64_t> rows = expert_rows("expert_matmul", rows_, E, M, x_);
   const Tensor x = x_.contiguous(), w = w_.contiguous(), b = b_.defined() ? b_.contiguous() : Tensor();
   const float* px = x.data<float>();
@@ -121,37 +104,67 @@ Tensor expert_matmul(const Tensor& x_, const Tensor& w_, const Tensor& b_, const
         float* o = po + (e * M + r0) * h;
         if (pb)
           for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(o + r * h, pb + e * h, size_t(h) * sizeof(float));
-        detail::gemm_on_thread(r1 - r0, h, d, px + (e * M + r0) * d, d, false, pw + e * d * h, h, false, o, h,
-                               pb != nullptr);
+        gemm_on_thread(r1 - r0, h, d, px + (e * M + r0) * d, d, false, pw + e * d * h, h, false, o, h, pb != nullptr);
       },
       [&](int64_t e) { std::fill(po + (e * M + rows[size_t(e)]) * h, po + (e + 1) * M * h, 0.f); });
-  const bool gx = x_.requires_grad(), gw = w_.requires_grad(), gb = b_.defined() && b_.requires_grad();
-  return record("expert_matmul", out, {x_, w_, b_},
-                [x = x.detach(), w = w.detach(), rows, gx, gw, gb, E, M, d, h](const Tensor& g_) {
-                  const Tensor g = g_.contiguous();
-                  const float* pg = g.data<float>();
-                  const float* px = x.data<float>();
-                  Tensor dx, dw, db;
-                  if (gx) {
-                    dx = Tensor::empty({E, M, d});
-                    float* pdx = dx.data<float>();
-                    const Tensor wt = transposed_weights(w);
-                    const float* pwt = wt.data<float>();
-                    for_expert_rows(
-                        rows, 2 * d * h,
-                        [&](int64_t, int64_t e, int64_t r0, int64_t r1) {
-                          detail::gemm_on_thread(r1 - r0, d, h, pg + (e * M + r0) * h, h, false, pwt + e * h * d, d,
-                                                 false, pdx + (e * M + r0) * d, d, false);
-                        },
-                        [&](int64_t e) { std::fill(pdx + (e * M + rows[size_t(e)]) * d, pdx + (e + 1) * M * d, 0.f); });
-                  }
-                  if (gw) dw = Tensor::empty({E, d, h});
-                  if (gb) db = Tensor::empty({E, h});
-                  if (gw || gb)
-                    expert_weight_grads(px, pg, rows, M, d, h, gw ? dw.data<float>() : nullptr,
-                                        gb ? db.data<float>() : nullptr);
-                  return std::vector<Tensor>{dx, dw, db};
-                });
+  return out;
+}
+
+// dy: (E, M, h) -> dx[e, :n_e] = dy[e, :n_e] w[e]^T (0 past n_e);  dw[e] = x[e, :n_e]^T dy[e, :n_e];
+//   db[e] = sum over the first n_e rows of dy[e]; each only when asked for
+ops::LinearGrads expert_matmul_backward(const Tensor& dy, const Tensor& x_, const Tensor& w, const Tensor& rows_,
+                                        bool need_x, bool need_w, bool need_b) {
+  const int64_t E = x_.size(0), M = x_.size(1), d = x_.size(2), h = w.size(2);
+  const std::vector<int64_t> rows = expert_rows("expert_matmul", rows_, E, M, x_);
+  const Tensor g = dy.contiguous(), x = x_.contiguous();
+  const float* pg = g.data<float>();
+  const float* px = x.data<float>();
+  ops::LinearGrads o;
+  if (need_x) {
+    o.dx = Tensor::empty({E, M, d});
+    float* pdx = o.dx.data<float>();
+    const Tensor wt = transposed_weights(w);
+    const float* pwt = wt.data<float>();
+    for_expert_rows(
+        rows, 2 * d * h,
+        [&](int64_t, int64_t e, int64_t r0, int64_t r1) {
+          gemm_on_thread(r1 - r0, d, h, pg + (e * M + r0) * h, h, false, pwt + e * h * d, d, false,
+                         pdx + (e * M + r0) * d, d, false);
+        },
+        [&](int64_t e) { std::fill(pdx + (e * M + rows[size_t(e)]) * d, pdx + (e + 1) * M * d, 0.f); });
+  }
+  if (need_w) o.dw = Tensor::empty({E, d, h});
+  if (need_b) o.db = Tensor::empty({E, h});
+  if (need_w || need_b)
+    expert_weight_grads(px, pg, rows, M, d, h, need_w ? o.dw.data<float>() : nullptr,
+                        need_b ? o.db.data<float>() : nullptr);
+  return o;
+}
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+Tensor expert_matmul(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& rows) {
+  const OpDevice dev = device_of("expert_matmul", {&x, &w, &b, &rows});
+  expect_f32("expert_matmul", {&x, &w});
+  if (b.defined()) expect_f32("expert_matmul", {&b});
+  MV_CHECK(x.ndim() == 3 && w.ndim() == 3, "expert_matmul: expected x (E, M, d) and w (E, d, h), got x ",
+           x.str(), " and w ", w.str());
+  const int64_t E = x.size(0), d = x.size(2), h = w.size(2);
+  MV_CHECK(w.size(0) == E && w.size(1) == d, "expert_matmul: w ", w.str(), " must be (", E, ", ", d,
+           ", h) for x ", x.str());
+  MV_CHECK(!b.defined() || b.shape() == Shape({E, h}), "expert_matmul: bias ", b.str(), " must be (",
+           E, ", ", h, ") for w ", w.str());
+  MV_CHECK(!rows.defined() || (is_i64(rows, 1) && rows.size(0) == E), "expert_matmul: rows ", rows.str(),
+           " must be I64 (", E, ") for x ", x.str());
+  Tensor out = MV_CPU_KERNEL(expert_matmul_forward)(dev, x, w, b, rows);
+  const bool gx = x.requires_grad(), gw = w.requires_grad(), gb = b.defined() && b.requires_grad();
+  return autograd::record("expert_matmul", out, {x, w, b},
+                          [dev, xd = x.detach(), wd = w.detach(), rows, gx, gw, gb](const Tensor& g) {
+                            LinearGrads d = MV_CPU_KERNEL(expert_matmul_backward)(dev, g, xd, wd, rows, gx, gw, gb);
+                            return std::vector<Tensor>{d.dx, d.dw, d.db};
+                          });
 }
 
 }  // namespace mv::ops

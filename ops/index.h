@@ -1,4 +1,4 @@
-// Indexing ops. Index tensors are I64 on the CPU; every index is checked before any kernel runs,
+// Indexing ops. Index tensors are I64; every index is checked before the kernel's loop runs,
 // and an out-of-range one is reported with its value and the size it had to fit.
 #pragma once
 #include "engine/tensor.h"

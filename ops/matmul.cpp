@@ -1,5 +1,5 @@
-// Matrix products on the CPU: tile_gemm (ops/tile_gemm.h) for the narrow ones, Eigen's GEMM
-// for those large on every side.
+// Matrix products; their CUDA twin is cuda/matmul.cu (cuBLAS). On the CPU: tile_gemm
+// (ops/tile_gemm.h) for the narrow ones, Eigen's GEMM for those large on every side.
 //
 // Every operand is described as a Mat (pointer, leading dimension, transposed flag) over the
 // tensor's own memory: row-major when the last dim has stride 1, column-major when the
@@ -17,10 +17,6 @@
 // whole products per thread instead.
 #include "ops/matmul.h"
 
-#ifdef MOEVIT_CUDA
-#include "cuda/kernels.h"
-#endif
-
 // Eigen 3.4's AVX code trips -Wunused-variable where its templates are instantiated (here), and
 // with AVX-512 GCC 12's own _mm512_undefined_ps trips -Wmaybe-uninitialized inside Eigen.
 #pragma GCC diagnostic ignored "-Wunused-variable"
@@ -33,12 +29,12 @@
 
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
-#include "ops/common.h"
+#include "ops/dispatch.h"
 #include "ops/tile_gemm.h"
 
-namespace mv::ops {
+namespace mv::cpu {
 
-using autograd::record;
+using ops::tile_gemm;
 
 namespace {
 
@@ -270,67 +266,17 @@ void column_sums(const float* g, int64_t rows, int64_t cols, int64_t ld, float* 
 
 }  // namespace
 
-namespace {
-bool g_allow_tf32 = false;
-}
-void set_allow_tf32(bool allow) { g_allow_tf32 = allow; }
-bool allow_tf32() { return g_allow_tf32; }
-
-#ifdef MOEVIT_CUDA
-// ---- CUDA: cuBLAS in full FP32 unless allow_tf32() (off, results match the CPU to fp32 rounding)
-// The backward's transposed operands go to cuBLAS as op(X) = X^T (cuda::matmul_t): no copies.
-
-// a: (..., M, K), b: (K, N) or (..., K, N), shapes already checked.
-static Tensor cuda_matmul(const Tensor& a, const Tensor& b, int64_t M, int64_t N, int64_t K) {
-  const int64_t nb = M * K == 0 ? 0 : a.numel() / (M * K);
-  const bool shared = b.ndim() == 2;
-  Shape out_shape = a.shape();
-  out_shape.back() = N;
-  const bool tf32 = allow_tf32();
-  Tensor out = shared ? cuda::matmul(flat_view(a, {nb * M, K}), b.contiguous(), tf32)
-                      : cuda::matmul(flat_view(a, {nb, M, K}), flat_view(b, {nb, K, N}), tf32);
-  out = flat_view(out, out_shape);
-  if (!autograd::needs_graph({a, b})) return out;
-  const bool ga = a.requires_grad(), gb = b.requires_grad();
-  return record("matmul", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb, shared, nb, M, N, K, tf32](const Tensor& g) {
-    Tensor gA, gB;
-    if (shared) {  // one GEMM over all nb * M rows
-      const Tensor g2 = flat_view(g, {nb * M, N});
-      if (ga) gA = flat_view(cuda::matmul_t(g2, bd.contiguous(), false, true, tf32), ad.shape());  // dA = dY B^T
-      if (gb) gB = cuda::matmul_t(flat_view(ad, {nb * M, K}), g2, true, false, tf32);  // dB = A^T dY
-    } else {
-      const Tensor g3 = flat_view(g, {nb, M, N});
-      if (ga) gA = flat_view(cuda::matmul_t(g3, flat_view(bd, {nb, K, N}), false, true, tf32), ad.shape());
-      if (gb) gB = flat_view(cuda::matmul_t(flat_view(ad, {nb, M, K}), g3, true, false, tf32), bd.shape());
-    }
-    return std::vector<Tensor>{gA, gB};
-  });
-}
-#endif
-
-Tensor matmul(const Tensor& a, const Tensor& b) {
-  const bool gpu = on_cuda("matmul", {&a, &b});
-  if (!gpu) expect_cpu_f32("matmul", {&a, &b});
-  MV_CHECK(a.ndim() >= 2, "matmul: a ", a.str(), " must have at least 2 dims (..., M, K)");
-  MV_CHECK(b.ndim() == 2 || b.ndim() == a.ndim(), "matmul: b ", b.str(),
-           " must be (K, N) or have a's rank ", a.ndim(), " (a is ", a.str(), ")");
-  const int n = a.ndim();
-  const int64_t M = a.shape()[n - 2], K = a.shape()[n - 1], N = b.shape().back();
-  MV_CHECK(b.size(-2) == K, "matmul: ", a.str(), " x ", b.str(), ": inner sizes differ (", K,
-           " vs ", b.size(-2), ")");
-  const bool shared = b.ndim() == 2;
-  if (!shared)
-    MV_CHECK(Shape(a.shape().begin(), a.shape().end() - 2) == Shape(b.shape().begin(), b.shape().end() - 2),
-             "matmul: batch dims of ", a.str(), " and ", b.str(), " differ (no broadcasting)");
-#ifdef MOEVIT_CUDA
-  if (gpu) return cuda_matmul(a, b, M, N, K);
-#endif
+// a: (..., M, K), b: (K, N) (shared) or (..., K, N), any layout -> (..., M, N). tf32: the CPU
+// always computes in FP32.
+Tensor matmul_forward(const Tensor& a, const Tensor& b, bool /*tf32*/) {
+  const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
   Shape out_shape = a.shape();
   out_shape.back() = N;
   Tensor out = Tensor::empty(out_shape);
   float* po = out.data<float>();
   const Operand A = operand(a), B = operand(b);
   const int64_t nb = int64_t(A.off.size());
+  const bool shared = b.ndim() == 2;
   if (shared && A.flat()) {
     gemm(nb * M, N, K, A.m, B.m, po, false);  // one GEMM over all rows
   } else {
@@ -338,37 +284,96 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
       return std::pair{at(A.m, A.off[size_t(i)]), at(B.m, shared ? 0 : B.off[size_t(i)])};
     });
   }
-  if (!autograd::needs_graph({a, b})) return out;
-  const bool ga = a.requires_grad(), gb = b.requires_grad();
-  return record("matmul", out, {a, b}, [ad = a.detach(), bd = b.detach(), ga, gb, shared, M, N, K](const Tensor& g) {
-    Tensor gA, gB;
-    const Operand G = flat_operand(g);  // (..., M, N)
-    const int64_t nb = int64_t(G.off.size());
-    if (ga) {  // dA = dY B^T
-      gA = Tensor::empty(ad.shape());
-      const Operand B = operand(bd);
-      if (shared)
-        gemm(nb * M, K, N, G.m, trans(B.m), gA.data<float>(), false);
-      else
-        batched(nb, M, K, N, gA.data<float>(), false, [&](int64_t i) {
-          return std::pair{at(G.m, G.off[size_t(i)]), trans(at(B.m, B.off[size_t(i)]))};
-        });
-    }
-    if (gb) {  // dB = A^T dY, summed over the rows of every batch when B is shared
-      gB = Tensor::empty(bd.shape());
-      if (shared) {
-        const Operand A = flat_operand(ad);
-        gemm(K, N, nb * M, trans(A.m), G.m, gB.data<float>(), false);
-      } else {
-        const Operand A = operand(ad);
-        batched(nb, K, N, M, gB.data<float>(), false, [&](int64_t i) {
-          return std::pair{trans(at(A.m, A.off[size_t(i)])), at(G.m, G.off[size_t(i)])};
-        });
-      }
-    }
-    return std::vector<Tensor>{gA, gB};
-  });
+  return out;
 }
+
+// dy: (..., M, N) -> dA = dY B^T, dB = A^T dY (summed over the rows of every batch when B is
+// shared), each only when asked for
+ops::MatmulGrads matmul_backward(const Tensor& a, const Tensor& b, const Tensor& dy, bool need_a, bool need_b,
+                                 bool /*tf32*/) {
+  const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
+  const bool shared = b.ndim() == 2;
+  ops::MatmulGrads d;
+  const Operand G = flat_operand(dy);  // (..., M, N)
+  const int64_t nb = int64_t(G.off.size());
+  if (need_a) {
+    d.da = Tensor::empty(a.shape());
+    const Operand B = operand(b);
+    if (shared)
+      gemm(nb * M, K, N, G.m, trans(B.m), d.da.data<float>(), false);
+    else
+      batched(nb, M, K, N, d.da.data<float>(), false, [&](int64_t i) {
+        return std::pair{at(G.m, G.off[size_t(i)]), trans(at(B.m, B.off[size_t(i)]))};
+      });
+  }
+  if (need_b) {
+    d.db = Tensor::empty(b.shape());
+    if (shared) {
+      const Operand A = flat_operand(a);
+      gemm(K, N, nb * M, trans(A.m), G.m, d.db.data<float>(), false);
+    } else {
+      const Operand A = operand(a);
+      batched(nb, K, N, M, d.db.data<float>(), false, [&](int64_t i) {
+        return std::pair{trans(at(A.m, A.off[size_t(i)])), at(G.m, G.off[size_t(i)])};
+      });
+    }
+  }
+  return d;
+}
+
+// x: (..., in), w: (in, out), bias: (out,) or undefined, any layout -> x w + bias: (..., out).
+// The bias is written first and the GEMM accumulates onto it: no extra pass over the output.
+Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor& bias, bool /*tf32*/) {
+  const int64_t in = w.size(0), nout = w.size(1);
+  Shape out_shape = x.shape();
+  out_shape.back() = nout;
+  const int64_t rows = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
+  Tensor out = Tensor::empty(out_shape);
+  float* po = out.data<float>();
+  const Operand X = rows_operand(x), W = operand(w);
+  if (bias.defined()) {
+    const Tensor bc = bias.contiguous();
+    const float* pb = bc.data<float>();
+    parallel_for(rows, nout, [&](int64_t s, int64_t e) {
+      for (int64_t r = s; r < e; ++r) std::memcpy(po + r * nout, pb, size_t(nout) * sizeof(float));
+    });
+  }
+  gemm(rows, nout, in, X.m, W.m, po, bias.defined());
+  return out;
+}
+
+// dy: (..., out) -> dx = dy w^T, dw = x^T dy over all rows, db = column sums of dy, each only
+// when asked for
+ops::LinearGrads linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, bool need_x, bool need_w,
+                                 bool need_b, bool /*tf32*/) {
+  const int64_t in = w.size(0), nout = w.size(1);
+  const int64_t rows = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
+  ops::LinearGrads d;
+  const Operand G = rows_operand(dy);  // (rows, out)
+  if (need_x) {
+    d.dx = Tensor::empty(x.shape());
+    gemm(rows, in, nout, G.m, trans(operand(w).m), d.dx.data<float>(), false);
+  }
+  if (need_w) {
+    d.dw = Tensor::empty(w.shape());
+    gemm(in, nout, rows, trans(rows_operand(x).m), G.m, d.dw.data<float>(), false);
+  }
+  if (need_b) {
+    d.db = Tensor::empty({nout});
+    column_sums(G.m.p, rows, nout, G.m.ld, d.db.data<float>());
+  }
+  return d;
+}
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+namespace {
+bool g_allow_tf32 = false;
+}
+void set_allow_tf32(bool allow) { g_allow_tf32 = allow; }
+bool allow_tf32() { return g_allow_tf32; }
 
 void detail::gemm_on_thread(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, bool trans_a,
                             const float* b, int64_t ldb, bool trans_b, float* c, int64_t ldc, bool accumulate) {
@@ -378,7 +383,28 @@ void detail::gemm_on_thread(int64_t M, int64_t N, int64_t K, const float* a, int
       for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
     return;
   }
-  gemm_serial(M, N, K, Mat{a, lda, trans_a}, Mat{b, ldb, trans_b}, c, ldc, accumulate);
+  cpu::gemm_serial(M, N, K, cpu::Mat{a, lda, trans_a}, cpu::Mat{b, ldb, trans_b}, c, ldc, accumulate);
+}
+
+Tensor matmul(const Tensor& a, const Tensor& b) {
+  const OpDevice dev = device_of("matmul", {&a, &b});
+  expect_f32("matmul", {&a, &b});
+  MV_CHECK(a.ndim() >= 2, "matmul: a ", a.str(), " must have at least 2 dims (..., M, K)");
+  MV_CHECK(b.ndim() == 2 || b.ndim() == a.ndim(), "matmul: b ", b.str(),
+           " must be (K, N) or have a's rank ", a.ndim(), " (a is ", a.str(), ")");
+  const int64_t K = a.size(-1);
+  MV_CHECK(b.size(-2) == K, "matmul: ", a.str(), " x ", b.str(), ": inner sizes differ (", K,
+           " vs ", b.size(-2), ")");
+  if (b.ndim() != 2)
+    MV_CHECK(Shape(a.shape().begin(), a.shape().end() - 2) == Shape(b.shape().begin(), b.shape().end() - 2),
+             "matmul: batch dims of ", a.str(), " and ", b.str(), " differ (no broadcasting)");
+  const bool tf32 = allow_tf32();
+  Tensor out = MV_KERNEL(matmul_forward)(dev, a, b, tf32);
+  const bool ga = a.requires_grad(), gb = b.requires_grad();
+  return autograd::record("matmul", out, {a, b}, [dev, ad = a.detach(), bd = b.detach(), ga, gb, tf32](const Tensor& g) {
+    MatmulGrads d = MV_KERNEL(matmul_backward)(dev, ad, bd, g, ga, gb, tf32);
+    return std::vector<Tensor>{d.da, d.db};
+  });
 }
 
 Tensor bmm(const Tensor& a, const Tensor& b) {
@@ -389,9 +415,9 @@ Tensor bmm(const Tensor& a, const Tensor& b) {
 }
 
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
-  const bool gpu = on_cuda("linear", {&x, &w, &bias});
-  if (!gpu) expect_cpu_f32("linear", {&x, &w});
-  if (!gpu && bias.defined()) expect_cpu_f32("linear", {&bias});
+  const OpDevice dev = device_of("linear", {&x, &w, &bias});
+  expect_f32("linear", {&x, &w});
+  if (bias.defined()) expect_f32("linear", {&bias});
   MV_CHECK(x.ndim() >= 1 && w.ndim() == 2, "linear: expected x (..., in) and w (in, out), got x ", x.str(),
            " and w ", w.str());
   const int64_t in = w.size(0), nout = w.size(1);
@@ -399,61 +425,14 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
            " expects ", in);
   MV_CHECK(!bias.defined() || bias.shape() == Shape{nout}, "linear: bias ", bias.str(), " must be (",
            nout, ") for w ", w.str());
-  Shape out_shape = x.shape();
-  out_shape.back() = nout;
-  const int64_t rows = in > 0 ? x.numel() / in : shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
-#ifdef MOEVIT_CUDA
-  if (gpu) {  // cuBLASLt with the bias fused; full FP32 unless allow_tf32()
-    const Tensor x2 = flat_view(x, {rows, in});
-    const bool tf32 = allow_tf32();
-    Tensor out = flat_view(
-        cuda::linear_forward(x2, w.contiguous(), bias.defined() ? bias.contiguous() : Tensor(), tf32), out_shape);
-    if (!autograd::needs_graph({x, w, bias})) return out;
-    const bool gx = x.requires_grad(), gw = w.requires_grad(), gbias = bias.defined() && bias.requires_grad();
-    return record("linear", out, {x, w, bias},
-                  [x2 = x2.detach(), wd = w.detach(), xs = x.shape(), gx, gw, gbias, rows, nout, tf32](const Tensor& g) {
-                    const Tensor g2 = flat_view(g, {rows, nout});
-                    Tensor dx, dw, db;
-                    if (gx) dx = flat_view(cuda::matmul_t(g2, wd.contiguous(), false, true, tf32), xs);  // dx = dy w^T
-                    if (gw) dw = cuda::matmul_t(x2, g2, true, false, tf32);  // dw = x^T dy
-                    if (gbias) db = cuda::column_sum(g2);                // db = column sums of dy
-                    return std::vector<Tensor>{dx, dw, db};
-                  });
-  }
-#endif
-  Tensor out = Tensor::empty(out_shape);
-  float* po = out.data<float>();
-  const Operand X = rows_operand(x), W = operand(w);
-  // The bias is written first and the GEMM accumulates onto it: no extra pass over the output.
-  if (bias.defined()) {
-    const Tensor bc = bias.contiguous();
-    const float* pb = bc.data<float>();
-    parallel_for(rows, nout, [&](int64_t s, int64_t e) {
-      for (int64_t r = s; r < e; ++r) std::memcpy(po + r * nout, pb, size_t(nout) * sizeof(float));
-    });
-  }
-  gemm(rows, nout, in, X.m, W.m, po, bias.defined());
-  if (!autograd::needs_graph({x, w, bias})) return out;
+  const bool tf32 = allow_tf32();
+  Tensor out = MV_KERNEL(linear_forward)(dev, x, w, bias, tf32);
   const bool gx = x.requires_grad(), gw = w.requires_grad(), gbias = bias.defined() && bias.requires_grad();
-  return record("linear", out, {x, w, bias},
-                [xd = x.detach(), wd = w.detach(), gx, gw, gbias, rows, in, nout](const Tensor& g) {
-                  Tensor dx, dw, db;
-                  const Operand G = rows_operand(g);  // (rows, out)
-                  if (gx) {  // dx = dy w^T
-                    dx = Tensor::empty(xd.shape());
-                    gemm(rows, in, nout, G.m, trans(operand(wd).m), dx.data<float>(), false);
-                  }
-                  if (gw) {  // dw = x^T dy over all rows
-                    dw = Tensor::empty(wd.shape());
-                    const Operand X = rows_operand(xd);
-                    gemm(in, nout, rows, trans(X.m), G.m, dw.data<float>(), false);
-                  }
-                  if (gbias) {  // db = column sums of dy
-                    db = Tensor::empty({nout});
-                    column_sums(G.m.p, rows, nout, G.m.ld, db.data<float>());
-                  }
-                  return std::vector<Tensor>{dx, dw, db};
-                });
+  return autograd::record("linear", out, {x, w, bias},
+                          [dev, xd = x.detach(), wd = w.detach(), gx, gw, gbias, tf32](const Tensor& g) {
+                            LinearGrads d = MV_KERNEL(linear_backward)(dev, xd, wd, g, gx, gw, gbias, tf32);
+                            return std::vector<Tensor>{d.dx, d.dw, d.db};
+                          });
 }
 
 }  // namespace mv::ops

@@ -1,4 +1,5 @@
-// Sparse MoE ops on the CPU (methods.md sections 2 and 3): the Assignment, dispatch and combine,
+// Sparse MoE ops (methods.md sections 2 and 3), CPU kernels only so far: the Assignment, dispatch
+// and combine,
 // and Soft MoE's dispatch and combine. Routing is in ops/route.cpp, the experts in
 // ops/experts.cpp (expert_matmul) and ops/expert_mlp.cpp (expert_mlp, and moe_mlp, which folds
 // dispatch and combine into the experts).
@@ -15,35 +16,40 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+#include "ops/dispatch.h"
 #include "ops/fast_math.h"
 #include "ops/matmul.h"
+#include "ops/moe_cpu.h"
 #include "ops/shape.h"
 #include "ops/softmax.h"
 
-namespace mv::ops {
+namespace mv::ops::detail {
 
-using autograd::record;
-
-namespace detail {
-
-// O(E R + G N K) integer reads, small next to the d-wide rows the ops move; it keeps a hand-made
-// Assignment from sending an op out of bounds.
 void check_assignment(const char* op, const Assignment& a, bool need_weight) {
-  MV_CHECK(is_cpu_i64(a.token, 2), op, ": assignment tokens must be an I64 (E, R) CPU tensor, got ",
-           str_of(a.token));
+  MV_CHECK(is_i64(a.token, 2), op, ": assignment tokens must be an I64 (E, R) tensor, got ", str_of(a.token));
   const int64_t E = a.token.size(0), R = a.token.size(1), G = a.G, N = a.N;
   MV_CHECK(G >= 0 && N >= 0 && a.C >= 0 && R == G * a.C, op, ": assignment tokens ", a.token.str(),
            " do not have R = G*C = ", G, "*", a.C, " rows per expert");
-  MV_CHECK(is_cpu_i64(a.rows, 1) && a.rows.size(0) == E, op, ": assignment rows must be I64 (", E,
+  MV_CHECK(is_i64(a.rows, 1) && a.rows.size(0) == E, op, ": assignment rows must be I64 (", E,
            ") for tokens ", a.token.str(), ", got ", str_of(a.rows));
-  MV_CHECK(is_cpu_i64(a.token_rows, 3) && a.token_rows.size(0) == G && a.token_rows.size(1) == N, op,
+  MV_CHECK(is_i64(a.token_rows, 3) && a.token_rows.size(0) == G && a.token_rows.size(1) == N, op,
            ": assignment token_rows must be I64 (", G, ", ", N, ", K), got ", str_of(a.token_rows));
-  if (need_weight) {
-    MV_CHECK(a.weight.defined(), op, ": the assignment has no weights");
-    expect_cpu_f32(op, {&a.weight});
-    MV_CHECK(a.weight.shape() == a.token.shape(), op, ": assignment weights ", a.weight.str(),
-             " do not match its tokens ", a.token.str());
-  }
+  if (!need_weight) return;
+  MV_CHECK(a.weight.defined(), op, ": the assignment has no weights");
+  expect_f32(op, {&a.weight});
+  MV_CHECK(a.weight.shape() == a.token.shape(), op, ": assignment weights ", a.weight.str(),
+           " do not match its tokens ", a.token.str());
+}
+
+}  // namespace mv::ops::detail
+
+namespace mv::cpu {
+
+using ops::Assignment;
+using ops::lane_sum;
+
+void check_assignment_values(const char* op, const Assignment& a) {
+  const int64_t E = a.token.size(0), R = a.token.size(1), G = a.G, N = a.N;
   const Tensor tok = a.token.contiguous(), rows = a.rows.contiguous(), trows = a.token_rows.contiguous();
   const int64_t* pt = tok.data<int64_t>();
   const int64_t* pr = rows.data<int64_t>();
@@ -84,9 +90,7 @@ void check_assignment(const char* op, const Assignment& a, bool need_weight) {
     }
 }
 
-
-void sum_token_rows(const Tensor& token_rows, const float* src, const float* w, int64_t d,
-                           float* dst) {
+void sum_token_rows(const Tensor& token_rows, const float* src, const float* w, int64_t d, float* dst) {
   const int64_t* ptr = token_rows.data<int64_t>();
   const int64_t K = token_rows.size(2);
   parallel_for(token_rows.size(0) * token_rows.size(1), 2 * K * d, [&](int64_t s, int64_t e) {
@@ -104,23 +108,10 @@ void sum_token_rows(const Tensor& token_rows, const float* src, const float* w, 
   });
 }
 
-}  // namespace detail
-
-using detail::check_assignment;
-using detail::sum_token_rows;
-
-Assignment make_assignment(const Tensor& token_, const Tensor& weight, int64_t G, int64_t N, int64_t C) {
-  MV_CHECK(G >= 0 && N >= 0 && C >= 0, "make_assignment: G = ", G, ", N = ", N, ", C = ", C,
-           " must be >= 0");
-  MV_CHECK(is_cpu_i64(token_, 2), "make_assignment: tokens must be an I64 (E, G*C) CPU tensor, got ",
-           str_of(token_));
+// token: (E, G*C) I64, weight: (E, G*C) or undefined -> the Assignment, rows counted and
+// token_rows filled; throws naming a token outside [-1, G*N) or a used row after an unused one
+Assignment assignment_from_tokens(const Tensor& token_, const Tensor& weight, int64_t G, int64_t N, int64_t C) {
   const int64_t E = token_.size(0), R = token_.size(1);
-  MV_CHECK(R == G * C, "make_assignment: tokens ", token_.str(), " must have G*C = ", G * C, " rows per expert");
-  if (weight.defined()) {
-    expect_cpu_f32("make_assignment", {&weight});
-    MV_CHECK(weight.shape() == token_.shape(), "make_assignment: weights ", weight.str(),
-             " do not match the tokens ", token_.str());
-  }
   const Tensor token = token_.contiguous();
   const int64_t* pt = token.data<int64_t>();
   Tensor rows = Tensor::empty({E}, DType::I64);
@@ -149,26 +140,19 @@ Assignment make_assignment(const Tensor& token_, const Tensor& weight, int64_t G
   return Assignment{token, weight, rows, token_rows, G, N, C};
 }
 
-// ---- dispatch and combine ----------------------------------------------------------------------
-
-// out[e, r] = x[token[e, r]] (zeros when unused); dx[t] = sum of the gradients of t's rows
-Tensor dispatch(const Tensor& x_, const Assignment& a) {
-  expect_cpu_f32("dispatch", {&x_});
-  MV_CHECK(x_.ndim() == 3, "dispatch: x must be (G, N, d), got ", x_.str());
-  check_assignment("dispatch", a, false);
-  const int64_t G = x_.size(0), N = x_.size(1), d = x_.size(2);
-  MV_CHECK(G == a.G && N == a.N, "dispatch: x ", x_.str(), " does not match the assignment's (G, N) = (",
-           a.G, ", ", a.N, ")");
-  const int64_t E = a.token.size(0), R = a.token.size(1);
+// x: (G, N, d) -> (E, R, d): row (e, r) holds x[token[e, r]], zeros when unused
+Tensor dispatch_forward(const Tensor& x_, const Assignment& a) {
+  check_assignment_values("dispatch", a);
+  const int64_t d = x_.size(2), E = a.token.size(0), R = a.token.size(1);
   const Tensor token = a.token.contiguous();
   const int64_t* pt = token.data<int64_t>();
   const std::vector<int64_t> rows = a.rows.to_vector<int64_t>();
-  Tensor x = x_.contiguous();
+  const Tensor x = x_.contiguous();
   const float* px = x.data<float>();
   Tensor out = Tensor::empty({E, R, d});
   float* po = out.data<float>();
   parallel_for(E * R, d, [&](int64_t s, int64_t e) {
-    for_rows(s, e, R, [&](int64_t i, int64_t x, int64_t r) {
+    ops::for_rows(s, e, R, [&](int64_t i, int64_t x, int64_t r) {
       float* dst = po + i * d;
       if (r < rows[size_t(x)])
         std::copy(px + pt[i] * d, px + (pt[i] + 1) * d, dst);
@@ -176,60 +160,121 @@ Tensor dispatch(const Tensor& x_, const Assignment& a) {
         std::fill(dst, dst + d, 0.f);
     });
   });
-  return record("dispatch", out, {x_}, [token_rows = a.token_rows.contiguous(), G, N, d](const Tensor& g_) {
-    Tensor gx = Tensor::empty({G, N, d});
-    sum_token_rows(token_rows, g_.contiguous().data<float>(), nullptr, d, gx.data<float>());
-    return std::vector<Tensor>{gx};
+  return out;
+}
+
+// g: (E, R, d) -> (G, N, d): each token's gradient is the sum of its rows' gradients
+Tensor dispatch_backward(const Tensor& g, const Assignment& a) {
+  const int64_t d = g.size(2);
+  Tensor gx = Tensor::empty({a.G, a.N, d});
+  sum_token_rows(a.token_rows.contiguous(), g.contiguous().data<float>(), nullptr, d, gx.data<float>());
+  return gx;
+}
+
+// y: (E, R, d) -> (G, N, d): out[t] = sum over t's rows (e, r) of weight[e, r] y[e, r]
+Tensor combine_forward(const Tensor& y_, const Assignment& a) {
+  check_assignment_values("combine", a);
+  const int64_t d = y_.size(2);
+  const Tensor y = y_.contiguous(), w = a.weight.contiguous();
+  Tensor out = Tensor::empty({a.G, a.N, d});
+  sum_token_rows(a.token_rows.contiguous(), y.data<float>(), w.data<float>(), d, out.data<float>());
+  return out;
+}
+
+// g: (G, N, d) ->  dy[e, r] = w[e, r] g[token[e, r]],  dw[e, r] = g[token[e, r]] . y[e, r]
+// (0 on unused rows), each only when asked for
+ops::CombineGrads combine_backward(const Tensor& g, const Tensor& y_, const Assignment& a, bool need_y, bool need_w) {
+  const int64_t E = a.token.size(0), R = a.token.size(1), d = y_.size(2);
+  const Tensor go = g.contiguous(), y = y_.contiguous(), w = a.weight.contiguous(), token = a.token.contiguous();
+  const std::vector<int64_t> rows = a.rows.to_vector<int64_t>();
+  const float* pgo = go.data<float>();
+  const int64_t* pt = token.data<int64_t>();
+  const float* py = y.data<float>();
+  const float* pw = w.data<float>();
+  ops::CombineGrads o{need_y ? Tensor::empty({E, R, d}) : Tensor(), need_w ? Tensor::empty({E, R}) : Tensor()};
+  float* pdy = need_y ? o.dy.data<float>() : nullptr;
+  float* pdw = need_w ? o.dweight.data<float>() : nullptr;
+  parallel_for(E * R, 2 * d, [&](int64_t s, int64_t e) {
+    ops::for_rows(s, e, R, [&](int64_t i, int64_t x, int64_t r) {
+      const float* gr = r < rows[size_t(x)] ? pgo + pt[i] * d : nullptr;
+      if (pdy) {
+        float* dst = pdy + i * d;
+        const float wi = pw[i];
+        if (!gr)
+          std::fill(dst, dst + d, 0.f);
+        else
+          for (int64_t j = 0; j < d; ++j) dst[j] = wi * gr[j];
+      }
+      if (pdw) pdw[i] = gr ? lane_sum(d, [&](int64_t j) { return gr[j] * py[i * d + j]; }) : 0.f;
+    });
+  });
+  return o;
+}
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+using autograd::record;
+using detail::check_assignment;
+
+Assignment make_assignment(const Tensor& token, const Tensor& weight, int64_t G, int64_t N, int64_t C) {
+  MV_CHECK(G >= 0 && N >= 0 && C >= 0, "make_assignment: G = ", G, ", N = ", N, ", C = ", C,
+           " must be >= 0");
+  MV_CHECK(is_i64(token, 2), "make_assignment: tokens must be an I64 (E, G*C) tensor, got ", str_of(token));
+  const OpDevice dev = device_of("make_assignment", {&token, &weight});
+  MV_CHECK(token.size(1) == G * C, "make_assignment: tokens ", token.str(), " must have G*C = ", G * C,
+           " rows per expert");
+  if (weight.defined()) {
+    expect_f32("make_assignment", {&weight});
+    MV_CHECK(weight.shape() == token.shape(), "make_assignment: weights ", weight.str(),
+             " do not match the tokens ", token.str());
+  }
+  return MV_CPU_KERNEL(assignment_from_tokens)(dev, token, weight, G, N, C);
+}
+
+// ---- dispatch and combine ----------------------------------------------------------------------
+
+// out[e, r] = x[token[e, r]] (zeros when unused); dx[t] = sum of the gradients of t's rows
+Tensor dispatch(const Tensor& x, const Assignment& a) {
+  const OpDevice dev = device_of("dispatch", {&x, &a.token, &a.rows, &a.token_rows});
+  expect_f32("dispatch", {&x});
+  MV_CHECK(x.ndim() == 3, "dispatch: x must be (G, N, d), got ", x.str());
+  check_assignment("dispatch", a, false);
+  MV_CHECK(x.size(0) == a.G && x.size(1) == a.N, "dispatch: x ", x.str(),
+           " does not match the assignment's (G, N) = (", a.G, ", ", a.N, ")");
+  Tensor out = MV_CPU_KERNEL(dispatch_forward)(dev, x, a);
+  Assignment saved = a;
+  saved.weight = Tensor();  // the backward reads only the index tables
+  return record("dispatch", out, {x}, [dev, saved](const Tensor& g) {
+    return std::vector<Tensor>{MV_CPU_KERNEL(dispatch_backward)(dev, g, saved)};
   });
 }
 
 // out[t] = sum over t's rows (e, r) of w[e, r] y[e, r]
 //   dy[e, r] = w[e, r] g_out[token[e, r]];  dw[e, r] = g_out[token[e, r]] . y[e, r]  (0 if unused)
-Tensor combine(const Tensor& y_, const Assignment& a) {
-  expect_cpu_f32("combine", {&y_});
+Tensor combine(const Tensor& y, const Assignment& a) {
+  const OpDevice dev = device_of("combine", {&y, &a.token, &a.weight, &a.rows, &a.token_rows});
+  expect_f32("combine", {&y});
   check_assignment("combine", a, true);
-  const int64_t E = a.token.size(0), R = a.token.size(1), G = a.G, N = a.N;
-  MV_CHECK(y_.ndim() == 3 && y_.size(0) == E && y_.size(1) == R, "combine: y ", y_.str(),
+  const int64_t E = a.token.size(0), R = a.token.size(1);
+  MV_CHECK(y.ndim() == 3 && y.size(0) == E && y.size(1) == R, "combine: y ", y.str(),
            " does not match the assignment ", a.token.str(), ": expected (", E, ", ", R, ", d)");
-  const int64_t d = y_.size(2);
-  Tensor y = y_.contiguous(), w = a.weight.contiguous();
-  Tensor out = Tensor::empty({G, N, d});
-  sum_token_rows(a.token_rows.contiguous(), y.data<float>(), w.data<float>(), d, out.data<float>());
-  const bool gy = y_.requires_grad(), gw = a.weight.requires_grad();
-  return record("combine", out, {y_, a.weight},
-                [token = a.token.contiguous(), rows = a.rows.to_vector<int64_t>(), y = y.detach(), w = w.detach(), gy, gw,
-                 E, R, d](const Tensor& g_) {
-                  Tensor go = g_.contiguous();
-                  const float* pgo = go.data<float>();
-                  const int64_t* pt = token.data<int64_t>();
-                  const float* py = y.data<float>();
-                  const float* pw = w.data<float>();
-                  Tensor dy = gy ? Tensor::empty({E, R, d}) : Tensor();
-                  Tensor dw = gw ? Tensor::empty({E, R}) : Tensor();
-                  float* pdy = gy ? dy.data<float>() : nullptr;
-                  float* pdw = gw ? dw.data<float>() : nullptr;
-                  parallel_for(E * R, 2 * d, [&](int64_t s, int64_t e) {
-                    for_rows(s, e, R, [&](int64_t i, int64_t x, int64_t r) {
-                      const float* gr = r < rows[size_t(x)] ? pgo + pt[i] * d : nullptr;
-                      if (pdy) {
-                        float* dst = pdy + i * d;
-                        const float wi = pw[i];
-                        if (!gr)
-                          std::fill(dst, dst + d, 0.f);
-                        else
-                          for (int64_t j = 0; j < d; ++j) dst[j] = wi * gr[j];
-                      }
-                      if (pdw) pdw[i] = gr ? lane_sum(d, [&](int64_t j) { return gr[j] * py[i * d + j]; }) : 0.f;
-                    });
-                  });
-                  return std::vector<Tensor>{dy, dw};
-                });
+  Tensor out = MV_CPU_KERNEL(combine_forward)(dev, y, a);
+  const bool gy = y.requires_grad(), gw = a.weight.requires_grad();
+  Assignment saved = a;
+  saved.weight = a.weight.detach();
+  return record("combine", out, {y, a.weight}, [dev, yd = y.detach(), saved, gy, gw](const Tensor& g) {
+    CombineGrads d = MV_CPU_KERNEL(combine_backward)(dev, g, yd, saved, gy, gw);
+    return std::vector<Tensor>{d.dy, d.dweight};
+  });
 }
 
 // ---- Soft MoE: composed of differentiable ops, so autograd derives the backward ------------------
 
 Tensor soft_dispatch(const Tensor& x, const Tensor& logits, int64_t experts) {
-  expect_cpu_f32("soft_dispatch", {&x, &logits});
+  device_of("soft_dispatch", {&x, &logits});
+  expect_f32("soft_dispatch", {&x, &logits});
   MV_CHECK(x.ndim() == 3 && logits.ndim() == 3, "soft_dispatch: expected x (G, N, d) and logits (G, N, E*p), got x ",
            x.str(), " and logits ", logits.str());
   const int64_t G = x.size(0), N = x.size(1), d = x.size(2), S = logits.size(2);
@@ -244,7 +289,8 @@ Tensor soft_dispatch(const Tensor& x, const Tensor& logits, int64_t experts) {
 }
 
 Tensor soft_combine(const Tensor& y, const Tensor& logits) {
-  expect_cpu_f32("soft_combine", {&y, &logits});
+  device_of("soft_combine", {&y, &logits});
+  expect_f32("soft_combine", {&y, &logits});
   MV_CHECK(y.ndim() == 4 && logits.ndim() == 3, "soft_combine: expected y (E, G, p, d) and logits (G, N, E*p), got y ",
            y.str(), " and logits ", logits.str());
   const int64_t E = y.size(0), G = y.size(1), p = y.size(2), d = y.size(3), S = logits.size(2);

@@ -1,7 +1,8 @@
 // Sparse Mixture-of-Experts ops: routing decisions, dispatch of tokens into per-expert buffers,
-// the batched expert matmul, and combine (methods.md sections 2 and 3). CPU bodies: routing in
-// ops/route.cpp, Assignment/dispatch/combine/Soft MoE in ops/moe.cpp, experts in ops/experts.cpp
-// and ops/expert_mlp.cpp (the fused MLP, and moe_mlp: dispatch, experts and combine in one op).
+// the batched expert matmul, and combine (methods.md sections 2 and 3). Their kernels run on the
+// CPU only so far (ops/dispatch.h): routing in ops/route.cpp, Assignment/dispatch/combine/Soft MoE
+// in ops/moe.cpp, experts in ops/experts.cpp and ops/expert_mlp.cpp (the fused MLP, and moe_mlp:
+// dispatch, experts and combine in one op); ops/moe_cpu.h holds what those kernels share.
 //
 // Tokens are routed in G groups of N tokens (one image's tokens, or the whole batch); token n of
 // group g is named by its flat index t = g*N + n. An expert takes at most C tokens of a group,
@@ -135,14 +136,53 @@ Tensor soft_dispatch(const Tensor& x, const Tensor& logits, int64_t experts);
 // weights softmax(logits[g, n, :]) over the slots.
 Tensor soft_combine(const Tensor& y, const Tensor& logits);
 
+// The results of the kernels behind these ops (ops/dispatch.h), where more than one tensor.
+// topk_route's stages (ops/route.cpp): each token's choices; their slots in the expert buffers of
+// their group; the packed rows.
+struct TopKChoices {
+  Tensor expert;  // (G, N, k) I64, best first
+  Tensor gate;    // (G, N, k) F32, the chosen gates
+};
+struct Slots {
+  Tensor slot;   // (G, N, k) I64: the choice's place among its expert's choices from the group, -1 dropped
+  Tensor count;  // (G, E) I64: the kept choices per group and expert
+};
+struct Placement {
+  Assignment assign;
+  Tensor slot;  // (G, N, k) I64: the choice's row in its expert's packed buffer, -1 dropped
+};
+struct LoadProbs {
+  Tensor probs;      // (G, N, E)
+  Tensor threshold;  // (G, N): each token's k-th largest noisy logit
+};
+struct LoadProbsGrads {
+  Tensor dz, dzn;  // (G, N, E); dzn undefined unless asked for
+};
+struct CombineGrads {
+  Tensor dy;       // (E, R, d)
+  Tensor dweight;  // (E, R)
+};
+// The expert weights as the expert kernels take them: contiguous, biases undefined when absent.
+struct ExpertWeights {
+  Tensor w1, b1, w2, b2;
+};
+// What an expert MLP's forward gives and keeps for its backward: hid = GELU(a) and
+// dgelu = GELU'(a) (E, M, H) on the rows in use, and for moe_mlp the expert outputs y (E, R, O).
+struct ExpertMlpOut {
+  Tensor out, hid, dgelu, y;
+};
+// Which gradients an expert MLP's backward computes, and the gradients.
+struct ExpertMlpNeeds {
+  bool x, weight, w1, b1, w2, b2;  // weight: the Assignment's combine weights (moe_mlp)
+};
+struct ExpertMlpGrads {
+  Tensor dx, dweight, dw1, db1, dw2, db2;
+};
+
 namespace detail {
-// Throws unless `a` is a consistent Assignment: shapes, index ranges, used rows first, and every
-// token_rows entry naming a row that holds that token (with weights: their shape too).
+// Throws unless `a` is a consistent Assignment in shape and dtype (with weights: their shape
+// too). The values (index ranges, used rows first, token_rows) are checked by the CPU kernels.
 void check_assignment(const char* op, const Assignment& a, bool need_weight);
-// token_rows: (G, N, K) rows of each token (-1: none), src: (E*R, d), w: (E*R,) or null
-// -> dst: (G*N, d), dst[t] = sum over t's rows of w[row] * src[row] (w = 1 when null); zeros for a
-// token with none. Each thread writes only its own tokens.
-void sum_token_rows(const Tensor& token_rows, const float* src, const float* w, int64_t d, float* dst);
 }  // namespace detail
 
 }  // namespace mv::ops

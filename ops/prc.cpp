@@ -1,4 +1,4 @@
-// Router-consistency losses. Both are small next to the model (PRC costs B*T*E*E flops per MoE
+// Router-consistency losses (CPU kernels only so far). Both are small next to the model (PRC costs B*T*E*E flops per MoE
 // layer), so they are plain loops split over the batch. Sums that decide the value (the E x E
 // correlation, per-token min/max sums) run in double, and per-image or per-token partials sum in
 // a fixed order, so the result does not depend on the thread count.
@@ -8,9 +8,9 @@
 
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
-#include "ops/common.h"
+#include "ops/dispatch.h"
 
-namespace mv::ops {
+namespace mv::cpu {
 
 namespace {
 
@@ -32,17 +32,10 @@ struct PrcIn {
   int64_t B, T, E, M;
 };
 
-PrcIn check_prc(const char* op, const Tensor& p_, const Tensor& q_, const Tensor& pairs_) {
-  expect_cpu_f32(op, {&p_, &q_});
-  MV_CHECK(pairs_.defined() && pairs_.dtype() == DType::I64 && pairs_.device() == Device::CPU, op,
-           ": pairs must be an I64 CPU tensor, got ", pairs_.defined() ? pairs_.str() : "undefined");
-  MV_CHECK(p_.ndim() == 3 && p_.size(2) > 0, op, ": p ", p_.str(), " must be (B, T, E) with E > 0");
-  MV_CHECK(q_.shape() == p_.shape(), op, ": q ", q_.str(), " must have p's shape ",
-           shape_str(p_.shape()), " (B, T, E)");
-  const int64_t B = p_.size(0), T = p_.size(1), E = p_.size(2);
-  MV_CHECK(pairs_.shape() == (Shape{B, T}), op, ": pairs ", pairs_.str(), " must be (B, T) = (", B,
-           ", ", T, ") for p ", p_.str());
-  PrcIn in{p_.contiguous(), q_.contiguous(), pairs_.contiguous(), B, T, E, 0};
+// The inputs made contiguous, the pairs checked against [-1, T) and counted.
+PrcIn prc_in(const char* op, const Tensor& p, const Tensor& q, const Tensor& pairs) {
+  const int64_t B = p.size(0), T = p.size(1), E = p.size(2);
+  PrcIn in{p.contiguous(), q.contiguous(), pairs.contiguous(), B, T, E, 0};
   const int64_t* pp = in.pairs.data<int64_t>();
   for (int64_t i = 0; i < B * T; ++i) {
     MV_CHECK(pp[i] >= -1 && pp[i] < T, op, ": pairs[", i / T, ", ", i % T, "] = ", pp[i],
@@ -58,7 +51,7 @@ struct PrcStats {
   double l_diag = 0, l_off = 0;
 };
 
-PrcStats prc_stats(const PrcIn& in, bool reference) {
+PrcStats stats_of(const PrcIn& in, bool reference) {
   const int64_t B = in.B, T = in.T, E = in.E;
   PrcStats st;
   st.C.assign(size_t(E * E), 0.0);
@@ -120,90 +113,89 @@ PrcStats prc_stats(const PrcIn& in, bool reference) {
 
 }  // namespace
 
-std::pair<double, double> prc_terms(const Tensor& p, const Tensor& q, const Tensor& pairs,
-                                    const PrcOptions& opt) {
-  PrcIn in = check_prc("prc_terms", p, q, pairs);
-  PrcStats st = prc_stats(in, opt.reference_diagonal);
-  return {st.l_diag, st.l_off};
-}
-
-Tensor prc_matrix(const Tensor& p, const Tensor& q, const Tensor& pairs) {
-  PrcIn in = check_prc("prc_matrix", p, q, pairs);
-  PrcStats st = prc_stats(in, false);
-  Tensor out = Tensor::empty({in.E, in.E});
-  float* po = out.data<float>();
-  for (size_t k = 0; k < st.C.size(); ++k) po[k] = float(st.C[k]);
-  return out;
-}
+// The value of PRC and what its backward needs.
+struct PrcForward {
+  Tensor loss;               // (): diag_weight * l_diag + off_weight * l_off
+  double l_diag = 0, l_off = 0;
+  std::vector<double> C;     // (E, E)
+  std::vector<double> G, H;  // dL/dC (E, E) and, reference form, dL/dD (T, E)
+  int64_t M = 0;             // valid pairs
+};
+struct PairGrads {
+  Tensor da, db;
+};
 
 // L = wd L_diag + wo L_off. With G = dL/dC (E x E) and, reference form, H = dL/dD (T x E):
 //   G_ij = wo 2 C_ij / (E (E - 1))  (i != j),  G_ii = wd 2 (C_ii - 1) / E  (paper form, else 0),
 //   H[t,e] = wd 2 (D[t,e] - 1) / (T E);
 // for a valid pair n = (b, t) -> (b, s), C and D are bilinear in p_n, q_n with factor E / M:
 //   dL/dp[b,t] = (E/M) (G q[b,s] + H[t] * q[b,s]),  dL/dq[b,s] += (E/M) (G^T p[b,t] + H[t] * p[b,t]).
-Tensor prc_loss(const Tensor& p_, const Tensor& q_, const Tensor& pairs_, const PrcOptions& opt) {
-  PrcIn in = check_prc("prc_loss", p_, q_, pairs_);
+// p, q: (B, T, E), pairs: (B, T) I64 -> the loss, its terms, C, and G and H for the backward;
+// throws naming op and a pair outside [-1, T)
+PrcForward prc_forward(const char* op, const Tensor& p, const Tensor& q, const Tensor& pairs,
+                       const ops::PrcOptions& opt) {
+  const PrcIn in = prc_in(op, p, q, pairs);
   const bool ref = opt.reference_diagonal;
-  PrcStats st = prc_stats(in, ref);
+  const PrcStats st = stats_of(in, ref);
   const double wd = opt.diag_weight, wo = opt.off_weight;
-  Tensor out = Tensor::scalar(float(wd * st.l_diag + wo * st.l_off));
-  if (!autograd::needs_graph({p_, q_})) return out;
-
-  const int64_t B = in.B, T = in.T, E = in.E, M = in.M;
-  std::vector<double> G(size_t(E * E), 0.0), H;
-  if (M > 0) {
-    for (int64_t i = 0; i < E; ++i)
-      for (int64_t j = 0; j < E; ++j) {
-        const double c = st.C[size_t(i * E + j)];
-        if (i != j) G[size_t(i * E + j)] = E > 1 ? wo * 2 * c / double(E * (E - 1)) : 0.0;
-        else if (!ref) G[size_t(i * E + j)] = wd * 2 * (c - 1) / double(E);
-      }
-    if (ref) {
-      H.resize(st.D.size());
-      for (size_t k = 0; k < H.size(); ++k) H[k] = wd * 2 * (st.D[k] - 1) / double(T * E);
+  const int64_t T = in.T, E = in.E;
+  PrcForward f{Tensor::scalar(float(wd * st.l_diag + wo * st.l_off)), st.l_diag, st.l_off, st.C, {}, {}, in.M};
+  f.G.assign(size_t(E * E), 0.0);
+  if (in.M == 0) return f;
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j) {
+      const double c = st.C[size_t(i * E + j)];
+      if (i != j) f.G[size_t(i * E + j)] = E > 1 ? wo * 2 * c / double(E * (E - 1)) : 0.0;
+      else if (!ref) f.G[size_t(i * E + j)] = wd * 2 * (c - 1) / double(E);
     }
+  if (ref) {
+    f.H.resize(st.D.size());
+    for (size_t k = 0; k < f.H.size(); ++k) f.H[k] = wd * 2 * (st.D[k] - 1) / double(T * E);
   }
-  const bool gp = p_.requires_grad(), gq = q_.requires_grad();
-  return autograd::record(
-      "prc_loss", out, {p_, q_},
-      [pd = in.p.detach(), qd = in.q.detach(), pairs = in.pairs, G = std::move(G), H = std::move(H),
-       B, T, E, M, ref, gp, gq](const Tensor& g) {
-        Tensor dp = gp ? Tensor::zeros({B, T, E}) : Tensor();
-        Tensor dq = gq ? Tensor::zeros({B, T, E}) : Tensor();
-        if (M == 0) return std::vector<Tensor>{dp, dq};  // no pairs: the loss is constant 0
-        const double k = double(g.item()) * double(E) / double(M);
-        const float *pp = pd.data<float>(), *pq = qd.data<float>();
-        const int64_t* pr = pairs.data<int64_t>();
-        float* odp = gp ? dp.data<float>() : nullptr;
-        float* odq = gq ? dq.data<float>() : nullptr;
-        // Threads own images: dq rows of image b are only written from pairs of image b.
-        parallel_for(B, T * E * E * 4, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b)
-            for (int64_t t = 0; t < T; ++t) {
-              const int64_t s = pr[b * T + t];
-              if (s < 0) continue;
-              const float *pv = pp + (b * T + t) * E, *qv = pq + (b * T + s) * E;
-              const double* h = ref ? H.data() + t * E : nullptr;
-              if (odp) {
-                float* o = odp + (b * T + t) * E;
-                for (int64_t i = 0; i < E; ++i) {
-                  double a = h ? h[i] * qv[i] : 0.0;
-                  for (int64_t j = 0; j < E; ++j) a += G[size_t(i * E + j)] * qv[j];
-                  o[i] = float(k * a);
-                }
-              }
-              if (odq) {
-                float* o = odq + (b * T + s) * E;
-                for (int64_t j = 0; j < E; ++j) {
-                  double a = h ? h[j] * pv[j] : 0.0;
-                  for (int64_t i = 0; i < E; ++i) a += G[size_t(i * E + j)] * pv[i];
-                  o[j] += float(k * a);  // several view-1 tokens may share one view-2 token
-                }
-              }
-            }
-        });
-        return std::vector<Tensor>{dp, dq};
-      });
+  return f;
+}
+
+// dloss: () -> dL/dp, dL/dq, each when asked for
+PairGrads prc_backward(const Tensor& dloss, const Tensor& p, const Tensor& q, const Tensor& pairs_,
+                       const PrcForward& f, bool need_p, bool need_q) {
+  const int64_t B = p.size(0), T = p.size(1), E = p.size(2), M = f.M;
+  const bool ref = !f.H.empty();
+  PairGrads o{need_p ? Tensor::zeros({B, T, E}) : Tensor(), need_q ? Tensor::zeros({B, T, E}) : Tensor()};
+  if (M == 0) return o;  // no pairs: the loss is constant 0
+  const double k = double(dloss.item()) * double(E) / double(M);
+  const Tensor pc = p.contiguous(), qc = q.contiguous(), pairs = pairs_.contiguous();
+  const float *pp = pc.data<float>(), *pq = qc.data<float>();
+  const int64_t* pr = pairs.data<int64_t>();
+  const double* G = f.G.data();
+  float* odp = need_p ? o.da.data<float>() : nullptr;
+  float* odq = need_q ? o.db.data<float>() : nullptr;
+  // Threads own images: dq rows of image b are only written from pairs of image b.
+  parallel_for(B, T * E * E * 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t s = pr[b * T + t];
+        if (s < 0) continue;
+        const float *pv = pp + (b * T + t) * E, *qv = pq + (b * T + s) * E;
+        const double* h = ref ? f.H.data() + t * E : nullptr;
+        if (odp) {
+          float* out = odp + (b * T + t) * E;
+          for (int64_t i = 0; i < E; ++i) {
+            double a = h ? h[i] * qv[i] : 0.0;
+            for (int64_t j = 0; j < E; ++j) a += G[i * E + j] * qv[j];
+            out[i] = float(k * a);
+          }
+        }
+        if (odq) {
+          float* out = odq + (b * T + s) * E;
+          for (int64_t j = 0; j < E; ++j) {
+            double a = h ? h[j] * pv[j] : 0.0;
+            for (int64_t i = 0; i < E; ++i) a += G[i * E + j] * pv[i];
+            out[j] += float(k * a);  // several view-1 tokens may share one view-2 token
+          }
+        }
+      }
+  });
+  return o;
 }
 
 // ---- Soft Jaccard -------------------------------------------------------------------------------
@@ -212,17 +204,17 @@ Tensor prc_loss(const Tensor& p_, const Tensor& q_, const Tensor& pairs_, const 
 // s2. Tie s_i == s2_i: min and max are not differentiable there; we give each input half of each
 // one-sided derivative, (1/U - A/U^2) / 2. It is the symmetric choice (swapping s and s2 swaps
 // the gradients) and it makes the gradient exactly 0 at s == s2, the loss's minimum.
-Tensor soft_jaccard_loss(const Tensor& s_, const Tensor& s2_) {
-  const char* op = "soft_jaccard_loss";
-  expect_cpu_f32(op, {&s_, &s2_});
-  MV_CHECK(s_.ndim() >= 1 && s_.numel() > 0, op, ": s ", s_.str(),
-           " must be (..., E) and non-empty");
-  MV_CHECK(s2_.shape() == s_.shape(), op, ": s2 ", s2_.str(), " must have s's shape ",
-           shape_str(s_.shape()));
-  Tensor s = s_.contiguous(), s2 = s2_.contiguous();
+struct JaccardForward {
+  Tensor loss;               // ()
+  std::vector<double> A, U;  // per token: sum of the minima, of the maxima
+};
+
+// s, s2: (..., E) -> the loss and each token's A and U
+JaccardForward soft_jaccard_forward(const Tensor& s_, const Tensor& s2_) {
+  const Tensor s = s_.contiguous(), s2 = s2_.contiguous();
   const int64_t E = s.shape().back(), N = s.numel() / E;
   const float *pa = s.data<float>(), *pb = s2.data<float>();
-  std::vector<double> A(static_cast<size_t>(N)), U(static_cast<size_t>(N));
+  JaccardForward f{Tensor(), std::vector<double>(size_t(N)), std::vector<double>(size_t(N))};
   parallel_for(N, E * 4, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       double a = 0, u = 0;
@@ -230,42 +222,106 @@ Tensor soft_jaccard_loss(const Tensor& s_, const Tensor& s2_) {
         a += pa[i] < pb[i] ? pa[i] : pb[i];
         u += pa[i] < pb[i] ? pb[i] : pa[i];
       }
-      A[size_t(n)] = a;
-      U[size_t(n)] = u;
+      f.A[size_t(n)] = a;
+      f.U[size_t(n)] = u;
     }
   });
   double total = 0;
   for (int64_t n = 0; n < N; ++n)
-    if (U[size_t(n)] != 0) total += 1 - A[size_t(n)] / U[size_t(n)];
-  Tensor out = Tensor::scalar(float(total / double(N)));
-  if (!autograd::needs_graph({s_, s2_})) return out;
-  const bool ga = s_.requires_grad(), gb = s2_.requires_grad();
-  return autograd::record(
-      "soft_jaccard_loss", out, {s_, s2_},
-      [sd = s.detach(), s2d = s2.detach(), A = std::move(A), U = std::move(U), N, E, ga,
-       gb](const Tensor& g) {
-        const double k = -double(g.item()) / double(N);  // d(1 - J)/d. = -dJ/d., mean over N
-        Tensor da = ga ? Tensor::empty(sd.shape()) : Tensor();
-        Tensor db = gb ? Tensor::empty(sd.shape()) : Tensor();
-        const float *pa = sd.data<float>(), *pb = s2d.data<float>();
-        float* oa = ga ? da.data<float>() : nullptr;
-        float* ob = gb ? db.data<float>() : nullptr;
-        parallel_for(N, E * 4, [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n) {
-            const double u = U[size_t(n)];
-            const double in_min = u != 0 ? k / u : 0.0;                          // k * 1/U
-            const double in_max = u != 0 ? -k * A[size_t(n)] / (u * u) : 0.0;   // k * -A/U^2
-            const double tie = 0.5 * (in_min + in_max);
-            for (int64_t i = n * E; i < (n + 1) * E; ++i) {
-              const double ga_i = pa[i] < pb[i] ? in_min : pa[i] > pb[i] ? in_max : tie;
-              const double gb_i = pa[i] < pb[i] ? in_max : pa[i] > pb[i] ? in_min : tie;
-              if (oa) oa[i] = float(ga_i);
-              if (ob) ob[i] = float(gb_i);
-            }
-          }
-        });
-        return std::vector<Tensor>{da, db};
-      });
+    if (f.U[size_t(n)] != 0) total += 1 - f.A[size_t(n)] / f.U[size_t(n)];
+  f.loss = Tensor::scalar(float(total / double(N)));
+  return f;
+}
+
+// dloss: () -> the gradients to s and s2, each when asked for
+PairGrads soft_jaccard_backward(const Tensor& dloss, const Tensor& s_, const Tensor& s2_, const JaccardForward& f,
+                                bool need_a, bool need_b) {
+  const Tensor s = s_.contiguous(), s2 = s2_.contiguous();
+  const int64_t E = s.shape().back(), N = s.numel() / E;
+  const double k = -double(dloss.item()) / double(N);  // d(1 - J)/d. = -dJ/d., mean over N
+  PairGrads o{need_a ? Tensor::empty(s.shape()) : Tensor(), need_b ? Tensor::empty(s.shape()) : Tensor()};
+  const float *pa = s.data<float>(), *pb = s2.data<float>();
+  float* oa = need_a ? o.da.data<float>() : nullptr;
+  float* ob = need_b ? o.db.data<float>() : nullptr;
+  parallel_for(N, E * 4, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const double u = f.U[size_t(n)];
+      const double in_min = u != 0 ? k / u : 0.0;                         // k * 1/U
+      const double in_max = u != 0 ? -k * f.A[size_t(n)] / (u * u) : 0.0;  // k * -A/U^2
+      const double tie = 0.5 * (in_min + in_max);
+      for (int64_t i = n * E; i < (n + 1) * E; ++i) {
+        const double ga_i = pa[i] < pb[i] ? in_min : pa[i] > pb[i] ? in_max : tie;
+        const double gb_i = pa[i] < pb[i] ? in_max : pa[i] > pb[i] ? in_min : tie;
+        if (oa) oa[i] = float(ga_i);
+        if (ob) ob[i] = float(gb_i);
+      }
+    }
+  });
+  return o;
+}
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+namespace {
+
+// Shapes, dtypes and the device of PRC's inputs.
+OpDevice check_prc(const char* op, const Tensor& p, const Tensor& q, const Tensor& pairs) {
+  MV_CHECK(pairs.defined() && pairs.dtype() == DType::I64, op, ": pairs must be an I64 CPU tensor, got ",
+           pairs.defined() ? pairs.str() : "undefined");
+  const OpDevice dev = device_of(op, {&p, &q, &pairs});
+  expect_f32(op, {&p, &q});
+  MV_CHECK(p.ndim() == 3 && p.size(2) > 0, op, ": p ", p.str(), " must be (B, T, E) with E > 0");
+  MV_CHECK(q.shape() == p.shape(), op, ": q ", q.str(), " must have p's shape ", shape_str(p.shape()), " (B, T, E)");
+  const int64_t B = p.size(0), T = p.size(1);
+  MV_CHECK(pairs.shape() == (Shape{B, T}), op, ": pairs ", pairs.str(), " must be (B, T) = (", B, ", ", T,
+           ") for p ", p.str());
+  return dev;
+}
+
+}  // namespace
+
+std::pair<double, double> prc_terms(const Tensor& p, const Tensor& q, const Tensor& pairs, const PrcOptions& opt) {
+  const cpu::PrcForward f = MV_CPU_KERNEL(prc_forward)(check_prc("prc_terms", p, q, pairs), "prc_terms", p, q, pairs, opt);
+  return {f.l_diag, f.l_off};
+}
+
+Tensor prc_matrix(const Tensor& p, const Tensor& q, const Tensor& pairs) {
+  const cpu::PrcForward f = MV_CPU_KERNEL(prc_forward)(check_prc("prc_matrix", p, q, pairs), "prc_matrix", p, q, pairs, PrcOptions{});
+  const int64_t E = p.size(2);
+  Tensor out = Tensor::empty({E, E});
+  float* po = out.data<float>();
+  for (size_t k = 0; k < f.C.size(); ++k) po[k] = float(f.C[k]);
+  return out;
+}
+
+Tensor prc_loss(const Tensor& p, const Tensor& q, const Tensor& pairs, const PrcOptions& opt) {
+  const OpDevice dev = check_prc("prc_loss", p, q, pairs);
+  cpu::PrcForward f = MV_CPU_KERNEL(prc_forward)(dev, "prc_loss", p, q, pairs, opt);
+  const Tensor out = f.loss;
+  f.C.clear();  // the backward needs G and H only
+  const bool gp = p.requires_grad(), gq = q.requires_grad();
+  return autograd::record("prc_loss", out, {p, q},
+                          [dev, pd = p.detach(), qd = q.detach(), pairs, f = std::move(f), gp, gq](const Tensor& g) {
+                            cpu::PairGrads d = MV_CPU_KERNEL(prc_backward)(dev, g, pd, qd, pairs, f, gp, gq);
+                            return std::vector<Tensor>{d.da, d.db};
+                          });
+}
+
+Tensor soft_jaccard_loss(const Tensor& s, const Tensor& s2) {
+  const char* op = "soft_jaccard_loss";
+  const OpDevice dev = device_of(op, {&s, &s2});
+  expect_f32(op, {&s, &s2});
+  MV_CHECK(s.ndim() >= 1 && s.numel() > 0, op, ": s ", s.str(), " must be (..., E) and non-empty");
+  MV_CHECK(s2.shape() == s.shape(), op, ": s2 ", s2.str(), " must have s's shape ", shape_str(s.shape()));
+  cpu::JaccardForward f = MV_CPU_KERNEL(soft_jaccard_forward)(dev, s, s2);
+  const Tensor out = f.loss;
+  const bool ga = s.requires_grad(), gb = s2.requires_grad();
+  return autograd::record(op, out, {s, s2}, [dev, sd = s.detach(), s2d = s2.detach(), f = std::move(f), ga, gb](const Tensor& g) {
+    cpu::PairGrads d = MV_CPU_KERNEL(soft_jaccard_backward)(dev, g, sd, s2d, f, ga, gb);
+    return std::vector<Tensor>{d.da, d.db};
+  });
 }
 
 }  // namespace mv::ops

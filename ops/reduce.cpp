@@ -1,6 +1,7 @@
-// Reductions. A tensor reduced over one run of adjacent axes is seen as (outer, R, inner); a set
-// of axes is reduced one run at a time, last run first, which keeps every kernel a simple
-// (outer, R, inner) -> (outer, inner) walk over contiguous memory. When inner > 1 the walk goes
+// Reductions; their CUDA twin is cuda/reduce.cu. On the CPU a tensor reduced over one run of
+// adjacent axes is seen as (outer, R, inner); a set of axes is reduced one run at a time, last
+// run first, which keeps every kernel a simple (outer, R, inner) -> (outer, inner) walk over
+// contiguous memory. When inner > 1 the walk goes
 // row by row of R and accumulates a block of inner columns at once, so memory is read in order.
 #include "ops/reduce.h"
 
@@ -10,49 +11,12 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
-
-#ifdef MOEVIT_CUDA
-#include "cuda/kernels.h"
-#endif
+#include "ops/dispatch.h"
 #include "ops/elementwise.h"
 
-namespace mv::ops {
-
-using autograd::record;
+namespace mv::cpu {
 
 namespace {
-
-// Which axes of a rank-nd tensor are reduced; empty `axes` means all of them.
-std::vector<bool> reduced_axes(const char* op, const Tensor& x, const std::vector<int>& axes) {
-  const int nd = x.ndim();
-  std::vector<bool> red(size_t(nd), axes.empty());
-  for (int a : axes) {
-    int n = norm_axis(op, a, nd);
-    MV_CHECK(!red[size_t(n)], op, ": axis ", a, " is listed twice for ", x.str());
-    red[size_t(n)] = true;
-  }
-  return red;
-}
-
-Shape drop_shape(const Shape& s, const std::vector<bool>& red) {
-  Shape k;
-  for (size_t d = 0; d < s.size(); ++d)
-    if (!red[d]) k.push_back(s[d]);
-  return k;
-}
-
-int64_t reduced_count(const Shape& s, const std::vector<bool>& red) {
-  int64_t n = 1;
-  for (size_t d = 0; d < s.size(); ++d)
-    if (red[d]) n *= s[d];
-  return n;
-}
-
-// A contiguous tensor seen with another shape of the same element count (no copy).
-Tensor reshaped(const Tensor& t, const Shape& s) {
-  Tensor c = t.contiguous();
-  return c.view_as(s, contiguous_strides(s), c.impl().offset);
-}
 
 // Sum of 4 interleaved double accumulators: keeps the add chain short without reordering
 // anything across calls (results depend only on n, never on the thread count).
@@ -127,7 +91,7 @@ Tensor sum_kernel(const Tensor& x, int64_t outer, int64_t R, int64_t inner, doub
 }
 
 // Sum of contiguous x over the axes marked in `red`, times scale, with reduced axes kept as 1.
-Tensor sum_keep(const Tensor& x, const std::vector<bool>& red, double scale) {
+Tensor sum_marked(const Tensor& x, const std::vector<bool>& red, double scale) {
   const int nd = x.ndim();
   Shape s = x.shape();
   if (nd == 0) return sum_kernel(x, 1, 1, 1, scale, {});
@@ -144,7 +108,7 @@ Tensor sum_keep(const Tensor& x, const std::vector<bool>& red, double scale) {
     d = e;
   }
   Tensor cur = x;
-  if (runs.empty()) return scale == 1.0 ? x.clone() : mul(x.detach(), float(scale));
+  if (runs.empty()) return sum_kernel(x, x.numel(), 1, 1, scale, s);  // nothing reduced: x * scale
   for (size_t k = runs.size(); k-- > 0;) {
     auto [a, b] = runs[k];
     int64_t outer = 1, R = 1, inner = 1;
@@ -157,8 +121,19 @@ Tensor sum_keep(const Tensor& x, const std::vector<bool>& red, double scale) {
   return cur;
 }
 
-// g: shape k (x's shape with reduced axes as 1) -> x's shape, every element times scale.
-Tensor expand_kernel(const Tensor& g_, const Shape& xs, float scale) {
+}  // namespace
+
+// x: any layout; keep: x's shape with 1 at each reduced axis (a size-1 axis of x counts as
+// reduced: summing one element changes nothing, and adjacent reduced axes form fewer runs)
+// -> (keep): scale * the sums
+Tensor sum_keep(const Tensor& x, const Shape& keep, double scale) {
+  std::vector<bool> red(keep.size());
+  for (size_t d = 0; d < keep.size(); ++d) red[d] = keep[d] == 1;
+  return sum_marked(x.contiguous(), red, scale);
+}
+
+// g: x_shape with 1 at the reduced axes -> (x_shape): g repeated along them, times scale
+Tensor expand(const Tensor& g_, const Shape& xs, float scale) {
   Tensor g = g_.contiguous();
   Tensor out = Tensor::empty(xs);
   const int nd = int(xs.size());
@@ -192,37 +167,7 @@ Tensor expand_kernel(const Tensor& g_, const Shape& xs, float scale) {
   return out;
 }
 
-// sum (scale 1) and mean (scale 1/count); d/dx = g broadcast back, times scale
-Tensor sum_or_mean(const char* op, const Tensor& x, const std::vector<int>& axes, bool keepdim,
-                   bool is_mean) {
-  const bool gpu = on_cuda(op, {&x});
-  if (!gpu) expect_cpu_f32(op, {&x});
-  const std::vector<bool> red = reduced_axes(op, x, axes);
-  const int64_t count = reduced_count(x.shape(), red);
-  const double scale = is_mean ? 1.0 / double(count) : 1.0;
-#ifdef MOEVIT_CUDA
-  if (gpu) {  // every element: one block's tree; some axes: cuda::sum_keep, a thread per output
-    Shape ks = x.shape();
-    for (size_t d = 0; d < ks.size(); ++d)
-      if (red[d]) ks[d] = 1;
-    Tensor k = count == x.numel() ? flat_view(cuda::sum_all(x.contiguous(), float(scale)), ks)
-                                  : cuda::sum_keep(x, ks, float(scale));
-    Tensor out = keepdim ? k : flat_view(k, drop_shape(x.shape(), red));
-    if (!autograd::needs_graph({x})) return out;
-    // d/dx = g broadcast back to x's shape, times scale: g + 0 through the broadcasting add
-    return record(op, out, {x}, [xs = x.shape(), ks, s = float(scale)](const Tensor& g) {
-      const Tensor e = cuda::binary(Tensor::zeros(xs, DType::F32, Device::CUDA), flat_view(g, ks),
-                                    cuda::Binary::Add);
-      return std::vector<Tensor>{s == 1.f ? e : cuda::axpby(e, Tensor(), s, 0.f)};
-    });
-  }
-#endif
-  Tensor k = sum_keep(x.contiguous(), red, scale);
-  Tensor out = keepdim ? k : reshaped(k, drop_shape(x.shape(), red));
-  return record(op, out, {x}, [xs = x.shape(), ks = k.shape(), s = float(scale)](const Tensor& g) {
-    return std::vector<Tensor>{expand_kernel(reshaped(g, ks), xs, s)};
-  });
-}
+namespace {
 
 // x contiguous seen as (outer, n, inner) -> first index of the largest value per column (NaN
 // counts as largest) and that value.
@@ -252,24 +197,103 @@ void max_kernel(const Tensor& x, int64_t outer, int64_t n, int64_t inner, float*
   });
 }
 
-struct Split {
-  int64_t outer = 1, n = 1, inner = 1;
-  Shape out_shape;
-};
+}  // namespace
 
-Split split_axis(const char* op, const Tensor& x, int axis, bool keepdim) {
+// x: any layout -> values and (I64) indices of the first largest element along axis, x's shape
+// with 1 at axis
+ops::MaxOut max_forward(const Tensor& x, int axis) {
+  Shape ks = x.shape();
+  ks[size_t(axis)] = 1;
+  int64_t outer = 1, inner = 1;
+  for (int d = 0; d < axis; ++d) outer *= x.size(d);
+  for (int d = axis + 1; d < x.ndim(); ++d) inner *= x.size(d);
+  ops::MaxOut o{Tensor::empty(ks), Tensor::empty(ks, DType::I64)};
+  max_kernel(x.contiguous(), outer, x.size(axis), inner, o.values.data<float>(), o.index.data<int64_t>());
+  return o;
+}
+
+// g: x's shape with 1 at axis, index from max_forward -> (x_shape): g at each maximal element,
+// 0 elsewhere
+Tensor max_backward(const Tensor& g_, const Tensor& index, const Shape& xs, int axis) {
+  int64_t outer = 1, inner = 1;
+  for (int d = 0; d < axis; ++d) outer *= xs[size_t(d)];
+  for (size_t d = size_t(axis) + 1; d < xs.size(); ++d) inner *= xs[d];
+  const int64_t n = xs[size_t(axis)];
+  const Tensor g = g_.contiguous();
+  Tensor gx = Tensor::zeros(xs);
+  const float* pg = g.data<float>();
+  const int64_t* pi = index.data<int64_t>();
+  float* px = gx.data<float>();
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t i = 0; i < inner; ++i) {
+      const int64_t c = o * inner + i;
+      px[(o * n + pi[c]) * inner + i] = pg[c];
+    }
+  return gx;
+}
+
+// x: any layout -> I64 indices of the first largest element along axis, x's shape with 1 at axis
+Tensor argmax(const Tensor& x, int axis) { return max_forward(x, axis).index; }
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+using autograd::record;
+
+namespace {
+
+// Which axes of a rank-nd tensor are reduced; empty `axes` means all of them.
+std::vector<bool> reduced_axes(const char* op, const Tensor& x, const std::vector<int>& axes) {
+  const int nd = x.ndim();
+  std::vector<bool> red(size_t(nd), axes.empty());
+  for (int a : axes) {
+    int n = norm_axis(op, a, nd);
+    MV_CHECK(!red[size_t(n)], op, ": axis ", a, " is listed twice for ", x.str());
+    red[size_t(n)] = true;
+  }
+  return red;
+}
+
+// x's shape with the reduced axes as 1 (keep) or dropped.
+Shape reduced_shape(const Shape& s, const std::vector<bool>& red, bool keep) {
+  Shape k;
+  for (size_t d = 0; d < s.size(); ++d)
+    if (!red[d] || keep) k.push_back(red[d] ? 1 : s[d]);
+  return k;
+}
+
+int64_t reduced_count(const Shape& s, const std::vector<bool>& red) {
+  int64_t n = 1;
+  for (size_t d = 0; d < s.size(); ++d)
+    if (red[d]) n *= s[d];
+  return n;
+}
+
+// sum (scale 1) and mean (scale 1/count); d/dx = g broadcast back, times scale
+Tensor sum_or_mean(const char* op, const Tensor& x, const std::vector<int>& axes, bool keepdim, bool is_mean) {
+  const OpDevice dev = device_of(op, {&x});
+  expect_f32(op, {&x});
+  const std::vector<bool> red = reduced_axes(op, x, axes);
+  const int64_t count = reduced_count(x.shape(), red);
+  const double scale = is_mean ? 1.0 / double(count) : 1.0;
+  const Shape ks = reduced_shape(x.shape(), red, true);
+  Tensor k = MV_KERNEL(sum_keep)(dev, x, ks, scale);
+  Tensor out = keepdim ? k : k.reshaped(reduced_shape(x.shape(), red, false));
+  return record(op, out, {x}, [dev, xs = x.shape(), ks, s = float(scale)](const Tensor& g) {
+    return std::vector<Tensor>{MV_KERNEL(expand)(dev, g.reshaped(ks), xs, s)};
+  });
+}
+
+// The axis of max and argmax, checked, and the output's shape.
+int max_axis(const char* op, const Tensor& x, int axis, bool keepdim, Shape& out_shape) {
   MV_CHECK(x.ndim() >= 1, op, ": needs at least one axis, got ", x.str());
   const int a = norm_axis(op, axis, x.ndim());
-  Split s;
-  for (int d = 0; d < x.ndim(); ++d) {
-    const int64_t v = x.shape()[size_t(d)];
-    if (d < a) s.outer *= v;
-    if (d > a) s.inner *= v;
-    if (d != a || keepdim) s.out_shape.push_back(d == a ? 1 : v);
-  }
-  s.n = x.shape()[size_t(a)];
-  MV_CHECK(s.n > 0, op, ": axis ", axis, " of ", x.str(), " is empty");
-  return s;
+  MV_CHECK(x.shape()[size_t(a)] > 0, op, ": axis ", axis, " of ", x.str(), " is empty");
+  out_shape.clear();
+  for (int d = 0; d < x.ndim(); ++d)
+    if (d != a || keepdim) out_shape.push_back(d == a ? 1 : x.shape()[size_t(d)]);
+  return a;
 }
 
 }  // namespace
@@ -284,67 +308,48 @@ Tensor mean(const Tensor& x, std::vector<int> axes, bool keepdim) {
 }
 
 // v = sum((x - m)^2) / (n - c), m = mean(x); dv/dx = 2 (x - m) / (n - c) (the terms through m
-// sum to zero because sum(x - m) = 0)
+// sum to zero because sum(x - m) = 0). Made of the sum kernel and elementwise ops.
 Tensor var(const Tensor& x, std::vector<int> axes, bool keepdim, int correction) {
-  expect_cpu_f32("var", {&x});
+  const OpDevice dev = device_of("var", {&x});
+  expect_f32("var", {&x});
   const std::vector<bool> red = reduced_axes("var", x, axes);
   const int64_t count = reduced_count(x.shape(), red);
   MV_CHECK(correction >= 0 && count > correction, "var: reducing ", count, " elements of ", x.str(),
            " with correction ", correction, "; needs more elements than the correction");
-  const double denom = double(count - correction);
-  Tensor xd = x.detach().contiguous();
+  const double denom = double(count - correction), inv_count = 1.0 / double(count);
+  const Shape ks = reduced_shape(x.shape(), red, true);
+  const Tensor xd = x.detach();
   Tensor k;
   {
     autograd::NoGrad ng;
-    Tensor m = sum_keep(xd, red, 1.0 / double(count));
-    Tensor d = sub(xd, m);  // two passes: no cancellation from E[x^2] - E[x]^2
-    k = sum_keep(mul(d, d), red, 1.0 / denom);
+    Tensor d = sub(xd, MV_KERNEL(sum_keep)(dev, xd, ks, inv_count));  // two passes: no cancellation
+    k = MV_KERNEL(sum_keep)(dev, mul(d, d), ks, 1.0 / denom);
   }
-  Tensor out = keepdim ? k : reshaped(k, drop_shape(x.shape(), red));
-  return record("var", out, {x}, [xd, red, ks = k.shape(), count, denom](const Tensor& g) {
-    Tensor m = sum_keep(xd, red, 1.0 / double(count));
-    Tensor gk = reshaped(g, ks);
-    return std::vector<Tensor>{mul(sub(xd, m), mul(gk, float(2.0 / denom)))};
+  Tensor out = keepdim ? k : k.reshaped(reduced_shape(x.shape(), red, false));
+  return record("var", out, {x}, [dev, xd, ks, inv_count, denom](const Tensor& g) {
+    const Tensor m = MV_KERNEL(sum_keep)(dev, xd, ks, inv_count);
+    return std::vector<Tensor>{mul(sub(xd, m), mul(g.reshaped(ks), float(2.0 / denom)))};
   });
 }
 
 // d max / dx = g at the first maximal element of each column, 0 elsewhere
 Tensor max(const Tensor& x, int axis, bool keepdim) {
-  expect_cpu_f32("max", {&x});
-  const Split s = split_axis("max", x, axis, keepdim);
-  Tensor out = Tensor::empty(s.out_shape);
-  Tensor idx = Tensor::empty(s.out_shape, DType::I64);
-  max_kernel(x.contiguous(), s.outer, s.n, s.inner, out.data<float>(), idx.data<int64_t>());
-  return record("max", out, {x}, [idx, s, xs = x.shape()](const Tensor& g_) {
-    Tensor g = g_.contiguous();
-    Tensor gx = Tensor::zeros(xs);
-    const float* pg = g.data<float>();
-    const int64_t* pi = idx.data<int64_t>();
-    float* px = gx.data<float>();
-    for (int64_t o = 0; o < s.outer; ++o)
-      for (int64_t i = 0; i < s.inner; ++i) {
-        const int64_t c = o * s.inner + i;
-        px[(o * s.n + pi[c]) * s.inner + i] = pg[c];
-      }
-    return std::vector<Tensor>{gx};
+  const OpDevice dev = device_of("max", {&x});
+  expect_f32("max", {&x});
+  Shape out_shape;
+  const int a = max_axis("max", x, axis, keepdim, out_shape);
+  MaxOut f = MV_CPU_KERNEL(max_forward)(dev, x, a);
+  return record("max", f.values.reshaped(out_shape), {x}, [dev, index = f.index, xs = x.shape(), a](const Tensor& g) {
+    return std::vector<Tensor>{MV_CPU_KERNEL(max_backward)(dev, g, index, xs, a)};
   });
 }
 
 Tensor argmax(const Tensor& x, int axis, bool keepdim) {
-  const bool gpu = on_cuda("argmax", {&x});
-  if (!gpu) expect_cpu_f32("argmax", {&x});
-  const Split s = split_axis("argmax", x, axis, keepdim);
-#ifdef MOEVIT_CUDA
-  if (gpu) {
-    MV_CHECK(s.inner == 1, "argmax: only the last axis has a CUDA kernel yet; got axis ", axis,
-             " of ", x.str());
-    return flat_view(cuda::argmax_last(x.contiguous()), s.out_shape);
-  }
-#endif
-  Tensor idx = Tensor::empty(s.out_shape, DType::I64);
-  std::vector<float> vals(size_t(s.outer * s.inner));
-  max_kernel(x.contiguous(), s.outer, s.n, s.inner, vals.data(), idx.data<int64_t>());
-  return idx;
+  const OpDevice dev = device_of("argmax", {&x});
+  expect_f32("argmax", {&x});
+  Shape out_shape;
+  const int a = max_axis("argmax", x, axis, keepdim, out_shape);
+  return MV_KERNEL(argmax)(dev, x, a).reshaped(out_shape);
 }
 
 }  // namespace mv::ops

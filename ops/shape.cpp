@@ -1,7 +1,7 @@
-// Shape ops. Views (reshape of a contiguous tensor, permute, slice) only change shape, strides
-// and offset, so they work for any dtype and device; copies run on the tensor's device (on
-// CUDA through one strided-copy kernel, cuda::copy_strided). Every copy here moves whole
-// runs of contiguous elements (memcpy of rows or blocks) rather than element by element.
+// Shape ops; their CUDA twin is cuda/shape.cu. Views (reshape of a contiguous tensor, permute,
+// slice) only change shape, strides and offset, so they work for any dtype and device; copies
+// (contiguous, placing a piece along an axis, patchify) are kernels. On the CPU every copy moves
+// whole runs of contiguous elements (memcpy of rows or blocks) rather than element by element.
 #include "ops/shape.h"
 
 #include <cstring>
@@ -9,14 +9,9 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+#include "ops/dispatch.h"
 
-#ifdef MOEVIT_CUDA
-#include "cuda/kernels.h"
-#endif
-
-namespace mv::ops {
-
-using autograd::record;
+namespace mv::cpu {
 
 namespace {
 
@@ -46,21 +41,7 @@ void strided_copy(const Tensor& x, T* out) {
   });
 }
 
-// x itself when contiguous, else a contiguous copy.
-Tensor dense(const char* op, const Tensor& x) {
-  if (x.is_contiguous()) return x;
-  if (x.device() == Device::CUDA) return x.contiguous();  // the strided-copy kernel
-  Tensor out = Tensor::empty(x.shape(), x.dtype());
-  switch (dtype_size(x.dtype())) {
-    case 2: strided_copy(x, static_cast<uint16_t*>(out.raw())); break;
-    case 4: strided_copy(x, static_cast<uint32_t*>(out.raw())); break;
-    case 8: strided_copy(x, static_cast<uint64_t*>(out.raw())); break;
-    default: MV_FAIL(op, ": unsupported element size for ", x.str());
-  }
-  return out;
-}
-
-// Views a contiguous x as (outer, len, inner) around `axis`.
+// A contiguous tensor seen as (outer, len, inner) around `axis`.
 struct Split {
   int64_t outer = 1, inner = 1;
 };
@@ -84,6 +65,89 @@ void copy_blocks(const void* src, int64_t src_len, int64_t src_pos, void* dst, i
       std::memcpy(d + (o * dst_len + dst_pos) * slab, s + (o * src_len + src_pos) * slab, bytes);
   });
 }
+
+// Calls f(image_offset, patch_offset) for every run of p floats that patchify moves: offsets
+// into contiguous images (B, C, H, W) and patches (B, N, C p p); runs are disjoint on both sides.
+template <class F>
+void for_patch_runs(const Shape& is, int64_t p, F f) {
+  const int64_t B = is[0], C = is[1], H = is[2], W = is[3], gw = W / p, N = (H / p) * gw;
+  parallel_for(B * N, C * p * p, [&](int64_t s, int64_t e) {
+    for (int64_t bn = s; bn < e; ++bn) {
+      const int64_t b = bn / N, gy = (bn % N) / gw, gx = (bn % N) % gw;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < p; ++i)
+          f(((b * C + c) * H + gy * p + i) * W + gx * p, (bn * C + c) * p * p + i * p);
+    }
+  });
+}
+
+}  // namespace
+
+// x: any layout and dtype (elements of 2, 4 or 8 bytes) -> x itself if contiguous, else a
+// contiguous copy
+Tensor contiguous(const Tensor& x) {
+  if (x.is_contiguous()) return x;
+  Tensor out = Tensor::empty(x.shape(), x.dtype());
+  switch (dtype_size(x.dtype())) {
+    case 2: strided_copy(x, static_cast<uint16_t*>(out.raw())); break;
+    case 4: strided_copy(x, static_cast<uint32_t*>(out.raw())); break;
+    case 8: strided_copy(x, static_cast<uint64_t*>(out.raw())); break;
+    default: MV_FAIL("contiguous: unsupported element size for ", x.str());
+  }
+  return out;
+}
+
+// dst: contiguous; src: dst's shape but length len along axis -> dst[.., pos : pos + len, ..] = src
+void place_along(const Tensor& dst, int axis, int64_t pos, const Tensor& src_) {
+  const Tensor src = contiguous(src_);
+  const Split sp = split_at(dst.shape(), axis);
+  const int64_t len = src.shape()[size_t(axis)];
+  copy_blocks(src.raw(), len, 0, dst.raw(), dst.shape()[size_t(axis)], pos, sp.outer,
+              sp.inner * int64_t(dtype_size(dst.dtype())), len);
+}
+
+// src: any layout -> a contiguous copy of src[.., pos : pos + len, ..]
+Tensor take_along(const Tensor& src_, int axis, int64_t pos, int64_t len) {
+  const Tensor src = contiguous(src_);
+  Shape shape = src.shape();
+  shape[size_t(axis)] = len;
+  Tensor out = Tensor::empty(shape, src.dtype());
+  const Split sp = split_at(src.shape(), axis);
+  copy_blocks(src.raw(), src.shape()[size_t(axis)], pos, out.raw(), len, 0, sp.outer,
+              sp.inner * int64_t(dtype_size(src.dtype())), len);
+  return out;
+}
+
+// images: (B, C, H, W), any layout -> (B, (H/p)(W/p), C p p), p floats at a time
+Tensor patchify(const Tensor& x_, int p) {
+  const Tensor x = x_.contiguous();
+  const Shape& is = x.shape();
+  Tensor out = Tensor::empty({is[0], (is[2] / p) * (is[3] / p), is[1] * p * p});
+  const size_t run = size_t(p) * sizeof(float);
+  const float* px = x.data<float>();
+  float* po = out.data<float>();
+  for_patch_runs(is, p, [&](int64_t io, int64_t pi) { std::memcpy(po + pi, px + io, run); });
+  return out;
+}
+
+// The inverse map: patches (B, N, C p p) -> (B, C, H, W)
+Tensor unpatchify(const Tensor& patches, const Shape& is, int p) {
+  const Tensor g = patches.contiguous();
+  Tensor dx = Tensor::empty(is);
+  const size_t run = size_t(p) * sizeof(float);
+  const float* pg = g.data<float>();
+  float* pd = dx.data<float>();
+  for_patch_runs(is, p, [&](int64_t io, int64_t pi) { std::memcpy(pd + io, pg + pi, run); });
+  return dx;
+}
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+using autograd::record;
+
+namespace {
 
 // x's elements [start, start + len) along axis a, as a view (no autograd).
 Tensor slice_view(const Tensor& x, int a, int64_t start, int64_t len) {
@@ -122,12 +186,13 @@ std::vector<int> permutation(const char* op, const Tensor& x, const std::vector<
 }
 
 Tensor permute_impl(const char* op, const Tensor& x, const std::vector<int>& p) {
+  const OpDevice dev = device_of(op, {&x});
   Tensor out = permute_view(x, p);
   std::vector<int> inv(p.size());
   for (size_t i = 0; i < p.size(); ++i) inv[size_t(p[i])] = int(i);
   // d permute = permute of g by the inverse permutation
-  return record(op, out, {x}, [inv, op](const Tensor& g) {
-    return std::vector<Tensor>{dense(op, permute_view(g, inv))};
+  return record(op, out, {x}, [dev, inv](const Tensor& g) {
+    return std::vector<Tensor>{MV_KERNEL(contiguous)(dev, permute_view(g, inv))};
   });
 }
 
@@ -135,6 +200,7 @@ Tensor permute_impl(const char* op, const Tensor& x, const std::vector<int>& p) 
 
 Tensor reshape(const Tensor& x, const Shape& shape) {
   MV_CHECK(x.defined(), "reshape: the input is undefined");
+  const OpDevice dev = device_of("reshape", {&x});
   Shape s = shape;
   int infer = -1;
   int64_t known = 1;
@@ -154,7 +220,7 @@ Tensor reshape(const Tensor& x, const Shape& shape) {
   }
   MV_CHECK(shape_numel(s) == x.numel(), "reshape: cannot reshape ", x.str(), " (", x.numel(),
            " elements) to ", shape_str(shape), " (", shape_numel(s), " elements)");
-  Tensor c = dense("reshape", x);
+  Tensor c = MV_KERNEL(contiguous)(dev, x);
   Tensor out = c.view_as(s, contiguous_strides(s), c.impl().offset);
   // d reshape = g reshaped back
   return record("reshape", out, {x}, [xs = x.shape()](const Tensor& g) {
@@ -179,6 +245,7 @@ Tensor permute(const Tensor& x, const std::vector<int>& dims) {
 
 Tensor slice(const Tensor& x, int axis, int64_t start, int64_t end) {
   MV_CHECK(x.defined(), "slice: the input is undefined");
+  const OpDevice dev = device_of("slice", {&x});
   const int a = norm_axis("slice", axis, x.ndim());
   const int64_t len = x.shape()[size_t(a)];
   const int64_t s = start < 0 ? start + len : start, e = end < 0 ? end + len : end;
@@ -186,30 +253,19 @@ Tensor slice(const Tensor& x, int axis, int64_t start, int64_t end) {
            a, " of size ", len, " in ", x.str());
   Tensor out = slice_view(x, a, s, e - s);
   // d slice = g placed at [s, e) along the axis, zeros elsewhere
-  return record("slice", out, {x}, [xs = x.shape(), a, s, e, len](const Tensor& g_) {
-#ifdef MOEVIT_CUDA
-    if (g_.device() == Device::CUDA) {
-      Tensor gx = Tensor::zeros(xs, DType::F32, Device::CUDA);
-      cuda::copy_strided(slice_view(gx, a, s, e - s), g_);
-      return std::vector<Tensor>{gx};
-    }
-#endif
-    Tensor g = dense("slice", g_);
-    Tensor gx = Tensor::zeros(xs);
-    const Split sp = split_at(xs, a);
-    copy_blocks(g.raw(), e - s, 0, gx.raw(), len, s, sp.outer, sp.inner * int64_t(sizeof(float)), e - s);
+  return record("slice", out, {x}, [dev, xs = x.shape(), a, s](const Tensor& g) {
+    Tensor gx = Tensor::zeros(xs, DType::F32, dev.device);
+    MV_KERNEL(place_along)(dev, gx, a, s, g);
     return std::vector<Tensor>{gx};
   });
 }
 
 Tensor concat(const std::vector<Tensor>& xs, int axis) {
   MV_CHECK(!xs.empty(), "concat: no tensors to concatenate");
-  for (const Tensor& t : xs) {
-    MV_CHECK(t.defined(), "concat: an input is undefined");
-    MV_CHECK(t.device() == xs[0].device(), "concat: inputs live on different devices (",
-             xs[0].str(), " and ", t.str(), "); move them with .to()");
-  }
+  for (const Tensor& t : xs) MV_CHECK(t.defined(), "concat: an input is undefined");
   const Tensor& x0 = xs[0];
+  for (const Tensor& t : xs) device_of("concat", {&x0, &t});
+  const OpDevice dev = device_of("concat", {&x0});
   const int a = norm_axis("concat", axis, x0.ndim());
   Shape shape = x0.shape();
   shape[size_t(a)] = 0;
@@ -221,55 +277,22 @@ Tensor concat(const std::vector<Tensor>& xs, int axis) {
              "; they must match except along axis ", a);
     shape[size_t(a)] += t.shape()[size_t(a)];
   }
-#ifdef MOEVIT_CUDA
-  if (x0.device() == Device::CUDA) {  // each input copied into its slice of out
-    Tensor out = Tensor::empty(shape, x0.dtype(), Device::CUDA);
-    std::vector<int64_t> pos, lens;
-    std::vector<bool> need;
-    for (int64_t p = 0; const Tensor& t : xs) {
-      const int64_t li = t.shape()[size_t(a)];
-      cuda::copy_strided(slice_view(out, a, p, li), t);
-      pos.push_back(p);
-      lens.push_back(li);
-      need.push_back(t.requires_grad());
-      p += li;
-    }
-    // d concat = the pieces of g along the axis
-    return record("concat", out, xs, [pos, lens, need, a](const Tensor& g) {
-      std::vector<Tensor> grads(lens.size());
-      for (size_t i = 0; i < lens.size(); ++i)
-        if (need[i]) grads[i] = slice_view(g, a, pos[i], lens[i]).contiguous();
-      return grads;
-    });
-  }
-#endif
-  Tensor out = Tensor::empty(shape, x0.dtype());
-  const Split sp = split_at(shape, a);
-  const int64_t slab = sp.inner * int64_t(dtype_size(x0.dtype())), total = shape[size_t(a)];
-  std::vector<int64_t> lens;
+  Tensor out = Tensor::empty(shape, x0.dtype(), dev.device);
+  std::vector<int64_t> pos, lens;
   std::vector<bool> need;
-  for (int64_t i = 0, pos = 0; i < int64_t(xs.size()); ++i) {
-    const Tensor c = dense("concat", xs[size_t(i)]);
-    const int64_t li = c.shape()[size_t(a)];
-    copy_blocks(c.raw(), li, 0, out.raw(), total, pos, sp.outer, slab, li);
-    pos += li;
+  for (int64_t p = 0; const Tensor& t : xs) {  // each input copied into its slice of out
+    const int64_t li = t.shape()[size_t(a)];
+    MV_KERNEL(place_along)(dev, out, a, p, t);
+    pos.push_back(p);
     lens.push_back(li);
-    need.push_back(xs[size_t(i)].requires_grad());
+    need.push_back(t.requires_grad());
+    p += li;
   }
   // d concat = the pieces of g along the axis
-  return record("concat", out, xs, [lens, need, a, xs0 = x0.shape()](const Tensor& g_) {
-    Tensor g = dense("concat", g_);
-    const Split sp = split_at(g.shape(), a);
-    const int64_t total = g.shape()[size_t(a)];
+  return record("concat", out, xs, [dev, pos, lens, need, a](const Tensor& g) {
     std::vector<Tensor> grads(lens.size());
-    for (size_t i = 0, pos = 0; i < lens.size(); pos += size_t(lens[i]), ++i) {
-      if (!need[i]) continue;
-      Shape si = g.shape();
-      si[size_t(a)] = lens[i];
-      grads[i] = Tensor::empty(si);
-      copy_blocks(g.raw(), total, int64_t(pos), grads[i].raw(), lens[i], 0, sp.outer,
-                  sp.inner * int64_t(sizeof(float)), lens[i]);
-    }
+    for (size_t i = 0; i < lens.size(); ++i)
+      if (need[i]) grads[i] = MV_KERNEL(take_along)(dev, g, a, pos[i], lens[i]);
     return grads;
   });
 }
@@ -291,46 +314,14 @@ Tensor stack(const std::vector<Tensor>& xs, int axis) {
   return concat(parts, a);
 }
 
-// Calls f(image_offset, patch_offset) for every run of p floats that patchify moves: offsets
-// into contiguous images (B, C, H, W) and patches (B, N, C p p); runs are disjoint on both sides.
-template <class F>
-static void for_patch_runs(const Shape& is, int64_t p, F f) {
-  const int64_t B = is[0], C = is[1], H = is[2], W = is[3], gw = W / p, N = (H / p) * gw;
-  parallel_for(B * N, C * p * p, [&](int64_t s, int64_t e) {
-    for (int64_t bn = s; bn < e; ++bn) {
-      const int64_t b = bn / N, gy = (bn % N) / gw, gx = (bn % N) % gw;
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = 0; i < p; ++i)
-          f(((b * C + c) * H + gy * p + i) * W + gx * p, (bn * C + c) * p * p + i * p);
-    }
-  });
-}
-
-Tensor patchify(const Tensor& x_, int p) {
-  const bool gpu = on_cuda("patchify", {&x_});
-  if (!gpu) expect_cpu_f32("patchify", {&x_});
-  MV_CHECK(p >= 1 && x_.ndim() == 4 && x_.size(2) % p == 0 && x_.size(3) % p == 0, "patchify: images ",
-           x_.str(), " must be (B, C, H, W) with H and W multiples of the patch size ", p);
-  const Shape is = x_.shape();
-#ifdef MOEVIT_CUDA
-  if (gpu)
-    return record("patchify", cuda::patchify(x_, p), {x_}, [is, p](const Tensor& g) {
-      return std::vector<Tensor>{cuda::unpatchify(g.contiguous(), is, p)};
-    });
-#endif
-  const Tensor x = x_.contiguous();
-  Tensor out = Tensor::empty({is[0], (is[2] / p) * (is[3] / p), is[1] * p * p});
-  const size_t run = size_t(p) * sizeof(float);
-  const float* px = x.data<float>();
-  float* po = out.data<float>();
-  for_patch_runs(is, p, [&](int64_t io, int64_t pi) { std::memcpy(po + pi, px + io, run); });
-  return record("patchify", out, {x_}, [is, p, run](const Tensor& g_) {
-    const Tensor g = g_.contiguous();
-    Tensor dx = Tensor::empty(is);
-    const float* pg = g.data<float>();
-    float* pd = dx.data<float>();
-    for_patch_runs(is, p, [&](int64_t io, int64_t pi) { std::memcpy(pd + io, pg + pi, run); });
-    return std::vector<Tensor>{dx};
+// A permutation of the elements, so the backward is the inverse permutation of the gradient.
+Tensor patchify(const Tensor& x, int p) {
+  const OpDevice dev = device_of("patchify", {&x});
+  expect_f32("patchify", {&x});
+  MV_CHECK(p >= 1 && x.ndim() == 4 && x.size(2) % p == 0 && x.size(3) % p == 0, "patchify: images ",
+           x.str(), " must be (B, C, H, W) with H and W multiples of the patch size ", p);
+  return record("patchify", MV_KERNEL(patchify)(dev, x, p), {x}, [dev, is = x.shape(), p](const Tensor& g) {
+    return std::vector<Tensor>{MV_KERNEL(unpatchify)(dev, g.contiguous(), is, p)};
   });
 }
 

@@ -9,13 +9,13 @@
 #include "autograd/autograd.h"
 #include "engine/parallel.h"
 #include "ops/common.h"
+#include "ops/dispatch.h"
 #include "ops/fast_math.h"
 
-#ifdef MOEVIT_CUDA
-#include "cuda/kernels.h"
-#endif
+namespace mv::cpu {
 
-namespace mv::ops {
+using ops::fast_exp;
+using ops::lane_sum;
 
 namespace {
 
@@ -39,72 +39,91 @@ void softmax_rows(const float* x, float* y, int64_t rows, int64_t C, bool log_fo
   });
 }
 
-// Checks x, returns its contiguous form and the row count.
-Tensor prepare(const char* op, const Tensor& x, int64_t& rows, int64_t& C) {
-  expect_cpu_f32(op, {&x});
+int64_t width(const Tensor& x) { return x.shape().back(); }
+int64_t rows_of(const Tensor& x) { return width(x) == 0 ? 0 : x.numel() / width(x); }
+
+}  // namespace
+
+// x: (..., C) contiguous -> softmax over the last axis: (..., C)
+Tensor softmax_forward(const Tensor& x) {
+  Tensor y = Tensor::empty(x.shape());
+  softmax_rows(x.data<float>(), y.data<float>(), rows_of(x), width(x), false);
+  return y;
+}
+
+// y, dy: (..., C) -> dx = y * (dy - sum(dy * y)) per row
+Tensor softmax_backward(const Tensor& y, const Tensor& dy) {
+  const int64_t rows = rows_of(y), C = width(y);
+  Tensor g = dy.contiguous();
+  Tensor gx = Tensor::empty(y.shape());
+  const float *pg = g.data<float>(), *py = y.data<float>();
+  float* po = gx.data<float>();
+  parallel_for(rows, C * 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float *gr = pg + r * C, *yr = py + r * C;
+      double dot = 0;
+      for (int64_t j = 0; j < C; ++j) dot += double(gr[j]) * yr[j];
+      const float d = float(dot);
+      for (int64_t j = 0; j < C; ++j) po[r * C + j] = yr[j] * (gr[j] - d);
+    }
+  });
+  return gx;
+}
+
+// x: (..., C) contiguous -> log-softmax over the last axis: (..., C)
+Tensor log_softmax_forward(const Tensor& x) {
+  Tensor y = Tensor::empty(x.shape());
+  softmax_rows(x.data<float>(), y.data<float>(), rows_of(x), width(x), true);
+  return y;
+}
+
+// y (the log-softmax), dy: (..., C) -> dx = dy - softmax * sum(dy) per row, softmax = exp(y)
+Tensor log_softmax_backward(const Tensor& y, const Tensor& dy) {
+  const int64_t rows = rows_of(y), C = width(y);
+  Tensor g = dy.contiguous();
+  Tensor gx = Tensor::empty(y.shape());
+  const float *pg = g.data<float>(), *py = y.data<float>();
+  float* po = gx.data<float>();
+  parallel_for(rows, C * 8, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float *gr = pg + r * C, *yr = py + r * C;
+      double s = 0;
+      for (int64_t j = 0; j < C; ++j) s += gr[j];
+      const float sg = float(s);
+      for (int64_t j = 0; j < C; ++j) po[r * C + j] = gr[j] - std::exp(yr[j]) * sg;
+    }
+  });
+  return gx;
+}
+
+}  // namespace mv::cpu
+
+namespace mv::ops {
+
+namespace {
+
+OpDevice check_rows(const char* op, const Tensor& x) {
+  const OpDevice dev = device_of(op, {&x});
+  expect_f32(op, {&x});
   MV_CHECK(x.ndim() >= 1, op, ": needs at least one axis, got ", x.str());
-  C = x.shape().back();
-  rows = C == 0 ? 0 : x.numel() / C;
-  return x.contiguous();
+  return dev;
 }
 
 }  // namespace
 
-// dx = y * (g - sum(g * y)) per row
-Tensor softmax(const Tensor& x_) {
-#ifdef MOEVIT_CUDA
-  if (on_cuda("softmax", {&x_})) {
-    MV_CHECK(x_.ndim() >= 1, "softmax: needs at least one axis, got ", x_.str());
-    Tensor y = cuda::softmax_forward(x_.contiguous());
-    if (!autograd::needs_graph({x_})) return y;
-    return autograd::record("softmax", y, {x_}, [yd = y.detach()](const Tensor& g) {
-      return std::vector<Tensor>{cuda::softmax_backward(yd, g.contiguous())};
-    });
-  }
-#endif
-  int64_t rows, C;
-  Tensor x = prepare("softmax", x_, rows, C);
-  Tensor y = Tensor::empty(x.shape());
-  softmax_rows(x.data<float>(), y.data<float>(), rows, C, false);
-  return autograd::record("softmax", y, {x_}, [yd = y.detach(), rows, C](const Tensor& g_) {
-    Tensor g = g_.contiguous();
-    Tensor gx = Tensor::empty(yd.shape());
-    const float *pg = g.data<float>(), *py = yd.data<float>();
-    float* po = gx.data<float>();
-    parallel_for(rows, C * 4, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const float *gr = pg + r * C, *yr = py + r * C;
-        double dot = 0;
-        for (int64_t j = 0; j < C; ++j) dot += double(gr[j]) * yr[j];
-        const float d = float(dot);
-        for (int64_t j = 0; j < C; ++j) po[r * C + j] = yr[j] * (gr[j] - d);
-      }
-    });
-    return std::vector<Tensor>{gx};
+Tensor softmax(const Tensor& x) {
+  const OpDevice dev = check_rows("softmax", x);
+  Tensor y = MV_KERNEL(softmax_forward)(dev, x.contiguous());
+  return autograd::record("softmax", y, {x}, [dev, yd = y.detach()](const Tensor& g) {
+    return std::vector<Tensor>{MV_KERNEL(softmax_backward)(dev, yd, g.contiguous())};
   });
 }
 
-// dx = g - softmax * sum(g) per row, softmax = exp(y)
-Tensor log_softmax(const Tensor& x_) {
-  int64_t rows, C;
-  Tensor x = prepare("log_softmax", x_, rows, C);
-  Tensor y = Tensor::empty(x.shape());
-  softmax_rows(x.data<float>(), y.data<float>(), rows, C, true);
-  return autograd::record("log_softmax", y, {x_}, [yd = y.detach(), rows, C](const Tensor& g_) {
-    Tensor g = g_.contiguous();
-    Tensor gx = Tensor::empty(yd.shape());
-    const float *pg = g.data<float>(), *py = yd.data<float>();
-    float* po = gx.data<float>();
-    parallel_for(rows, C * 8, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const float *gr = pg + r * C, *yr = py + r * C;
-        double s = 0;
-        for (int64_t j = 0; j < C; ++j) s += gr[j];
-        const float sg = float(s);
-        for (int64_t j = 0; j < C; ++j) po[r * C + j] = gr[j] - std::exp(yr[j]) * sg;
-      }
-    });
-    return std::vector<Tensor>{gx};
+Tensor log_softmax(const Tensor& x) {
+  const OpDevice dev = check_rows("log_softmax", x);
+  Tensor y = MV_CPU_KERNEL(log_softmax_forward)(dev, x.contiguous());
+  return autograd::record("log_softmax", y, {x}, [dev, yd = y.detach()](const Tensor& g) {
+    return std::vector<Tensor>{MV_CPU_KERNEL(log_softmax_backward)(dev, yd, g.contiguous())};
   });
 }
 

@@ -451,7 +451,7 @@ TEST_CASE("cuda cross-entropy forward and backward, with label smoothing") {
       }
       Tensor tx = dev(x, {N, C}), ty = Tensor::from_i64(y, {N}).to(Device::CUDA);
       auto f = cuda::cross_entropy_forward(tx, ty, sm);
-      check_f32("ce loss", get(f.loss), loss);
+      check_f32("ce loss", get(f.row_loss), loss);
       check_f32("ce lse", get(f.lse), lse);
       Tensor g = cuda::cross_entropy_backward(tx, ty, f.lse, sm, dev({float(dl)}, {1}));
       check_f32("ce dlogits", get(g), dx);
@@ -465,16 +465,17 @@ TEST_CASE("cuda cross-entropy forward and backward, with label smoothing") {
       Tensor xc = host(x, {N, C}).set_requires_grad(true);
       Tensor lc = ops::cross_entropy(xc, Tensor::from_i64(y, {N}), sm);
       double mean = 0;
-      for (float v : get(f.loss)) mean += v;
+      for (float v : get(f.row_loss)) mean += v;
       mean /= double(N);
       CHECK(std::fabs(mean - lc.item()) <= 1e-5 * std::max(1.0, std::fabs(mean)));
+      CHECK(std::fabs(mean - f.loss.item()) <= 1e-5 * std::max(1.0, std::fabs(mean)));  // the kernel's own mean
       lc.backward();
       check_f32("ce dlogits vs ops::cross_entropy autograd", g1, to_d(get(xc.grad())), 1e-4, 1e-5);
     }
   }
   // A label outside [0, C) gives that row a NaN loss (not a wild read); other rows are fine.
   auto f = cuda::cross_entropy_forward(dev({1, 2, 3, 4, 5, 6}, {2, 3}), Tensor::from_i64({1, 3}, {2}).to(Device::CUDA));
-  Vec l = get(f.loss);
+  Vec l = get(f.row_loss);
   CHECK(std::isfinite(l[0]));
   CHECK(std::isnan(l[1]));
 }
@@ -512,15 +513,15 @@ TEST_CASE("cuda gelu, add_bias, binary (equal shapes) against double and ops") {
     DVec sum(static_cast<size_t>(n)), prod(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) sum[size_t(i)] = double(x[size_t(i)]) + dy[size_t(i)], prod[size_t(i)] = double(x[size_t(i)]) * dy[size_t(i)];
     const auto bin = [](const Tensor& a, const Tensor& b, cuda::Binary op) { return get(cuda::binary(a, b, op)); };
-    check_f32("add", bin(dev(x, {n}), dev(dy, {n}), cuda::Binary::Add), to_d(get(ops::add(host(x, {n}), host(dy, {n})))), 0, 0);
-    check_f32("mul", bin(dev(x, {n}), dev(dy, {n}), cuda::Binary::Mul), to_d(get(ops::mul(host(x, {n}), host(dy, {n})))), 0, 0);
-    check_f32("add vs double", bin(dev_misaligned(x, {n}), dev(dy, {n}), cuda::Binary::Add), sum, 1e-7, 0);
-    check_f32("mul vs double", bin(dev(x, {n}), dev_misaligned(dy, {n}), cuda::Binary::Mul), prod, 1e-7, 0);
+    check_f32("add", bin(dev(x, {n}), dev(dy, {n}), ops::Binary::Add), to_d(get(ops::add(host(x, {n}), host(dy, {n})))), 0, 0);
+    check_f32("mul", bin(dev(x, {n}), dev(dy, {n}), ops::Binary::Mul), to_d(get(ops::mul(host(x, {n}), host(dy, {n})))), 0, 0);
+    check_f32("add vs double", bin(dev_misaligned(x, {n}), dev(dy, {n}), ops::Binary::Add), sum, 1e-7, 0);
+    check_f32("mul vs double", bin(dev(x, {n}), dev_misaligned(dy, {n}), ops::Binary::Mul), prod, 1e-7, 0);
     DVec diff(static_cast<size_t>(n)), quot(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i)
       diff[size_t(i)] = double(x[size_t(i)]) - dy[size_t(i)], quot[size_t(i)] = double(x[size_t(i)]) / dy[size_t(i)];
-    check_f32("sub vs double", bin(dev(x, {n}), dev(dy, {n}), cuda::Binary::Sub), diff, 1e-7, 0);
-    check_f32("div vs double", bin(dev(x, {n}), dev(dy, {n}), cuda::Binary::Div), quot, 1e-6, 0);
+    check_f32("sub vs double", bin(dev(x, {n}), dev(dy, {n}), ops::Binary::Sub), diff, 1e-7, 0);
+    check_f32("div vs double", bin(dev(x, {n}), dev(dy, {n}), ops::Binary::Div), quot, 1e-6, 0);
   }
   for (auto [R, C] : std::vector<std::pair<int64_t, int64_t>>{{37, 77}, {37, 192}, {3, 1}}) {
     CAPTURE(C);
@@ -529,7 +530,7 @@ TEST_CASE("cuda gelu, add_bias, binary (equal shapes) against double and ops") {
     check_f32("add_bias", get(cuda::add_bias(dev(x, {R, C}), dev(b, {C}))), to_d(ref), 0, 0);
     check_f32("add_bias misaligned", get(cuda::add_bias(dev_misaligned(x, {R, C}), dev(b, {C}))), to_d(ref), 0, 0);
   }
-  CHECK_THROWS_WITH_AS(cuda::binary(Tensor::zeros({3}, DType::F32, Device::CUDA), Tensor::zeros({4}, DType::F32, Device::CUDA), cuda::Binary::Add),
+  CHECK_THROWS_WITH_AS(cuda::binary(Tensor::zeros({3}, DType::F32, Device::CUDA), Tensor::zeros({4}, DType::F32, Device::CUDA), ops::Binary::Add),
                        doctest::Contains("cuda::binary: shapes F32 (3) cuda and F32 (4) cuda do not broadcast"), Error);
   CHECK_THROWS_WITH_AS(cuda::add_bias(Tensor::zeros({3, 4}, DType::F32, Device::CUDA), Tensor::zeros({3}, DType::F32, Device::CUDA)),
                        doctest::Contains("expected x (..., C) and b (C)"), Error);
@@ -557,7 +558,7 @@ TEST_CASE("cuda binary: broadcasting and strided operands against a double loop"
       }
       return double(x[size_t(off)]);
     };
-    for (cuda::Binary op : {cuda::Binary::Add, cuda::Binary::Sub, cuda::Binary::Mul, cuda::Binary::Div}) {
+    for (cuda::Binary op : {ops::Binary::Add, ops::Binary::Sub, ops::Binary::Mul, ops::Binary::Div}) {
       CAPTURE(int(op));
       DVec ref;
       const Shape o3 = c.out.size() == 3 ? c.out : Shape{1, c.out[0], c.out[1]};
@@ -566,7 +567,7 @@ TEST_CASE("cuda binary: broadcasting and strided operands against a double loop"
           for (int64_t k = 0; k < o3[2]; ++k) {
             const std::vector<int64_t> idx = c.out.size() == 3 ? std::vector<int64_t>{i, j, k} : std::vector<int64_t>{j, k};
             const double x = at(a, c.a, idx), y = at(b, c.b, idx);
-            ref.push_back(op == cuda::Binary::Add ? x + y : op == cuda::Binary::Sub ? x - y : op == cuda::Binary::Mul ? x * y : x / y);
+            ref.push_back(op == ops::Binary::Add ? x + y : op == ops::Binary::Sub ? x - y : op == ops::Binary::Mul ? x * y : x / y);
           }
       const Tensor out = cuda::binary(dev(a, c.a), dev(b, c.b), op);
       CHECK(out.shape() == c.out);
@@ -597,18 +598,18 @@ TEST_CASE("cuda unary maps: forward and backward against double") {
   };
   static constexpr double s_is2 = 0.70710678118654752, s_is2pi = 0.39894228040143268;  // 1/sqrt(2), 1/sqrt(2 pi)
   const std::vector<U> maps = {
-      {cuda::Unary::Exp, "exp", 0, 2, 0, [](double x, double) { return std::exp(x); }, [](double x, double) { return std::exp(x); }},
-      {cuda::Unary::Log, "log", 0, 0.3f, 2, [](double x, double) { return std::log(x); }, [](double x, double) { return 1 / x; }},
-      {cuda::Unary::Sqrt, "sqrt", 0, 0.3f, 2, [](double x, double) { return std::sqrt(x); }, [](double x, double) { return 0.5 / std::sqrt(x); }},
-      {cuda::Unary::Rsqrt, "rsqrt", 0, 0.3f, 2, [](double x, double) { return 1 / std::sqrt(x); }, [](double x, double) { return -0.5 / (x * std::sqrt(x)); }},
-      {cuda::Unary::Tanh, "tanh", 0, 2, 0, [](double x, double) { return std::tanh(x); }, [](double x, double) { return 1 - std::tanh(x) * std::tanh(x); }},
-      {cuda::Unary::Pow, "pow 3", 3, 1, 0, [](double x, double p) { return std::pow(x, p); }, [](double x, double p) { return p * std::pow(x, p - 1); }},
-      {cuda::Unary::Pow, "pow 0.5", 0.5f, 0.3f, 2, [](double x, double p) { return std::pow(x, p); }, [](double x, double p) { return p * std::pow(x, p - 1); }},
-      {cuda::Unary::Relu, "relu", 0, 1, 0, [](double x, double) { return x > 0 ? x : 0; }, [](double x, double) { return x > 0 ? 1.0 : 0.0; }},
-      {cuda::Unary::GeluErf, "gelu erf", 0, 2, 0,
+      {ops::Unary::Exp, "exp", 0, 2, 0, [](double x, double) { return std::exp(x); }, [](double x, double) { return std::exp(x); }},
+      {ops::Unary::Log, "log", 0, 0.3f, 2, [](double x, double) { return std::log(x); }, [](double x, double) { return 1 / x; }},
+      {ops::Unary::Sqrt, "sqrt", 0, 0.3f, 2, [](double x, double) { return std::sqrt(x); }, [](double x, double) { return 0.5 / std::sqrt(x); }},
+      {ops::Unary::Rsqrt, "rsqrt", 0, 0.3f, 2, [](double x, double) { return 1 / std::sqrt(x); }, [](double x, double) { return -0.5 / (x * std::sqrt(x)); }},
+      {ops::Unary::Tanh, "tanh", 0, 2, 0, [](double x, double) { return std::tanh(x); }, [](double x, double) { return 1 - std::tanh(x) * std::tanh(x); }},
+      {ops::Unary::Pow, "pow 3", 3, 1, 0, [](double x, double p) { return std::pow(x, p); }, [](double x, double p) { return p * std::pow(x, p - 1); }},
+      {ops::Unary::Pow, "pow 0.5", 0.5f, 0.3f, 2, [](double x, double p) { return std::pow(x, p); }, [](double x, double p) { return p * std::pow(x, p - 1); }},
+      {ops::Unary::Relu, "relu", 0, 1, 0, [](double x, double) { return x > 0 ? x : 0; }, [](double x, double) { return x > 0 ? 1.0 : 0.0; }},
+      {ops::Unary::GeluErf, "gelu erf", 0, 2, 0,
        [](double x, double) { return 0.5 * x * (1 + std::erf(x * s_is2)); },
        [](double x, double) { return 0.5 * (1 + std::erf(x * s_is2)) + x * s_is2pi * std::exp(-0.5 * x * x); }},
-      {cuda::Unary::NormalCdf, "normal cdf", 0, 3, 0,
+      {ops::Unary::NormalCdf, "normal cdf", 0, 3, 0,
        [](double x, double) { return 0.5 * std::erfc(-x * s_is2); },
        [](double x, double) { return s_is2pi * std::exp(-0.5 * x * x); }},
   };
@@ -627,12 +628,12 @@ TEST_CASE("cuda unary maps: forward and backward against double") {
       check_f32(std::string(u.name) + " forward", get(ty), y);
       // tanh' = 1 - y^2 is formed from the float output y: where |y| is near 1 the result is
       // small only by cancellation, so terms of size |g| set the attainable error.
-      const double terms = u.f == cuda::Unary::Tanh ? max_abs(to_d(g)) : 0;
+      const double terms = u.f == ops::Unary::Tanh ? max_abs(to_d(g)) : 0;
       check_f32(std::string(u.name) + " backward", get(cuda::unary_backward(tx, ty, dev(g, {n}), u.f, u.p)), dx, 1e-5,
                 1e-5, terms);
     }
   CHECK_THROWS_WITH_AS(cuda::unary_backward(Tensor::zeros({3}, DType::F32, Device::CUDA), Tensor::zeros({3}, DType::F32, Device::CUDA),
-                                            Tensor::zeros({4}, DType::F32, Device::CUDA), cuda::Unary::Exp),
+                                            Tensor::zeros({4}, DType::F32, Device::CUDA), ops::Unary::Exp),
                        doctest::Contains("cuda::unary_backward: shapes differ"), Error);
 }
 
@@ -915,10 +916,10 @@ TEST_CASE("cuda attention forward and backward against double and ops::self_atte
     Tensor tq = dev(qkv, {c.B, c.T, 3 * c.D});
     auto f = cuda::attention_forward(tq, int(c.H));
     CHECK(f.out.shape() == Shape{c.B, c.T, c.D});
-    CHECK(f.lse.shape() == Shape{c.B, c.H, c.T});
+    CHECK(f.saved.shape() == Shape{c.B, c.H, c.T});
     check_f32("attention out", get(f.out), ref.out);
-    check_f32("attention lse", get(f.lse), ref.lse);
-    Tensor dq = cuda::attention_backward(tq, f.out, f.lse, dev(dout, {c.B, c.T, c.D}), int(c.H));
+    check_f32("attention lse", get(f.saved), ref.lse);
+    Tensor dq = cuda::attention_backward(tq, f.out, f.saved, dev(dout, {c.B, c.T, c.D}), int(c.H));
     CHECK(dq.shape() == Shape{c.B, c.T, 3 * c.D});
     const Vec gdq = get(dq);
     check_f32("attention dqkv", gdq, ref.dqkv);
@@ -935,7 +936,7 @@ TEST_CASE("cuda attention forward and backward against double and ops::self_atte
       const char* names[] = {"attention dq", "attention dk", "attention dv"};
       check_f32(names[part], got, want);
     }
-    CHECK(get(cuda::attention_backward(tq, f.out, f.lse, dev(dout, {c.B, c.T, c.D}), int(c.H))) == gdq);  // deterministic
+    CHECK(get(cuda::attention_backward(tq, f.out, f.saved, dev(dout, {c.B, c.T, c.D}), int(c.H))) == gdq);  // deterministic
 
     // ops::self_attention (the CPU twin) and its autograd backward.
     Tensor xc = host(qkv, {c.B, c.T, 3 * c.D}).set_requires_grad(true);

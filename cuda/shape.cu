@@ -1,3 +1,7 @@
+// The shape ops' copies on the GPU, twins of ops/shape.cpp: a contiguous copy, writing a piece
+// into (or copying it out of) a range along an axis, all through the strided copy of
+// cuda/tensor.cu; and patchify, which has its own kernel.
+//
 // Patchify: the first step of ViT's patch embedding, images (B, C, H, W) to rows of flattened
 // patches (B, N, C p p) that one GEMM then projects to the model width.
 //
@@ -57,7 +61,29 @@ PatchDims dims(const char* fn, const Shape& s, int p) {
   return d;
 }
 
+// x's elements [start, start + len) along axis a, as a view.
+Tensor slice_view(const Tensor& x, int a, int64_t start, int64_t len) {
+  Shape shape = x.shape();
+  shape[size_t(a)] = len;
+  return x.view_as(shape, x.strides(), x.impl().offset + start * x.strides()[size_t(a)]);
+}
+
 }  // namespace
+
+Tensor contiguous(const Tensor& x) {
+  if (x.is_contiguous()) return x;
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), Device::CUDA);
+  copy_strided(out, x);
+  return out;
+}
+
+void place_along(const Tensor& dst, int axis, int64_t pos, const Tensor& src) {
+  copy_strided(slice_view(dst, axis, pos, src.size(axis)), src);
+}
+
+Tensor take_along(const Tensor& src, int axis, int64_t pos, int64_t len) {
+  return contiguous(slice_view(src, axis, pos, len));
+}
 
 Tensor patchify(const Tensor& images, int p) {
   MV_CHECK(images.defined() && images.device() == Device::CUDA && images.dtype() == DType::F32,

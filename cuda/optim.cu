@@ -1,3 +1,6 @@
+// The optimizer updates on the GPU, twins of ops/optim.cpp: AdamW over all parameters in one
+// launch, SGD one tensor per launch, and the sum of squares behind gradient-norm clipping.
+//
 // AdamW over a whole list of parameters in one launch (a multi-tensor apply).
 //
 // Per element, in torch.optim.AdamW's order (decoupled weight decay, bias-corrected moments), with
@@ -104,6 +107,18 @@ struct Staging {
   }
 };
 
+// SGD with momentum and coupled weight decay (torch.optim.SGD's update), a plain grid-stride map:
+//   g = grad * grad_scale + wd * p;  buf = momentum * buf + g;  p -= lr * buf.
+__global__ void sgd_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buf,
+                           int64_t n, float lr, float momentum, float wd, float gs) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float b = momentum * buf[i] + g[i] * gs + wd * p[i];
+    buf[i] = b;
+    p[i] -= lr * b;
+  }
+}
+
 Staging& staging() {
   static Staging* s = new Staging;  // never destroyed: the CUDA context may be gone at exit
   return *s;
@@ -173,6 +188,32 @@ void adamw_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   const unsigned grid = unsigned(std::min<int64_t>(chunks, int64_t(sm_count()) * 8));
   adamw_kernel<<<grid, kThreads, 0, stream()>>>(dt, dc, chunks, h);
   MV_CUDA_LAUNCH_CHECK();
+}
+
+void sgd_step(const Tensor& p, const Tensor& grad, const Tensor& buf, float lr, float momentum,
+              float wd, float grad_scale) {
+  detail::expect_cuda_f32("sgd_step", "p", p);
+  detail::expect_cuda_f32("sgd_step", "grad", grad);
+  detail::expect_cuda_f32("sgd_step", "buf", buf);
+  MV_CHECK(grad.shape() == p.shape() && buf.shape() == p.shape(), "cuda::sgd_step: p ", p.str(),
+           ", grad ", grad.str(), ", buf ", buf.str(), " differ in shape");
+  const int64_t n = p.numel();
+  if (n == 0) return;
+  sgd_kernel<<<detail::grid_for(n, kThreads), kThreads, 0, stream()>>>(
+      p.data<float>(), grad.data<float>(), buf.data<float>(), n, lr, momentum, wd, grad_scale);
+  MV_CUDA_LAUNCH_CHECK();
+}
+
+// Each tensor's sum of squares (x * x, then the one-block sum), added up on the device: one host
+// read for all of them.
+double sum_of_squares(const std::vector<Tensor>& xs) {
+  Tensor total;
+  for (const Tensor& x_ : xs) {
+    const Tensor x = x_.contiguous();
+    const Tensor s = sum_all(binary(x, x, Binary::Mul), 1.f);
+    total = total.defined() ? binary(total, s, Binary::Add) : s;
+  }
+  return total.defined() ? double(total.item()) : 0.0;
 }
 
 }  // namespace mv::cuda

@@ -111,11 +111,14 @@ void check_ce(const char* fn, const Tensor& logits, const Tensor& labels) {
 CrossEntropyOut cross_entropy_forward(const Tensor& logits, const Tensor& labels, float label_smoothing) {
   check_ce("cross_entropy_forward", logits, labels);
   const int N = int(logits.size(0)), C = int(logits.size(1));
-  CrossEntropyOut o{Tensor::empty({N}, DType::F32, Device::CUDA), Tensor::empty({N}, DType::F32, Device::CUDA)};
-  if (N == 0) return o;
+  CrossEntropyOut o{Tensor(), Tensor::empty({N}, DType::F32, Device::CUDA), Tensor::empty({N}, DType::F32, Device::CUDA)};
+  if (N == 0) {
+    o.loss = sum_all(o.row_loss, 1.f / float(N));  // the mean of nothing: NaN, as in PyTorch
+    return o;
+  }
   const float* px = logits.data<float>();
   const int64_t* py = labels.data<int64_t>();
-  float* pl = o.loss.data<float>();
+  float* pl = o.row_loss.data<float>();
   float* pe = o.lse.data<float>();
   const bool vec = C % 4 == 0 && aligned16(px);
   if (C <= 1024) {
@@ -127,6 +130,7 @@ CrossEntropyOut cross_entropy_forward(const Tensor& logits, const Tensor& labels
     else ce_fwd<256, false><<<N, 256, 0, stream()>>>(px, py, pl, pe, N, C, label_smoothing);
   }
   MV_CUDA_LAUNCH_CHECK();
+  o.loss = sum_all(o.row_loss, 1.f / float(N));
   return o;
 }
 

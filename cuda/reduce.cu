@@ -1,10 +1,10 @@
-// Small kernels that let the generic ops (ops/) run on CUDA tensors: strided copy (behind
-// Tensor::contiguous, slice and concat), fill, scaled add, column sums (the bias gradient), sums
-// over any axes, the sum of all elements, and argmax over the last axis.
+// Reductions on the GPU, the twins of ops/reduce.cpp: sums over any axes (and their backward,
+// the broadcast back), the sum of all elements, column sums (the bias gradient), sum_to (the
+// backward of a broadcasting op) and argmax over the last axis.
 //
 // None of these is on a hot path of the ViT step by itself (GEMMs and attention are), so they
-// are written for clarity: plain grid-stride loops, one thread per output element. Sums are
-// deterministic (a fixed reduction order, no atomics) so CPU/GPU parity checks are stable.
+// are written for clarity: plain loops, one thread per output element. Sums are deterministic
+// (a fixed reduction order, no atomics), so CPU/GPU parity checks are stable.
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 
@@ -13,26 +13,10 @@ namespace {
 
 using detail::expect_cuda_f32;
 using detail::grid_for;
-
-constexpr int kThreads = 256;
 using detail::Indexer;
 using detail::kMaxDims;
 
-// dst[idx . dst_stride] = src[idx . src_stride] for every multi-index idx (row-major order of i).
-template <class T>
-__global__ void strided_copy_kernel(T* dst, const T* src, int64_t n, Indexer<2> ix) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    int64_t off[2];
-    ix.offsets(i, off);
-    dst[off[0]] = src[off[1]];
-  }
-}
-
-__global__ void fill_kernel(float* p, int64_t n, float v) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) p[i] = v;
-}
+constexpr int kThreads = 256;
 
 // out[o] = scale * sum of x over the reduced index space, one thread per output element: `kept`
 // walks the outputs (x's strides, 0 along reduced axes), `reduced` the reduced axes (x's strides
@@ -50,13 +34,6 @@ __global__ void sum_axes_kernel(const float* x, float* out, int64_t nout, int64_
     }
     out[o] = s * scale;
   }
-}
-
-__global__ void axpby_kernel(const float* a, const float* b, float* out, int64_t n, float alpha,
-                             float beta) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    out[i] = b ? alpha * a[i] + beta * b[i] : alpha * a[i] + beta;
 }
 
 // out[c] = sum_r x[r, c]: one thread per column walks the rows in order (coalesced across the
@@ -99,66 +76,6 @@ __global__ void argmax_kernel(const float* x, int64_t* out, int64_t R, int64_t C
 
 }  // namespace
 
-void copy_strided(const Tensor& dst, const Tensor& src) {
-  MV_CHECK(dst.defined() && src.defined() && dst.device() == Device::CUDA &&
-               src.device() == Device::CUDA,
-           "cuda::copy_strided: both tensors must be CUDA tensors, got ", dst.str(), " and ",
-           src.str());
-  MV_CHECK(dst.shape() == src.shape() && dst.dtype() == src.dtype(), "cuda::copy_strided: dst ",
-           dst.str(), " and src ", src.str(), " must have the same shape and dtype");
-  MV_CHECK(dst.ndim() <= kMaxDims, "cuda::copy_strided: rank ", dst.ndim(), " > ", kMaxDims);
-  const int64_t n = dst.numel();
-  if (n == 0) return;
-  const Indexer<2> L = Indexer<2>::make(dst.shape(), {&dst.strides(), &src.strides()});
-  const unsigned g = grid_for(n, kThreads);
-  switch (dtype_size(dst.dtype())) {
-    case 4:
-      strided_copy_kernel<uint32_t><<<g, kThreads, 0, stream()>>>(
-          static_cast<uint32_t*>(dst.raw()), static_cast<const uint32_t*>(src.raw()), n, L);
-      break;
-    case 8:
-      strided_copy_kernel<uint64_t><<<g, kThreads, 0, stream()>>>(
-          static_cast<uint64_t*>(dst.raw()), static_cast<const uint64_t*>(src.raw()), n, L);
-      break;
-    case 2:
-      strided_copy_kernel<uint16_t><<<g, kThreads, 0, stream()>>>(
-          static_cast<uint16_t*>(dst.raw()), static_cast<const uint16_t*>(src.raw()), n, L);
-      break;
-    default: MV_FAIL("cuda::copy_strided: unsupported element size for ", dst.str());
-  }
-  MV_CUDA_LAUNCH_CHECK();
-}
-
-Tensor contiguous(const Tensor& x) {
-  if (x.is_contiguous()) return x;
-  Tensor out = Tensor::empty(x.shape(), x.dtype(), Device::CUDA);
-  copy_strided(out, x);
-  return out;
-}
-
-void fill(const Tensor& t, float value) {
-  expect_cuda_f32("fill", "t", t);
-  const int64_t n = t.numel();
-  if (n == 0) return;
-  fill_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(t.data<float>(), n, value);
-  MV_CUDA_LAUNCH_CHECK();
-}
-
-Tensor axpby(const Tensor& a, const Tensor& b, float alpha, float beta) {
-  expect_cuda_f32("axpby", "a", a);
-  if (b.defined()) {
-    expect_cuda_f32("axpby", "b", b);
-    MV_CHECK(a.shape() == b.shape(), "cuda::axpby: shapes differ: ", a.str(), " and ", b.str());
-  }
-  Tensor out = Tensor::empty(a.shape(), DType::F32, Device::CUDA);
-  const int64_t n = a.numel();
-  if (n == 0) return out;
-  axpby_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(
-      a.data<float>(), b.defined() ? b.data<float>() : nullptr, out.data<float>(), n, alpha, beta);
-  MV_CUDA_LAUNCH_CHECK();
-  return out;
-}
-
 Tensor column_sum(const Tensor& x) {
   expect_cuda_f32("column_sum", "x", x);
   MV_CHECK(x.ndim() == 2, "cuda::column_sum: x ", x.str(), " must be (R, C)");
@@ -171,7 +88,10 @@ Tensor column_sum(const Tensor& x) {
   return out;
 }
 
-Tensor sum_keep(const Tensor& x, const Shape& keep, float scale) {
+Tensor sum_keep(const Tensor& x, const Shape& keep, double scale_) {
+  const float scale = float(scale_);
+  if (x.defined() && shape_numel(keep) == 1 && keep.size() == x.shape().size())  // every axis: one block's tree
+    return sum_all(x.contiguous(), float(scale_)).reshaped(keep);
   MV_CHECK(x.defined() && x.device() == Device::CUDA && x.dtype() == DType::F32,
            "cuda::sum_keep: x must be an F32 CUDA tensor, got ", x.str());
   MV_CHECK(keep.size() == x.shape().size() && x.ndim() <= kMaxDims, "cuda::sum_keep: x ", x.str(),
@@ -204,13 +124,35 @@ Tensor sum_all(const Tensor& x, float scale) {
   return out;
 }
 
-Tensor argmax_last(const Tensor& x) {
-  expect_cuda_f32("argmax_last", "x", x);
-  MV_CHECK(x.ndim() >= 1 && x.size(-1) > 0, "cuda::argmax_last: x ", x.str(),
-           " needs a non-empty last axis");
-  const int64_t C = x.size(-1), R = x.numel() / C;
+Tensor sum_to(const Tensor& g, const Shape& shape) {
+  const int64_t C = detail::bias_width(shape, g.shape());
+  if (C >= 0) {  // a bias gradient: column sums over the leading rows
+    const int64_t R = C == 0 ? 0 : g.numel() / C;
+    return column_sum(g.reshaped({R, C})).reshaped(shape);
+  }
+  Shape keep(g.shape().size() - shape.size(), 1);  // shape, left-padded with 1s to g's rank
+  keep.insert(keep.end(), shape.begin(), shape.end());
+  return sum_keep(g, keep, 1.0).reshaped(shape);
+}
+
+// g + 0 through the broadcasting add, then the scale.
+Tensor expand(const Tensor& g, const Shape& x_shape, float scale) {
+  const Tensor e = binary(Tensor::zeros(x_shape, DType::F32, Device::CUDA), g, Binary::Add);
+  return scale == 1.f ? e : axpby(e, Tensor(), scale, 0.f);
+}
+
+Tensor argmax(const Tensor& x_, int axis) {
+  MV_CHECK(x_.defined() && axis >= 0 && axis < x_.ndim(), "cuda::argmax: axis ", axis, " of ", x_.str());
+  const Tensor x = x_.contiguous();
+  expect_cuda_f32("argmax", "x", x);
+  int64_t R = 1, inner = 1;  // x seen as (R, C, inner) around the axis
+  for (int d = 0; d < axis; ++d) R *= x.size(d);
+  for (int d = axis + 1; d < x.ndim(); ++d) inner *= x.size(d);
+  const int64_t C = x.size(axis);
+  MV_CHECK(inner == 1, "argmax: only the last axis has a CUDA kernel yet; got axis ", axis, " of ", x.str());
+  MV_CHECK(C > 0, "cuda::argmax: axis ", axis, " of ", x.str(), " is empty");
   Shape s = x.shape();
-  s.pop_back();
+  s[size_t(axis)] = 1;
   Tensor out = Tensor::empty(s, DType::I64, Device::CUDA);
   if (R == 0) return out;
   argmax_kernel<<<unsigned(detail::ceil_div(R, kThreads)), kThreads, 0, stream()>>>(

@@ -1,13 +1,26 @@
-// Internal to the expert ops (ops/experts.cpp, ops/expert_mlp.cpp): how all experts' rows in use
-// are cut over the threads, and the checks and weight copies those ops share.
+// Internal to the MoE ops' CPU kernels (ops/moe.cpp, ops/experts.cpp, ops/expert_mlp.cpp): the
+// checks of an Assignment's values, the gather that sums each token's rows, how all experts' rows
+// in use are cut over the threads, and the weight copies the expert kernels share.
 #pragma once
 #include <algorithm>
 #include <vector>
 
 #include "engine/parallel.h"
 #include "engine/tensor.h"
+#include "ops/moe.h"
 
-namespace mv::ops::detail {
+namespace mv::cpu {
+
+// Throws unless the tokens of `a` are in range, each expert's used rows come first and every
+// token_rows entry names a row that holds that token (ops::detail::check_assignment checked the
+// shapes). O(E R + G N K) integer reads, small next to the d-wide rows the ops move; it keeps a
+// hand-made Assignment from sending a kernel out of bounds.
+void check_assignment_values(const char* op, const ops::Assignment& a);
+
+// token_rows: (G, N, K) rows of each token (-1: none), src: (E*R, d), w: (E*R,) or null
+// -> dst: (G*N, d), dst[t] = sum over t's rows of w[row] * src[row] (w = 1 when null); zeros for a
+// token with none. Each thread writes only its own tokens.
+void sum_token_rows(const Tensor& token_rows, const float* src, const float* w, int64_t d, float* dst);
 
 // The rows in use of all experts laid end to end, cut into num_threads() equal shares: share i
 // runs f(i, e, r0, r1) for every piece [r0, r1) of expert e's rows inside it, and tail(e) for
@@ -43,4 +56,4 @@ Tensor transposed_weights(const Tensor& w);
 // checked against [0, M]; x only names the input in the message.
 std::vector<int64_t> expert_rows(const char* op, const Tensor& rows, int64_t E, int64_t M, const Tensor& x);
 
-}  // namespace mv::ops::detail
+}  // namespace mv::cpu

@@ -7,6 +7,10 @@
 // dimensions N, K, N, and no transposes. A 3-D operand becomes one strided-batched call (a 2-D
 // operand gets stride 0, i.e. is shared); a 3-D `a` with a 2-D `b` is one plain GEMM over B*M rows.
 //
+// The ops' kernels (matmul_forward / matmul_backward, linear_forward / linear_backward, the twins
+// of ops/matmul.cpp) flatten their operands and hand the backward's transposed products to
+// cuBLAS as op(X) = X^T (matmul_t): no transposed copies.
+//
 // linear_forward uses cuBLASLt so the bias add happens in the GEMM's epilogue (the bias vector
 // runs along the column-major rows of C^T, i.e. along `out`, exactly what the BIAS epilogue
 // broadcasts). Plans (descriptors + the heuristic's algorithm) are cached per shape and
@@ -220,7 +224,9 @@ LtPlan& lt_plan(int64_t R, int64_t in, int64_t out, bool tf32, uint32_t al_w, ui
 
 }  // namespace
 
-Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor& bias, bool tf32) {
+Tensor linear_forward(const Tensor& x_, const Tensor& w_, const Tensor& bias_, bool tf32) {
+  const Tensor x = x_.defined() ? x_.contiguous() : x_, w = w_.defined() ? w_.contiguous() : w_;
+  const Tensor bias = bias_.defined() ? bias_.contiguous() : bias_;
   detail::expect_cuda_f32("linear_forward", "x", x);
   detail::expect_cuda_f32("linear_forward", "w", w);
   MV_CHECK(x.ndim() >= 2 && w.ndim() == 2 && x.size(-1) == w.size(0), "cuda::linear_forward: x ",
@@ -262,6 +268,43 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor& bias, bool
   gemm_cm(outf, R, in, pw, outf, 0, px, in, 0, py, outf, 0, 1, tf32);
   if (bias.defined()) detail::add_bias_inplace(py, bias.data<float>(), R, outf);
   return y;
+}
+
+LinearGrads linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, bool need_x, bool need_w,
+                            bool need_b, bool tf32) {
+  const int64_t in = w.size(0), out = w.size(1), rows = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
+  const Tensor x2 = x.reshaped({rows, in}), g2 = dy.reshaped({rows, out});
+  LinearGrads g;
+  if (need_x) g.dx = matmul_t(g2, w.contiguous(), false, true, tf32).reshaped(x.shape());  // dx = dy w^T
+  if (need_w) g.dw = matmul_t(x2, g2, true, false, tf32);                                // dw = x^T dy
+  if (need_b) g.db = column_sum(g2);                                                     // db = column sums of dy
+  return g;
+}
+
+// a: (..., M, K) as nb (M, K) matrices; b: (K, N) shared by all of them, or (..., K, N).
+Tensor matmul_forward(const Tensor& a, const Tensor& b, bool tf32) {
+  const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1), nb = M * K == 0 ? 0 : a.numel() / (M * K);
+  Shape out_shape = a.shape();
+  out_shape.back() = N;
+  const Tensor out = b.ndim() == 2 ? matmul(a.reshaped({nb * M, K}), b.contiguous(), tf32)
+                                   : matmul(a.reshaped({nb, M, K}), b.reshaped({nb, K, N}), tf32);
+  return out.reshaped(out_shape);
+}
+
+MatmulGrads matmul_backward(const Tensor& a, const Tensor& b, const Tensor& dy, bool need_a, bool need_b,
+                            bool tf32) {
+  const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1), nb = M * K == 0 ? 0 : a.numel() / (M * K);
+  MatmulGrads g;
+  if (b.ndim() == 2) {  // one GEMM over all nb * M rows
+    const Tensor g2 = dy.reshaped({nb * M, N});
+    if (need_a) g.da = matmul_t(g2, b.contiguous(), false, true, tf32).reshaped(a.shape());  // dA = dY B^T
+    if (need_b) g.db = matmul_t(a.reshaped({nb * M, K}), g2, true, false, tf32);           // dB = A^T dY
+  } else {
+    const Tensor g3 = dy.reshaped({nb, M, N});
+    if (need_a) g.da = matmul_t(g3, b.reshaped({nb, K, N}), false, true, tf32).reshaped(a.shape());
+    if (need_b) g.db = matmul_t(a.reshaped({nb, M, K}), g3, true, false, tf32).reshaped(b.shape());
+  }
+  return g;
 }
 
 }  // namespace mv::cuda

@@ -11,9 +11,11 @@
 #include "engine/memory.h"
 #include "engine/parallel.h"
 #include "engine/safetensors.h"
-#include "models/checkpoint.h"
 #include "models/consistency.h"
-#include "models/train.h"
+#include "train/checkpoint.h"
+#include "train/config.h"
+#include "train/data.h"
+#include "train/evaluate.h"
 
 using namespace mv;
 
@@ -49,10 +51,10 @@ int main(int argc, char** argv) {
 
   try {
     if (threads > 0) set_num_threads(threads);
-    ckpt = models::checkpoint_file(ckpt);
-    Metadata meta = models::read_checkpoint_metadata(ckpt);
+    ckpt = train::checkpoint_file(ckpt);
+    Metadata meta = train::read_checkpoint_metadata(ckpt);
     MV_CHECK(meta.count("config"), "eval: '", ckpt, "' has no training configuration in its metadata");
-    models::TrainConfig c = models::TrainConfig::from_json(meta.at("config"));
+    train::TrainConfig c = train::TrainConfig::from_json(meta.at("config"));
     if (!dataset.empty()) c.dataset = dataset;
     if (!data_dir.empty()) c.data_dir = data_dir;
     MV_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '", device, "'");
@@ -69,11 +71,11 @@ int main(int argc, char** argv) {
     MV_CHECK(!consistency || cc.block < c.vit.depth, "--noise-on block:", cc.block,
              ": the model has blocks 0..", c.vit.depth - 1);
     for (double s : cc.sigmas) MV_CHECK(s >= 0, "--sigmas: ", s, " must be >= 0");
-    models::load_checkpoint(ckpt, model, nullptr);
+    train::load_checkpoint(ckpt, model, nullptr);
     model.to(device == "cuda" ? Device::CUDA : Device::CPU);
-    datasets::Dataset test = models::load_dataset(c.dataset, c.data_dir, false);
+    datasets::Dataset test = train::load_dataset(c.dataset, c.data_dir, false);
     if (limit > 0) test = datasets::head(test, limit);
-    models::EvalResult r = models::evaluate(model, test, c.dataset, batch, !dump.empty());
+    train::EvalResult r = train::evaluate(model, test, c.dataset, batch, !dump.empty());
 
     const int C = c.vit.num_classes;
     std::printf("%s on %s (%lld images): accuracy %.2f%%, loss %.4f\n", ckpt.c_str(),

@@ -8,8 +8,9 @@
 #include <cstdio>
 
 #include "engine/parallel.h"
-#include "models/checkpoint.h"
-#include "models/train.h"
+#include "train/checkpoint.h"
+#include "train/loop.h"
+#include "train/progress.h"
 
 using namespace mv;
 
@@ -17,7 +18,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Train a (MoE-)ViT with moevit"};
   // A flag given twice takes its last value, so scripts can append overrides to defaults.
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  models::TrainConfig c;
+  train::TrainConfig c;
   std::string out = "runs/default", resume;
   int threads = 0, stop_after = 0;
   app.add_option("--dataset", c.dataset, "fashion-mnist | mnist | cifar10 | cifar100 | synthetic")
@@ -143,12 +144,12 @@ int main(int argc, char** argv) {
     if (c.prc && !given("--load-weight")) vr.load_weight = 0.f;
     if (given("--global-query")) vr.global_query = r.global_query;
     const bool is_resume = !resume.empty();
-    models::TrainResult r = models::train(c, is_resume ? resume : out, is_resume, stdout, stop_after);
+    train::TrainResult r = train::fit(c, is_resume ? resume : out, is_resume, stdout, stop_after);
     std::printf("done: %d epochs, test accuracy %.2f%%, test loss %.4f, %.0f train images/s, "
                 "training time %s; checkpoint %s\n",
                 r.epochs_done, 100 * r.test_accuracy, r.test_loss, r.images_per_second,
-                models::format_seconds(r.train_seconds).c_str(),
-                models::run_checkpoint(is_resume ? resume : out).c_str());
+                train::format_seconds(r.train_seconds).c_str(),
+                train::run_checkpoint(is_resume ? resume : out).c_str());
   } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "\ntrain: error: %s\n", e.what());

@@ -7,9 +7,10 @@
 
 #include "engine/parallel.h"
 #include "engine/png.h"
-#include "models/checkpoint.h"
 #include "models/routing_maps.h"
-#include "models/train.h"
+#include "train/checkpoint.h"
+#include "train/config.h"
+#include "train/data.h"
 
 using namespace mv;
 
@@ -69,16 +70,16 @@ int main(int argc, char** argv) {
     if (threads > 0) set_num_threads(threads);
     MV_CHECK(columns >= 1 && scale >= 1 && scale <= 64, "--columns must be >= 1 and --scale in "
              "1..64, got ", columns, " and ", scale);
-    ckpt = models::checkpoint_file(ckpt);
-    Metadata meta = models::read_checkpoint_metadata(ckpt);
+    ckpt = train::checkpoint_file(ckpt);
+    Metadata meta = train::read_checkpoint_metadata(ckpt);
     MV_CHECK(meta.count("config"), "viz: '", ckpt, "' has no training configuration in its metadata");
-    models::TrainConfig c = models::TrainConfig::from_json(meta.at("config"));
+    train::TrainConfig c = train::TrainConfig::from_json(meta.at("config"));
     if (!dataset.empty()) c.dataset = dataset;
     if (!data_dir.empty()) c.data_dir = data_dir;
     MV_CHECK(c.vit.moe_placement != "none", "viz: '", ckpt, "' is a dense ViT (model '", c.model,
              "'): routing pictures need an MoE model");
     models::ViT model(c.vit, c.seed);
-    models::load_checkpoint(ckpt, model, nullptr);
+    train::load_checkpoint(ckpt, model, nullptr);
     model.train(false);
 
     // Which layers: their index among the MoE layers and their block.
@@ -117,8 +118,8 @@ int main(int argc, char** argv) {
     MV_CHECK(!want_soft || (slot >= 0 && slot < slots), "--slot ", slot, " out of range: the "
              "model has ", rc.experts, " experts x ", rc.slots, " slots, expected 0..", slots - 1);
 
-    datasets::Dataset test = models::load_dataset(c.dataset, c.data_dir, false);
-    const datasets::Normalize norm = models::normalization(c.dataset);
+    datasets::Dataset test = train::load_dataset(c.dataset, c.data_dir, false);
+    const datasets::Normalize norm = train::normalization(c.dataset);
     const Tensor x = models::dataset_images(test, first, images, norm);
     const int64_t B = x.size(0);
     std::filesystem::create_directories(out);

@@ -11,7 +11,7 @@
 #include "datasets/loader.h"
 #include "engine/png.h"
 #include "engine/random.h"
-#include "models/train.h"
+#include "train/data.h"
 #include "ops/elementwise.h"
 #include "ops/reduce.h"
 #include "ops/shape.h"
@@ -153,7 +153,7 @@ ConsistencyResult routing_consistency(ViT& model, const datasets::Dataset& data,
   autograd::NoGrad no_grad;
   const Device dev = model.device();
   datasets::Loader loader(data, cfg.batch, /*shuffle=*/false, 0, /*drop_last=*/false,
-                          datasets::Augment::none(), normalization(cfg.dataset));
+                          datasets::Augment::none(), train::normalization(cfg.dataset));
   try {
     loader.begin_epoch(0);
     for (datasets::Batch b; loader.next(b);) {

@@ -31,7 +31,7 @@ struct ConsistencyConfig {
   int block = -1;          // -1: noise on the normalised pixels; else on block `block`'s input
   uint64_t seed = 0;       // noise seed
   int batch = 250;
-  std::string dataset;     // data set name, for its normalisation (models/train.h)
+  std::string dataset;     // data set name, for its normalisation (train/data.h)
 };
 
 // Agreement fractions over the compared tokens (each in [0, 1]).

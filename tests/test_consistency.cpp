@@ -9,13 +9,15 @@
 #include "autograd/autograd.h"
 #include "datasets/dataset.h"
 #include "models/consistency.h"
-#include "models/train.h"
 #include "ops/elementwise.h"
 #include "ops/reduce.h"
 #include "tests/helpers.h"
+#include "train/data.h"
+#include "train/evaluate.h"
 
 using namespace mv;
 using namespace mv::models;
+using namespace mv::train;
 
 namespace {
 

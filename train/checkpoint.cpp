@@ -1,11 +1,11 @@
-#include "models/checkpoint.h"
+#include "train/checkpoint.h"
 
 #include <filesystem>
 
-namespace mv::models {
+namespace mv::train {
 
-void save_checkpoint(const std::string& path, const Module& model, const Optimizer* opt,
-                     const Metadata& meta) {
+void save_checkpoint(const std::string& path, const models::Module& model,
+                     const models::Optimizer* opt, const Metadata& meta) {
   TensorMap all;
   for (auto& [n, p] : model.named_parameters()) all.emplace(n, p);
   if (opt) {
@@ -25,7 +25,7 @@ static void copy_into(const std::string& path, const TensorMap& file, const std:
   dst.copy_(it->second);
 }
 
-Metadata load_checkpoint(const std::string& path, Module& model, Optimizer* opt) {
+Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt) {
   Metadata meta;
   TensorMap file = load_safetensors(path, &meta);
   for (auto& [n, p] : model.named_parameters()) copy_into(path, file, n, p);
@@ -50,4 +50,4 @@ std::string checkpoint_file(const std::string& path_or_run) {
   return std::filesystem::is_directory(path_or_run) ? run_checkpoint(path_or_run) : path_or_run;
 }
 
-}  // namespace mv::models
+}  // namespace mv::train

@@ -1,5 +1,5 @@
 // moevit eval: accuracy and confusion matrix of a checkpoint on a test set, and optionally the
-// routing consistency of an MoE model under Gaussian input noise (models/consistency.h).
+// routing consistency of an MoE model under Gaussian input noise (report/consistency.h).
 //
 //   eval runs/vit-tiny/checkpoint.safetensors [--dump-logits logits.safetensors]
 //   eval runs/vit-tiny                                  (a run folder: its checkpoint)
@@ -11,7 +11,8 @@
 #include "engine/memory.h"
 #include "engine/parallel.h"
 #include "engine/safetensors.h"
-#include "models/consistency.h"
+#include "report/consistency.h"
+#include "report/consistency_report.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/data.h"
@@ -36,7 +37,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "CPU threads (default: all cores)");
   app.add_option("--dump-logits", dump, "write the logits (and labels) to this safetensors file");
   bool consistency = false;
-  models::ConsistencyConfig cc;
+  report::ConsistencyConfig cc;
   std::string noise_on = "pixels", report;
   app.add_flag("--consistency", consistency,
                "routing agreement of every MoE layer under Gaussian input noise, over a sigma sweep");
@@ -63,7 +64,7 @@ int main(int argc, char** argv) {
     MV_CHECK(consistency || (report.empty() && app.count("--sigmas") == 0 &&
                              app.count("--noise-on") == 0 && app.count("--noise-seed") == 0),
              "--sigmas, --noise-on, --noise-seed and --report need --consistency");
-    if (consistency) cc.block = models::parse_noise_on(noise_on);
+    if (consistency) cc.block = report::parse_noise_on(noise_on);
     models::ViT model(c.vit, c.seed);
     MV_CHECK(!consistency || !model.moe_layers().empty(), "--consistency: ", ckpt,
              " is a dense model (MoE placement '", c.vit.moe_placement,
@@ -98,10 +99,10 @@ int main(int argc, char** argv) {
     if (consistency) {
       cc.batch = batch;
       cc.dataset = c.dataset;
-      models::ConsistencyResult cr = models::routing_consistency(model, test, cc);
-      std::printf("\n%s", models::consistency_table(cr).c_str());
+      report::ConsistencyResult cr = report::routing_consistency(model, test, cc);
+      std::printf("\n%s", report::consistency_table(cr).c_str());
       if (!report.empty()) {
-        models::write_consistency_report(cr, report);
+        report::write_consistency_report(cr, report);
         std::printf("wrote %s/consistency.json, consistency.csv and consistency.png (mean over MoE "
                     "layers against sigma, sweep points evenly spaced; y 0..1; top-1 blue, top-2 "
                     "red, top-2 set green, Jaccard orange, accuracy grey dashed)\n",

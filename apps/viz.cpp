@@ -6,8 +6,9 @@
 #include <filesystem>
 
 #include "engine/parallel.h"
-#include "engine/png.h"
-#include "models/routing_maps.h"
+#include "report/draw.h"
+#include "report/pictures.h"
+#include "report/routing_maps.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/data.h"
@@ -120,12 +121,12 @@ int main(int argc, char** argv) {
 
     datasets::Dataset test = train::load_dataset(c.dataset, c.data_dir, false);
     const datasets::Normalize norm = train::normalization(c.dataset);
-    const Tensor x = models::dataset_images(test, first, images, norm);
+    const Tensor x = report::dataset_images(test, first, images, norm);
     const int64_t B = x.size(0);
     std::filesystem::create_directories(out);
-    models::PictureStyle st;
+    report::PictureStyle st;
     st.scale = scale, st.columns = columns;
-    models::PictureStyle pair_st = st;  // pairs are twice as wide: half as many per row
+    report::PictureStyle pair_st = st;  // pairs are twice as wide: half as many per row
     pair_st.columns = std::max(1, columns / 2);
     const int patch = c.vit.patch;
 
@@ -135,49 +136,49 @@ int main(int argc, char** argv) {
     if (rc.type == "soft") std::printf(", %d slots each", rc.slots);
     std::printf("; images %lld..%lld of %s\n", (long long)first, (long long)(first + B - 1),
                 test.name.c_str());
-    const std::vector<models::Rgb> pal = models::expert_palette(rc.experts);
+    const std::vector<report::Rgb> pal = report::expert_palette(rc.experts);
     std::printf("expert colours:");
     for (int e = 0; e < rc.experts; ++e)
-      std::printf("%s %d %s %s", e ? "," : "", e, models::colour_name(e).c_str(),
-                  models::hex(pal[size_t(e)]).c_str());
+      std::printf("%s %d %s %s", e ? "," : "", e, report::colour_name(e).c_str(),
+                  report::hex(pal[size_t(e)]).c_str());
     std::printf("\n");
 
-    auto save = [&](const std::string& name, const models::RgbImage& img) {
+    auto save = [&](const std::string& name, const report::RgbImage& img) {
       const std::string path = (std::filesystem::path(out) / name).string();
-      write_png(path, img.width, img.height, img.rgb);
+      report::write_png(path, img.width, img.height, img.rgb);
       return path;
     };
-    const std::vector<models::Route> clean = models::route_images(model, x);
+    const std::vector<models::Route> clean = report::route_images(model, x);
     std::vector<models::Route> noisy;
     Tensor xn;
     if (want_noise) {
-      xn = models::add_pixel_noise(x, sigma, seed);
-      noisy = models::route_images(model, xn);
+      xn = report::add_pixel_noise(x, sigma, seed);
+      noisy = report::route_images(model, xn);
     }
     std::pair<std::vector<models::Route>, std::vector<models::Route>> cap;
-    if (want_capacity) cap = models::route_with_and_without_bpr(model, x, capacity);
+    if (want_capacity) cap = report::route_with_and_without_bpr(model, x, capacity);
 
     for (size_t l : chosen) {
       const std::string b = "block" + std::to_string(blocks[l]);
       std::printf("MoE layer %zu (block %d):\n", l, blocks[l]);
       if (want_experts) {
-        const std::vector<int> top = models::patch_top1_experts(clean[l], B);
+        const std::vector<int> top = report::patch_top1_experts(clean[l], B);
         std::vector<int64_t> count(size_t(rc.experts), 0);
         for (int e : top) count[size_t(e)]++;
         std::printf("  experts   %s  patches per top-1 expert:",
-                    save("experts_" + b + ".png", models::expert_map_picture(x, norm, patch, clean[l], st)).c_str());
+                    save("experts_" + b + ".png", report::expert_map_picture(x, norm, patch, clean[l], st)).c_str());
         for (int64_t n : count) std::printf(" %lld", (long long)n);
         std::printf("\n");
       }
       if (want_noise) {
-        models::NoisePicture np = models::noise_picture(x, xn, norm, patch, clean[l], noisy[l], pair_st);
+        report::NoisePicture np = report::noise_picture(x, xn, norm, patch, clean[l], noisy[l], pair_st);
         std::printf("  noise     %s  sigma %g: top-1 expert changed on %lld of %lld patches (%.1f%%)\n",
                     save("noise_" + b + ".png", np.image).c_str(), sigma, (long long)np.changed,
                     (long long)np.patches, 100.0 * double(np.changed) / double(np.patches));
       }
       if (want_capacity) {
-        models::CapacityPicture cp =
-            models::capacity_picture(x, norm, patch, cap.first[l], cap.second[l], pair_st);
+        report::CapacityPicture cp =
+            report::capacity_picture(x, norm, patch, cap.first[l], cap.second[l], pair_st);
         std::printf("  capacity  %s  capacity factor %g (C = %lld): first choice kept on %lld "
                     "of %lld patches without BPR, %lld with BPR\n",
                     save("capacity_" + b + ".png", cp.image).c_str(), capacity,
@@ -187,7 +188,7 @@ int main(int argc, char** argv) {
       if (want_soft) {
         std::printf("  soft      %s  slot %lld (expert %lld, slot %lld of it)\n",
                     save("soft_" + b + "_slot" + std::to_string(slot) + ".png",
-                         models::soft_picture(x, norm, patch, clean[l], slot, st)).c_str(),
+                         report::soft_picture(x, norm, patch, clean[l], slot, st)).c_str(),
                     (long long)slot, (long long)(slot / rc.slots), (long long)(slot % rc.slots));
       }
     }

@@ -44,6 +44,16 @@ Metadata read_checkpoint_metadata(const std::string& path) {
   return meta;
 }
 
+TrainConfig checkpoint_config(const std::string& path, const std::string& who,
+                              const std::string& dataset, const std::string& data_dir) {
+  const Metadata meta = read_checkpoint_metadata(path);
+  MV_CHECK(meta.count("config"), who, ": '", path, "' has no training configuration in its metadata");
+  TrainConfig c = TrainConfig::from_json(meta.at("config"));
+  if (!dataset.empty()) c.dataset = dataset;
+  if (!data_dir.empty()) c.data_dir = data_dir;
+  return c;
+}
+
 std::string run_checkpoint(const std::string& run_dir) { return run_dir + "/checkpoint.safetensors"; }
 
 std::string checkpoint_file(const std::string& path_or_run) {

@@ -7,6 +7,7 @@
 #include "engine/safetensors.h"
 #include "models/module.h"
 #include "models/optim.h"
+#include "train/config.h"
 
 namespace mv::train {
 
@@ -19,6 +20,11 @@ Metadata load_checkpoint(const std::string& path, models::Module& model, models:
 
 // Only the metadata, to rebuild the model before loading its weights.
 Metadata read_checkpoint_metadata(const std::string& path);
+// The training configuration in the metadata, from which eval and viz rebuild the model, with
+// the data set and its folder replaced where given (non-empty). The error when the metadata has
+// none begins with `who`.
+TrainConfig checkpoint_config(const std::string& path, const std::string& who,
+                              const std::string& dataset, const std::string& data_dir);
 
 // The checkpoint that fit keeps in its run folder (train --out): run_dir/checkpoint.safetensors.
 std::string run_checkpoint(const std::string& run_dir);

@@ -1,7 +1,8 @@
 // bench/train_step: images/s of one whole training step of a ViT preset on the CPU (forward,
-// cross-entropy, backward, gradient-norm clip, AdamW update) on a fixed random batch, the same
-// step that bench/reference/train_step.py times in PyTorch. MoE presets (vmoe-tiny, ec-tiny, ...)
-// train with their routers' auxiliary losses added to the loss, as apps/train does.
+// cross-entropy with label smoothing 0.1, backward, gradient-norm clip at 1, AdamW update) on a
+// fixed random batch, the same step that bench/reference/train_step.py times in PyTorch. It runs
+// train::train_step, the step of apps/train, so MoE presets (vmoe-tiny, ec-tiny, ...) train with
+// their routers' auxiliary losses added to the loss.
 //
 //   bench_train_step --preset vit-tiny --batch 128 --threads 2 --steps 20
 //   bench_train_step --preset vmoe-tiny --threads 2
@@ -14,8 +15,7 @@
 #include "engine/random.h"
 #include "models/optim.h"
 #include "models/vit.h"
-#include "ops/elementwise.h"
-#include "ops/loss.h"
+#include "train/step.h"
 
 using namespace mv;
 
@@ -35,20 +35,20 @@ int main(int argc, char** argv) {
     models::ViT model(c, 0);
     models::AdamW opt(model.named_parameters(), 0.05f);
     Generator g(1);
-    Tensor x = randn({batch, c.channels, c.image_size, c.image_size}, g);
+    datasets::Batch b;
+    b.images = randn({batch, c.channels, c.image_size, c.image_size}, g);
     std::vector<int64_t> y(static_cast<size_t>(batch));
     for (int i = 0; i < batch; ++i) y[size_t(i)] = i % c.num_classes;
-    Tensor labels = Tensor::from_i64(y, {batch});
+    b.labels = Tensor::from_i64(y, {batch});
+    train::TrainConfig step_cfg;  // one view, no PRC or noise-injection loss
+    step_cfg.label_smoothing = 0.1f;
+    step_cfg.clip = 1.0f;
     const std::vector<Tensor> params = model.parameters();
     std::vector<double> ms;
     for (int s = 0; s < warmup + steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
-      opt.zero_grad();
-      Tensor loss = ops::cross_entropy(model.forward(x), labels, 0.1f);
-      const Tensor aux = model.aux_loss();  // MoE routers' weighted losses; undefined if none
-      if (aux.defined()) loss = ops::add(loss, aux);
-      loss.backward();
-      opt.step(1e-3f, models::clip_scale(params, 1.0f).scale);
+      // Kept to the end of the iteration, so that the graph is freed outside the timed span.
+      const train::StepResult r = train::train_step(model, opt, params, b, step_cfg, 1e-3f);
       auto t1 = std::chrono::steady_clock::now();
       if (s >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
     }

@@ -1,4 +1,4 @@
-// Routing consistency under noise (models/consistency.h).
+// Routing consistency under noise (report/consistency.h).
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -8,14 +8,18 @@
 
 #include "autograd/autograd.h"
 #include "datasets/dataset.h"
-#include "models/consistency.h"
-#include "models/train.h"
 #include "ops/elementwise.h"
 #include "ops/reduce.h"
+#include "report/consistency.h"
+#include "report/consistency_report.h"
 #include "tests/helpers.h"
+#include "train/data.h"
+#include "train/evaluate.h"
 
 using namespace mv;
 using namespace mv::models;
+using namespace mv::report;
+using namespace mv::train;
 
 namespace {
 

@@ -21,9 +21,7 @@
 #include "cuda/kernels.h"
 #include "engine/random.h"
 #include "engine/tensor.h"
-#include "models/checkpoint.h"
 #include "models/optim.h"
-#include "models/train.h"
 #include "models/vit.h"
 #include "ops/attention.h"
 #include "ops/elementwise.h"
@@ -33,6 +31,10 @@
 #include "ops/reduce.h"
 #include "ops/shape.h"
 #include "ops/softmax.h"
+#include "train/checkpoint.h"
+#include "train/data.h"
+#include "train/evaluate.h"
+#include "train/loop.h"
 
 using namespace mv;
 
@@ -328,7 +330,7 @@ TEST_CASE("cuda ops: a tiny ViT forward + backward on CUDA matches the CPU (1e-4
 // the clip scale, evaluation, checkpoints) against the same run on the CPU.
 TEST_CASE("cuda train: a tiny ViT trains on CUDA as on the CPU, and its checkpoint loads on the CPU") {
   namespace fs = std::filesystem;
-  models::TrainConfig c;
+  train::TrainConfig c;
   c.dataset = "synthetic";
   c.model = "test";
   c.vit = {28, 1, 7, 16, 2, 2, 32, 10};
@@ -338,10 +340,10 @@ TEST_CASE("cuda train: a tiny ViT trains on CUDA as on the CPU, and its checkpoi
   const std::string base = (fs::temp_directory_path() / "moevit_cuda_train").string();
   fs::remove_all(base);
   auto run = [&](const std::string& device) {
-    models::TrainConfig d = c;
+    train::TrainConfig d = c;
     d.device = device;
     const std::string out = base + "/" + device;
-    models::train(d, out, false, nullptr);
+    train::fit(d, out, false, nullptr);
     std::vector<nlohmann::json> lines;
     std::ifstream f(out + "/metrics.jsonl");
     for (std::string l; std::getline(f, l);) lines.push_back(nlohmann::json::parse(l));
@@ -362,10 +364,10 @@ TEST_CASE("cuda train: a tiny ViT trains on CUDA as on the CPU, and its checkpoi
   // The CUDA run's checkpoint (written from device tensors) loads into a CPU model and gives the
   // accuracy the run reported.
   models::ViT m(c.vit, 123);
-  models::load_checkpoint(base + "/cuda/checkpoint.safetensors", m, nullptr);
+  train::load_checkpoint(base + "/cuda/checkpoint.safetensors", m, nullptr);
   CHECK(m.device() == Device::CPU);
-  datasets::Dataset test = datasets::head(models::load_dataset("synthetic", "", false), c.limit_test);
-  const models::EvalResult ev = models::evaluate(m, test, "synthetic", 64);
+  datasets::Dataset test = datasets::head(train::load_dataset("synthetic", "", false), c.limit_test);
+  const train::EvalResult ev = train::evaluate(m, test, "synthetic", 64);
   const double ag = gpu[1].at("test_accuracy");
   CHECK(std::abs(ev.accuracy - ag) * double(c.limit_test) <= 1.5);
   fs::remove_all(base);

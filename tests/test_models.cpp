@@ -6,17 +6,18 @@
 #include "autograd/autograd.h"
 #include "engine/memory.h"
 #include "engine/safetensors.h"
-#include "models/checkpoint.h"
 #include "models/optim.h"
-#include "models/train.h"
 #include "models/vit.h"
 #include "ops/elementwise.h"
 #include "ops/loss.h"
 #include "ops/matmul.h"
 #include "tests/helpers.h"
+#include "train/checkpoint.h"
+#include "train/loop.h"
 
 using namespace mv;
 using namespace mv::models;
+using namespace mv::train;
 
 static ViTConfig tiny_config() { return {28, 1, 7, 16, 2, 2, 32, 10}; }
 
@@ -218,10 +219,10 @@ TEST_CASE("a run resumed from epoch 1 reproduces the uninterrupted run bit for b
   fs::remove_all(a);
   fs::remove_all(b);
   TrainConfig c = smoke_config();
-  train(c, a, false, nullptr);
-  train(c, b, false, nullptr, /*stop_after=*/1);
+  fit(c, a, false, nullptr);
+  fit(c, b, false, nullptr, /*stop_after=*/1);
   CHECK(read_lines(b + "/metrics.jsonl").size() == 1);
-  const TrainResult rb = train(c, b, /*resume=*/true, nullptr);
+  const TrainResult rb = fit(c, b, /*resume=*/true, nullptr);
   // Losses, accuracies and learning rates of both epochs agree exactly (timings differ).
   auto la = read_lines(a + "/metrics.jsonl"), lb = read_lines(b + "/metrics.jsonl");
   REQUIRE(la.size() == 2);
@@ -243,11 +244,11 @@ TEST_CASE("a non-finite loss stops training with the step, and the last checkpoi
   const std::string dir = "/tmp/moevit_test_run_nan";
   fs::remove_all(dir);
   TrainConfig c = smoke_config();
-  train(c, dir, false, nullptr, /*stop_after=*/1);
+  fit(c, dir, false, nullptr, /*stop_after=*/1);
   std::ifstream f0(dir + "/checkpoint.safetensors", std::ios::binary);
   std::string before((std::istreambuf_iterator<char>(f0)), {});
   c.lr = 1e30f;  // the first update overflows the weights
-  CHECK_THROWS_WITH_AS(train(c, dir, false, nullptr), doctest::Contains("at step"), Error);
+  CHECK_THROWS_WITH_AS(fit(c, dir, false, nullptr), doctest::Contains("at step"), Error);
   std::ifstream f1(dir + "/checkpoint.safetensors", std::ios::binary);
   std::string after((std::istreambuf_iterator<char>(f1)), {});
   CHECK(before == after);
@@ -263,8 +264,8 @@ TEST_CASE("training configs: impossible values are named") {
   CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--optimizer must be adamw or sgd"), Error);
   c = smoke_config();
   c.dataset = "imagenet";
-  CHECK_THROWS_WITH_AS(train(c, "/tmp/moevit_test_bad", false, nullptr), doctest::Contains("unknown data set 'imagenet'"), Error);
-  CHECK_THROWS_WITH_AS(train(smoke_config(), "/tmp/moevit_test_missing", true, nullptr),
+  CHECK_THROWS_WITH_AS(fit(c, "/tmp/moevit_test_bad", false, nullptr), doctest::Contains("unknown data set 'imagenet'"), Error);
+  CHECK_THROWS_WITH_AS(fit(smoke_config(), "/tmp/moevit_test_missing", true, nullptr),
                        doctest::Contains("no checkpoint at"), Error);
   CHECK(TrainConfig::from_json(smoke_config().to_json()).to_json() == smoke_config().to_json());
 }
@@ -314,7 +315,7 @@ TEST_CASE("PRC training: two views, the PRC loss is logged; a dense model is ref
   c.vit.moe.router.importance_weight = c.vit.moe.router.load_weight = 0.f;
   c.epochs = 1;
   CHECK(TrainConfig::from_json(c.to_json()).to_json() == c.to_json());
-  train(c, dir, false, nullptr);
+  fit(c, dir, false, nullptr);
   const double prc = only_epoch_metric(dir, "prc_loss");
   CHECK(prc > 0.0);
   // C's entries are >= 0 and sum to E, so L_diag <= 3 and L_off <= 4/3 for E = 4: below 0.082.
@@ -330,10 +331,10 @@ TEST_CASE("PRC training: two views, the PRC loss is logged; a dense model is ref
   c.prc_cls_pair = true;
   const TrainConfig back = TrainConfig::from_json(c.to_json());
   CHECK((back.prc_blocks == c.prc_blocks && back.prc_cls_pair));
-  train(c, dir, false, nullptr);
+  fit(c, dir, false, nullptr);
   const double both = only_epoch_metric(dir, "prc_loss");
   c.prc_blocks = {3};
-  train(c, dir, false, nullptr);
+  fit(c, dir, false, nullptr);
   const double one = only_epoch_metric(dir, "prc_loss");
   CHECK(one > 0.25 * both);
   CHECK(one < 0.75 * both);
@@ -355,7 +356,7 @@ TEST_CASE("noise-injection loss in training: logged; a dense model or a bad sigm
   c.jaccard_sigma = 0.5f;
   c.epochs = 1;
   CHECK(TrainConfig::from_json(c.to_json()).to_json() == c.to_json());
-  train(c, dir, false, nullptr);
+  fit(c, dir, false, nullptr);
   const double j = only_epoch_metric(dir, "jaccard_loss");
   CHECK((j > 0.0 && j < 1.0));  // 1 - J of probabilities lies in [0, 1]
   fs::remove_all(dir);
@@ -386,7 +387,7 @@ TEST_CASE("slow: vit-tiny learns Fashion-MNIST in one epoch" * doctest::test_sui
   c.warmup_epochs = 0.3f;
   c.augment = "none";
   c.schedule = "linear";
-  TrainResult r = train(c, "/tmp/moevit_test_fmnist", false, nullptr);
+  TrainResult r = fit(c, "/tmp/moevit_test_fmnist", false, nullptr);
   INFO("test accuracy after one epoch: " << r.test_accuracy);
   CHECK(r.test_accuracy > 0.75);
   std::filesystem::remove_all("/tmp/moevit_test_fmnist");

@@ -7,7 +7,6 @@
 
 #include "autograd/autograd.h"
 #include "models/moe.h"
-#include "models/train.h"
 #include "models/vit.h"
 #include "ops/elementwise.h"
 #include "ops/loss.h"
@@ -16,9 +15,11 @@
 #include "ops/shape.h"
 #include "ops/softmax.h"
 #include "tests/helpers.h"
+#include "train/loop.h"
 
 using namespace mv;
 using namespace mv::models;
+using namespace mv::train;
 
 static Tensor param_named(const Module& m, const std::string& name) {
   for (auto& [n, t] : m.named_parameters())
@@ -321,9 +322,9 @@ TEST_CASE("an MoE run resumed from epoch 1 reproduces the uninterrupted run bit 
   fs::remove_all(a);
   fs::remove_all(b);
   TrainConfig c = moe_smoke("topk");  // with routing noise
-  train(c, a, false, nullptr);
-  train(c, b, false, nullptr, /*stop_after=*/1);
-  train(c, b, /*resume=*/true, nullptr);
+  fit(c, a, false, nullptr);
+  fit(c, b, false, nullptr, /*stop_after=*/1);
+  fit(c, b, /*resume=*/true, nullptr);
   test::check_same_checkpoint(a, b);
   // The epoch lines carry the routing statistics of each MoE layer.
   std::ifstream f(a + "/metrics.jsonl");

@@ -5,12 +5,14 @@
 #include <fstream>
 
 #include "datasets/synthetic.h"
-#include "engine/png.h"
-#include "models/routing_maps.h"
+#include "report/draw.h"
+#include "report/pictures.h"
+#include "report/routing_maps.h"
 #include "tests/helpers.h"
 
 using namespace mv;
 using namespace mv::models;
+using namespace mv::report;
 
 namespace {
 

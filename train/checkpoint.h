@@ -7,24 +7,30 @@
 #include "engine/safetensors.h"
 #include "models/module.h"
 #include "models/optim.h"
+#include "train/config.h"
 
-namespace mv::models {
+namespace mv::train {
 
-void save_checkpoint(const std::string& path, const Module& model, const Optimizer* opt,
-                     const Metadata& meta);
+void save_checkpoint(const std::string& path, const models::Module& model,
+                     const models::Optimizer* opt, const Metadata& meta);
 
 // Copies the parameters (and optimizer buffers when opt is given) into the existing tensors.
 // Every expected tensor must be present with its exact shape; errors name the file and tensor.
-Metadata load_checkpoint(const std::string& path, Module& model, Optimizer* opt);
+Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt);
 
 // Only the metadata, to rebuild the model before loading its weights.
 Metadata read_checkpoint_metadata(const std::string& path);
+// The training configuration in the metadata, from which eval and viz rebuild the model, with
+// the data set and its folder replaced where given (non-empty). The error when the metadata has
+// none begins with `who`.
+TrainConfig checkpoint_config(const std::string& path, const std::string& who,
+                              const std::string& dataset, const std::string& data_dir);
 
-// The checkpoint that train keeps in its run folder (train --out): run_dir/checkpoint.safetensors.
+// The checkpoint that fit keeps in its run folder (train --out): run_dir/checkpoint.safetensors.
 std::string run_checkpoint(const std::string& run_dir);
 
 // What a user may name a checkpoint by: a run folder stands for its run_checkpoint; any other
 // path is returned as it is.
 std::string checkpoint_file(const std::string& path_or_run);
 
-}  // namespace mv::models
+}  // namespace mv::train

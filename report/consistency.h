@@ -22,7 +22,7 @@
 #include "datasets/dataset.h"
 #include "models/vit.h"
 
-namespace mv::models {
+namespace mv::report {
 
 struct ConsistencyConfig {
   // Noise std in normalised-pixel units (pixels have about unit std after normalisation, so
@@ -31,7 +31,7 @@ struct ConsistencyConfig {
   int block = -1;          // -1: noise on the normalised pixels; else on block `block`'s input
   uint64_t seed = 0;       // noise seed
   int batch = 250;
-  std::string dataset;     // data set name, for its normalisation (models/train.h)
+  std::string dataset;     // data set name, for its normalisation (train/data.h)
 };
 
 // Agreement fractions over the compared tokens (each in [0, 1]).
@@ -76,24 +76,10 @@ struct ConsistencyResult {
 // Runs the sweep. The model is put in eval mode and returned to its previous mode. Throws for a
 // dense model ("has no MoE layers"), a block out of range, a negative sigma, or images that do
 // not fit the model.
-ConsistencyResult routing_consistency(ViT& model, const datasets::Dataset& data,
+ConsistencyResult routing_consistency(models::ViT& model, const datasets::Dataset& data,
                                       const ConsistencyConfig& cfg);
 
 // "pixels" -> -1, "block:N" -> N (range checked by routing_consistency); throws otherwise.
 int parse_noise_on(const std::string& s);
 
-std::string consistency_json(const ConsistencyResult& r);
-// One row per (sigma, layer) plus a "mean" row per sigma:
-// sigma,layer,block,top1,top2,top2_set,jaccard,accuracy
-std::string consistency_csv(const ConsistencyResult& r);
-// A fixed-width table, one row per sigma (mean over layers), then per-layer top-1.
-std::string consistency_table(const ConsistencyResult& r);
-// Agreement (mean over layers) against sigma, sweep points evenly spaced on x in the given order,
-// y from 0 to 1: top-1 blue, top-2 red, top-2 set green, Jaccard orange, accuracy grey (dashed);
-// a small legend and axis labels. Throws when the file cannot be written.
-void write_consistency_png(const ConsistencyResult& r, const std::string& path, int width = 640,
-                           int height = 400);
-// consistency.json, consistency.csv and consistency.png in dir (created if missing).
-void write_consistency_report(const ConsistencyResult& r, const std::string& dir);
-
-}  // namespace mv::models
+}  // namespace mv::report

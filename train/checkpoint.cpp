@@ -1,11 +1,11 @@
-#include "models/checkpoint.h"
+#include "train/checkpoint.h"
 
 #include <filesystem>
 
-namespace mv::models {
+namespace mv::train {
 
-void save_checkpoint(const std::string& path, const Module& model, const Optimizer* opt,
-                     const Metadata& meta) {
+void save_checkpoint(const std::string& path, const models::Module& model,
+                     const models::Optimizer* opt, const Metadata& meta) {
   TensorMap all;
   for (auto& [n, p] : model.named_parameters()) all.emplace(n, p);
   if (opt) {
@@ -25,7 +25,7 @@ static void copy_into(const std::string& path, const TensorMap& file, const std:
   dst.copy_(it->second);
 }
 
-Metadata load_checkpoint(const std::string& path, Module& model, Optimizer* opt) {
+Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt) {
   Metadata meta;
   TensorMap file = load_safetensors(path, &meta);
   for (auto& [n, p] : model.named_parameters()) copy_into(path, file, n, p);
@@ -44,10 +44,20 @@ Metadata read_checkpoint_metadata(const std::string& path) {
   return meta;
 }
 
+TrainConfig checkpoint_config(const std::string& path, const std::string& who,
+                              const std::string& dataset, const std::string& data_dir) {
+  const Metadata meta = read_checkpoint_metadata(path);
+  MV_CHECK(meta.count("config"), who, ": '", path, "' has no training configuration in its metadata");
+  TrainConfig c = TrainConfig::from_json(meta.at("config"));
+  if (!dataset.empty()) c.dataset = dataset;
+  if (!data_dir.empty()) c.data_dir = data_dir;
+  return c;
+}
+
 std::string run_checkpoint(const std::string& run_dir) { return run_dir + "/checkpoint.safetensors"; }
 
 std::string checkpoint_file(const std::string& path_or_run) {
   return std::filesystem::is_directory(path_or_run) ? run_checkpoint(path_or_run) : path_or_run;
 }
 
-}  // namespace mv::models
+}  // namespace mv::train

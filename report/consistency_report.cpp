@@ -1,0 +1,171 @@
+#include "report/consistency_report.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "report/draw.h"
+
+namespace mv::report {
+
+static nlohmann::ordered_json agreement_json(const Agreement& a) {
+  return {{"top1", a.top1}, {"top2", a.top2}, {"top2_set", a.top2_set}, {"jaccard", a.jaccard}};
+}
+
+std::string consistency_json(const ConsistencyResult& r) {
+  nlohmann::ordered_json j;
+  j["noise_on"] = r.noise_on;
+  j["seed"] = r.seed;
+  j["router"] = r.router;
+  j["jaccard_k"] = r.jaccard_k;
+  j["moe_blocks"] = r.moe_blocks;
+  j["images"] = r.images;
+  j["tokens_per_layer"] = r.tokens;
+  j["clean_accuracy"] = r.clean_accuracy;
+  j["points"] = nlohmann::ordered_json::array();
+  for (const SigmaPoint& p : r.points) {
+    nlohmann::ordered_json q;
+    q["sigma"] = p.sigma;
+    q["accuracy"] = p.accuracy;
+    q["mean"] = agreement_json(p.mean);
+    q["layers"] = nlohmann::ordered_json::array();
+    for (size_t l = 0; l < p.layers.size(); ++l) {
+      nlohmann::ordered_json a = agreement_json(p.layers[l]);
+      a["block"] = l < r.moe_blocks.size() ? r.moe_blocks[l] : -1;
+      q["layers"].push_back(a);
+    }
+    j["points"].push_back(q);
+  }
+  // What the PNG shows, so that it can be read without its legend.
+  j["plot"] = {{"x", "sweep points evenly spaced, in order"}, {"y_min", 0}, {"y_max", 1},
+               {"colors", {{"top1", "blue"}, {"top2", "red"}, {"top2_set", "green"},
+                           {"jaccard", "orange"}, {"accuracy", "grey dashed"}}}};
+  return j.dump(2) + "\n";
+}
+
+std::string consistency_csv(const ConsistencyResult& r) {
+  std::string out = "sigma,layer,block,top1,top2,top2_set,jaccard,accuracy\n";
+  char line[256];
+  auto row = [&](double sigma, const std::string& layer, int block, const Agreement& a,
+                 double acc) {
+    std::snprintf(line, sizeof line, "%g,%s,%d,%.6f,%.6f,%.6f,%.6f,%.6f\n", sigma,
+                  layer.c_str(), block, a.top1, a.top2, a.top2_set, a.jaccard, acc);
+    out += line;
+  };
+  for (const SigmaPoint& p : r.points) {
+    for (size_t l = 0; l < p.layers.size(); ++l)
+      row(p.sigma, std::to_string(l), l < r.moe_blocks.size() ? r.moe_blocks[l] : -1,
+          p.layers[l], p.accuracy);
+    row(p.sigma, "mean", -1, p.mean, p.accuracy);
+  }
+  return out;
+}
+
+std::string consistency_table(const ConsistencyResult& r) {
+  std::string out;
+  char buf[512];
+  std::snprintf(buf, sizeof buf,
+                "routing consistency: noise on %s, seed %llu, router %s, %lld images, %lld tokens "
+                "per layer, Jaccard of top-%d sets\nclean accuracy %.2f%%\n",
+                r.noise_on.c_str(), (unsigned long long)r.seed, r.router.c_str(),
+                (long long)r.images, (long long)r.tokens, r.jaccard_k, 100 * r.clean_accuracy);
+  out += buf;
+  out += "   sigma    top-1    top-2  top-2 set  Jaccard  accuracy   top-1 per layer (block:";
+  for (int b : r.moe_blocks) out.append(1, ' ').append(std::to_string(b));
+  out += ")\n";
+  for (const SigmaPoint& p : r.points) {
+    std::snprintf(buf, sizeof buf, "%8g  %6.2f%%  %6.2f%%   %6.2f%%  %6.2f%%   %6.2f%%  ",
+                  p.sigma, 100 * p.mean.top1, 100 * p.mean.top2, 100 * p.mean.top2_set,
+                  100 * p.mean.jaccard, 100 * p.accuracy);
+    out += buf;
+    for (const Agreement& a : p.layers) {
+      std::snprintf(buf, sizeof buf, " %6.2f%%", 100 * a.top1);
+      out += buf;
+    }
+    out += "\n";
+  }
+  return out;
+}
+
+void write_consistency_png(const ConsistencyResult& r, const std::string& path, int width,
+                           int height) {
+  MV_CHECK(width >= 320 && height >= 200, "consistency plot: ", width, " x ", height,
+           " is too small (at least 320 x 200)");
+  MV_CHECK(!r.points.empty(), "consistency plot: no sweep points");
+  static constexpr Rgb grid{225, 225, 225};
+  static constexpr Rgb colors[5] = {
+      {31, 90, 200}, {215, 40, 40}, {30, 160, 60}, {240, 140, 0}, {120, 120, 120}};
+  static const char* names[5] = {"top-1", "top-2", "top-2 set", "Jaccard", "accuracy"};
+  const float scale = 1.5f;
+  RgbImage cv(width, height);  // white
+  const int left = 60, right = width - 130, top = 30, bottom = height - 50;
+  auto X = [&](size_t i) {
+    return r.points.size() == 1 ? 0.5f * float(left + right)
+                                : float(left) + float(right - left) * float(i) /
+                                                    float(r.points.size() - 1);
+  };
+  auto Y = [&](double v) { return float(bottom) - float(bottom - top) * float(v); };
+
+  // Grid and y ticks every 0.25, axes, x ticks at the sweep points.
+  char label[64];
+  for (int t = 0; t <= 4; ++t) {
+    const int y = int(Y(0.25 * t));
+    if (t > 0) fill_rect(cv, left, y, right, y + 1, grid);
+    std::snprintf(label, sizeof label, "%.2f", 0.25 * t);
+    draw_text(cv, float(left - 8 - text_width(label, scale)), float(y) - 5, label, kBlack, scale);
+  }
+  fill_rect(cv, left, top, left + 1, bottom + 1, kBlack);
+  fill_rect(cv, left, bottom, right, bottom + 1, kBlack);
+  for (size_t i = 0; i < r.points.size(); ++i) {
+    const int x = int(X(i));
+    fill_rect(cv, x, bottom, x + 1, bottom + 5, kBlack);
+    std::snprintf(label, sizeof label, "%g", r.points[i].sigma);
+    draw_text(cv, float(x - text_width(label, scale) / 2), float(bottom + 8), label, kBlack, scale);
+  }
+  const std::string xlabel = "sigma (noise on " + r.noise_on + ")";
+  draw_text(cv, 0.5f * float(left + right - text_width(xlabel, scale)), float(bottom + 28),
+            xlabel, kBlack, scale);
+  draw_text(cv, float(left), 8, "routing agreement (mean over MoE layers)", kBlack, scale);
+
+  // Curves with square markers, top-1 last so that it stays visible where curves coincide
+  // (Jaccard equals top-1 when k = 1).
+  for (int m = 4; m >= 0; --m) {
+    auto value = [&](const SigmaPoint& p) {
+      return m == 0 ? p.mean.top1 : m == 1 ? p.mean.top2 : m == 2 ? p.mean.top2_set
+                   : m == 3 ? p.mean.jaccard : p.accuracy;
+    };
+    for (size_t i = 0; i < r.points.size(); ++i) {
+      const float x = X(i), y = Y(value(r.points[i]));
+      if (i > 0) draw_line(cv, X(i - 1), Y(value(r.points[i - 1])), x, y, colors[m], m == 4);
+      fill_rect(cv, int(x) - 3, int(y) - 3, int(x) + 4, int(y) + 4, colors[m]);
+    }
+  }
+  // Legend: a swatch and a name per curve.
+  for (int m = 0; m < 5; ++m) {
+    const int y = top + 10 + 22 * m;
+    fill_rect(cv, right + 15, y, right + 35, y + 12, colors[m]);
+    draw_text(cv, float(right + 42), float(y), names[m], kBlack, scale);
+  }
+
+  write_png(path, cv.width, cv.height, cv.rgb);
+}
+
+static void write_text(const std::string& path, const std::string& s) {
+  std::ofstream f(path, std::ios::binary);
+  f << s;
+  f.close();
+  MV_CHECK(f.good(), "routing consistency: cannot write '", path, "'");
+}
+
+void write_consistency_report(const ConsistencyResult& r, const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  MV_CHECK(!ec, "routing consistency: cannot create folder '", dir, "': ", ec.message());
+  const std::filesystem::path d(dir);
+  write_text((d / "consistency.json").string(), consistency_json(r));
+  write_text((d / "consistency.csv").string(), consistency_csv(r));
+  write_consistency_png(r, (d / "consistency.png").string());
+}
+
+}  // namespace mv::report

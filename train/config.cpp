@@ -1,0 +1,127 @@
+#include "train/config.h"
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "engine/memory.h"
+
+namespace mv::train {
+
+void TrainConfig::validate() const {
+  vit.validate();
+  MV_CHECK(epochs >= 1, "--epochs must be at least 1, got ", epochs);
+  MV_CHECK(batch >= 1 && eval_batch >= 1, "--batch must be at least 1, got ", batch);
+  MV_CHECK(lr > 0 && std::isfinite(lr), "--lr must be positive, got ", lr);
+  MV_CHECK(weight_decay >= 0, "--weight-decay must be >= 0, got ", weight_decay);
+  MV_CHECK(warmup_epochs >= 0, "--warmup must be >= 0 epochs, got ", warmup_epochs);
+  MV_CHECK(label_smoothing >= 0 && label_smoothing < 1, "--label-smoothing must be in [0, 1), got ",
+           label_smoothing);
+  MV_CHECK(clip >= 0, "--clip must be >= 0, got ", clip);
+  MV_CHECK(optimizer == "adamw" || optimizer == "sgd", "--optimizer must be adamw or sgd, got '",
+           optimizer, "'");
+  MV_CHECK(schedule == "cosine" || schedule == "linear", "--schedule must be cosine or linear, got '",
+           schedule, "'");
+  MV_CHECK(augment == "none" || augment == "crop" || augment == "crop-flip",
+           "--augment must be none, crop or crop-flip, got '", augment, "'");
+  MV_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '", device, "'");
+  MV_CHECK(device != "cuda" || cuda_available(), "--device cuda: no CUDA device is available (a "
+           "build without CUDA, or no GPU found); use --device cpu");
+  MV_CHECK(!tf32 || device == "cuda", "--tf32 applies to CUDA GEMMs only; add --device cuda");
+  MV_CHECK(device != "cuda" || vit.moe_placement == "none", "model '", model,
+           "' has MoE layers, which have no CUDA kernels yet; use --device cpu");
+  MV_CHECK(!prc || vit.moe_placement != "none", "--prc needs a model with MoE layers (an MoE "
+           "preset such as vmoe-tiny, or --moe every-2); model '", model, "' is dense");
+  MV_CHECK(!prc || vit.moe.router.type != "soft", "--prc needs a router that assigns tokens to "
+           "experts; Soft MoE mixes tokens into slots");
+  MV_CHECK(prc_diag_weight >= 0 && prc_off_weight >= 0, "--prc-diag-weight and "
+           "--prc-off-weight must be >= 0, got ", prc_diag_weight, " and ", prc_off_weight);
+  for (int b : prc_blocks)
+    MV_CHECK(b >= 0 && b < vit.depth && vit.is_moe_block(b), "--prc-blocks: block ", b,
+             " has no MoE layer (model '", model, "': ", vit.depth, " blocks, MoE placement ",
+             vit.moe_placement, ")");
+  MV_CHECK(jaccard_weight >= 0 && jaccard_sigma > 0, "--jaccard-weight must be >= 0 and "
+           "--jaccard-sigma > 0, got ", jaccard_weight, " and ", jaccard_sigma);
+  MV_CHECK(jaccard_weight == 0 || vit.moe_placement != "none", "--jaccard-weight needs a model "
+           "with MoE layers; model '", model, "' is dense");
+}
+
+// The MoE part of a ViT config, every field, so a checkpoint rebuilds exactly its model.
+static nlohmann::ordered_json moe_json(const models::ViTConfig& v) {
+  const models::RouterConfig& r = v.moe.router;
+  return {{"placement", v.moe_placement}, {"last_n", v.moe_last_n}, {"mlp_dim", v.moe.mlp_dim},
+          {"group_per_batch", v.moe.group_per_batch}, {"router", r.type}, {"experts", r.experts},
+          {"k", r.k}, {"capacity_train", r.capacity_train}, {"capacity_eval", r.capacity_eval},
+          {"round_to_4", r.round_to_4}, {"bpr", r.bpr}, {"renormalize", r.renormalize},
+          {"noise_std", r.noise_std}, {"importance_weight", r.importance_weight},
+          {"load_weight", r.load_weight}, {"ec_capacity", r.ec_capacity}, {"slots", r.slots},
+          {"soft_scale", r.soft_scale}, {"proj_dim", r.proj_dim}, {"tau1", r.tau1},
+          {"tau2", r.tau2}, {"centroids", r.centroids}, {"separation_weight", r.separation_weight},
+          {"vote_dim", r.vote_dim}, {"global_query", r.global_query}};
+}
+
+static void moe_from_json(const nlohmann::json& j, models::ViTConfig& v) {
+  models::RouterConfig& r = v.moe.router;
+  v.moe_placement = j.at("placement"), v.moe_last_n = j.at("last_n");
+  v.moe.mlp_dim = j.at("mlp_dim"), v.moe.group_per_batch = j.at("group_per_batch");
+  r.type = j.at("router"), r.experts = j.at("experts"), r.k = j.at("k");
+  r.capacity_train = j.at("capacity_train"), r.capacity_eval = j.at("capacity_eval");
+  r.round_to_4 = j.at("round_to_4"), r.bpr = j.at("bpr"), r.renormalize = j.at("renormalize");
+  r.noise_std = j.at("noise_std"), r.importance_weight = j.at("importance_weight");
+  r.load_weight = j.at("load_weight"), r.ec_capacity = j.at("ec_capacity");
+  r.slots = j.at("slots"), r.proj_dim = j.at("proj_dim"), r.tau1 = j.at("tau1");
+  r.soft_scale = j.value("soft_scale", 1.f);  // checkpoints before the field had the method's 1
+  r.tau2 = j.at("tau2"), r.centroids = j.at("centroids");
+  r.separation_weight = j.at("separation_weight"), r.vote_dim = j.at("vote_dim");
+  r.global_query = j.at("global_query");
+}
+
+std::string TrainConfig::to_json() const {
+  nlohmann::ordered_json j = {
+      {"dataset", dataset}, {"data_dir", data_dir}, {"model", model},
+      {"image_size", vit.image_size}, {"channels", vit.channels}, {"patch", vit.patch},
+      {"dim", vit.dim}, {"depth", vit.depth}, {"heads", vit.heads}, {"mlp_dim", vit.mlp_dim},
+      {"num_classes", vit.num_classes}, {"epochs", epochs}, {"batch", batch},
+      {"eval_batch", eval_batch}, {"optimizer", optimizer}, {"lr", lr},
+      {"weight_decay", weight_decay}, {"momentum", momentum}, {"schedule", schedule},
+      {"warmup_epochs", warmup_epochs}, {"label_smoothing", label_smoothing}, {"clip", clip},
+      {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
+      {"limit_test", limit_test}, {"device", device}, {"tf32", tf32}, {"prc", prc},
+      {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
+      {"prc_reference_diagonal", prc_reference_diagonal}, {"prc_blocks", prc_blocks},
+      {"prc_cls_pair", prc_cls_pair}, {"jaccard_weight", jaccard_weight},
+      {"jaccard_sigma", jaccard_sigma}};
+  if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
+  return j.dump();
+}
+
+TrainConfig TrainConfig::from_json(const std::string& text) {
+  TrainConfig c;
+  try {
+    auto j = nlohmann::json::parse(text);
+    c.dataset = j.at("dataset"), c.data_dir = j.at("data_dir"), c.model = j.at("model");
+    c.vit = {j.at("image_size"), j.at("channels"), j.at("patch"), j.at("dim"), j.at("depth"),
+             j.at("heads"), j.at("mlp_dim"), j.at("num_classes")};
+    if (j.contains("moe")) moe_from_json(j.at("moe"), c.vit);
+    c.epochs = j.at("epochs"), c.batch = j.at("batch"), c.eval_batch = j.at("eval_batch");
+    c.optimizer = j.at("optimizer"), c.lr = j.at("lr"), c.weight_decay = j.at("weight_decay");
+    c.momentum = j.at("momentum"), c.schedule = j.at("schedule");
+    c.warmup_epochs = j.at("warmup_epochs"), c.label_smoothing = j.at("label_smoothing");
+    c.clip = j.at("clip"), c.augment = j.at("augment"), c.seed = j.at("seed");
+    c.limit_train = j.at("limit_train"), c.limit_test = j.at("limit_test");
+    c.device = j.value("device", std::string("cpu"));  // checkpoints from before --device: CPU
+    c.tf32 = j.value("tf32", false);                    // ... and from before --tf32
+    c.prc = j.value("prc", false);                      // ... and from before --prc
+    c.prc_diag_weight = j.value("prc_diag_weight", c.prc_diag_weight);
+    c.prc_off_weight = j.value("prc_off_weight", c.prc_off_weight);
+    c.prc_reference_diagonal = j.value("prc_reference_diagonal", false);
+    c.prc_blocks = j.value("prc_blocks", std::vector<int>{});
+    c.prc_cls_pair = j.value("prc_cls_pair", false);
+    c.jaccard_weight = j.value("jaccard_weight", 0.f);  // ... and from before --jaccard-weight
+    c.jaccard_sigma = j.value("jaccard_sigma", c.jaccard_sigma);
+  } catch (const nlohmann::json::exception& e) {
+    MV_FAIL("training configuration: ", e.what());
+  }
+  return c;
+}
+
+}  // namespace mv::train

@@ -1,0 +1,45 @@
+// The configuration of a training run: every setting, its validation, and its JSON form, which
+// each checkpoint saves so that --resume (and eval, viz) rebuild exactly the run's model.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "models/vit.h"
+
+namespace mv::train {
+
+// Everything a run is made of. Saved in each checkpoint so that --resume continues it exactly.
+struct TrainConfig {
+  std::string dataset = "fashion-mnist", data_dir;
+  std::string model = "vit-tiny";
+  models::ViTConfig vit = models::vit_preset("vit-tiny");  // the preset with any overrides applied
+  int epochs = 10, batch = 128, eval_batch = 500;
+  std::string optimizer = "adamw";  // adamw | sgd
+  float lr = 1e-3f, weight_decay = 0.05f, momentum = 0.9f;
+  std::string schedule = "cosine";  // cosine | linear (after a linear warmup)
+  float warmup_epochs = 1.f;
+  float label_smoothing = 0.1f;
+  float clip = 1.f;                 // global gradient-norm clip; 0 disables
+  std::string augment = "crop-flip";  // none | crop | crop-flip (pad-2 random crop, h-flip)
+  uint64_t seed = 0;
+  int64_t limit_train = 0, limit_test = 0;  // use only the first N images (0: all)
+  std::string device = "cpu";       // cpu | cuda (the model, batches and optimizer state)
+  bool tf32 = false;                // CUDA GEMMs on TF32 tensor cores (ops::set_allow_tf32)
+  // Pairwise Router Consistency (methods.md section 4): two views of each image (replacing
+  // `augment`), cross-entropy on both, ops::prc_loss on every MoE layer's clean probabilities.
+  bool prc = false;
+  float prc_diag_weight = 0.005f, prc_off_weight = 0.05f;
+  bool prc_reference_diagonal = false;  // the reference code's per-position diagonal term
+  std::vector<int> prc_blocks;          // the MoE blocks that get the PRC loss (empty: all)
+  bool prc_cls_pair = false;            // also pair the two views' CLS tokens
+  // The noise-injection consistency loss (methods.md section 5; ViT::jaccard_loss): weight
+  // (0: off) and the sigma of the Gaussian noise added to each MoE block's token input.
+  float jaccard_weight = 0.f, jaccard_sigma = 0.5f;
+
+  void validate() const;  // throws naming the flag that is out of range
+  std::string to_json() const;
+  static TrainConfig from_json(const std::string& json);
+};
+
+}  // namespace mv::train

@@ -1,0 +1,234 @@
+#include "train/loop.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "datasets/loader.h"
+#include "ops/matmul.h"
+#include "ops/reduce.h"
+#include "train/checkpoint.h"
+#include "train/data.h"
+#include "train/evaluate.h"
+#include "train/moe_stats.h"
+#include "train/progress.h"
+#include "train/step.h"
+
+namespace mv::train {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// --resume: the metadata of the run folder's checkpoint, which holds the run's configuration and
+// its last epoch.
+Metadata resume_metadata(const std::string& ckpt) {
+  MV_CHECK(std::filesystem::exists(ckpt), "--resume: no checkpoint at '", ckpt, "'");
+  Metadata meta = read_checkpoint_metadata(ckpt);
+  MV_CHECK(meta.count("config") && meta.count("epoch"), "--resume: '", ckpt,
+           "' has no training configuration in its metadata");
+  return meta;
+}
+
+struct RunData {
+  datasets::Dataset train, test;
+};
+
+// The run's training and test images, cut to --limit-train and --limit-test; throws when they
+// do not fit the model.
+RunData load_data(const TrainConfig& cfg) {
+  RunData d{load_dataset(cfg.dataset, cfg.data_dir, true),
+            load_dataset(cfg.dataset, cfg.data_dir, false)};
+  if (cfg.limit_train > 0) d.train = datasets::head(d.train, cfg.limit_train);
+  if (cfg.limit_test > 0) d.test = datasets::head(d.test, cfg.limit_test);
+  const datasets::Dataset& t = d.train;
+  MV_CHECK(t.channels == cfg.vit.channels && t.height == cfg.vit.image_size &&
+               t.num_classes == cfg.vit.num_classes,
+           "model '", cfg.model, "' expects ", cfg.vit.channels, "x", cfg.vit.image_size, "x",
+           cfg.vit.image_size, " images and ", cfg.vit.num_classes, " classes, but ", t.name,
+           " has ", t.channels, "x", t.height, "x", t.width, " and ", t.num_classes);
+  return d;
+}
+
+// Made after the model moved to its device, so that the optimizer's state is allocated there.
+std::unique_ptr<models::Optimizer> make_optimizer(const TrainConfig& cfg, models::ViT& model) {
+  if (cfg.optimizer == "adamw")
+    return std::make_unique<models::AdamW>(model.named_parameters(), cfg.weight_decay);
+  return std::make_unique<models::SGD>(model.named_parameters(), cfg.momentum, cfg.weight_decay);
+}
+
+// --resume: the parameters, optimizer state and routing-noise offset saved after the run's last
+// epoch. Returns the training seconds of the epochs before.
+double restore(const std::string& ckpt, const Metadata& meta, models::ViT& model,
+               models::Optimizer& opt) {
+  load_checkpoint(ckpt, model, &opt);
+  if (meta.count("route_noise_offset"))
+    model.route_noise->offset = std::stoull(meta.at("route_noise_offset"));
+  // A resumed run's training time counts the epochs before the interruption too.
+  return meta.count("train_seconds") ? std::stod(meta.at("train_seconds")) : 0.0;
+}
+
+// PRC's two views of each image, with patch pairs on the model's patch grid.
+datasets::TwoViewConfig two_views(const TrainConfig& cfg) {
+  datasets::TwoViewConfig views = datasets::TwoViewConfig::for_image_size(cfg.vit.image_size);
+  views.patch = cfg.vit.patch;
+  views.cls_pair = cfg.prc_cls_pair;
+  return views;
+}
+
+// The learning rate of every step of the run: a linear warmup, then cosine or linear decay.
+struct LrSchedule {
+  int64_t total, warmup;
+  float base;
+  models::Schedule kind;
+  float at(int64_t step) const { return models::lr_at(step, total, warmup, base, kind); }
+};
+
+// What fit sets up once and every epoch uses.
+struct Run {
+  const TrainConfig& cfg;
+  models::ViT& model;
+  models::Optimizer& opt;
+  const LrSchedule& lr;
+  const datasets::Dataset& test_set;
+  const std::string& ckpt;
+  FILE* log;
+};
+
+// What the training steps of one epoch add up to.
+struct EpochTotals {
+  int64_t steps = 0, seen = 0;          // batches; images (both views with PRC)
+  double loss_sum = 0, correct = 0;     // classification loss times images; right predictions
+  double prc_sum = 0, jaccard_sum = 0;  // the steps' PRC and noise-injection losses
+  double compute_s = 0;                 // in the steps themselves
+  double seconds = 0;                   // the whole epoch, waiting for batches included
+};
+
+// The training steps of epoch `epoch`, with the progress line. A non-finite loss stops the run
+// with an error naming the step.
+EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch) {
+  const auto t0 = Clock::now();
+  const int64_t per_epoch = loader.batches_per_epoch();
+  const std::vector<Tensor> params = run.model.parameters();
+  EpochTotals t;
+  Progress bar(run.log, epoch + 1, run.cfg.epochs, per_epoch);
+  for (models::MoELayer* m : run.model.moe_layers()) m->stats.reset(m->config.router.experts);
+  loader.begin_epoch(epoch);
+  for (datasets::Batch b; loader.next(b);) {
+    const auto ts = Clock::now();
+    const int64_t step = run.opt.steps();
+    const StepResult r = train_step(run.model, run.opt, params, b, run.cfg, run.lr.at(step));
+    const float ce = r.ce.item();  // the classification loss is what the logs show
+    if (r.prc.defined()) t.prc_sum += double(r.prc.item());
+    if (r.jaccard.defined()) t.jaccard_sum += double(r.jaccard.item());
+    const float loss = r.loss.item();
+    MV_CHECK(std::isfinite(loss), "training: the loss is ", loss, " at step ", step, " (epoch ",
+             epoch + 1, ", batch ", b.batch_index + 1, "); stopping. The last good checkpoint is '",
+             run.ckpt, "'");
+    t.compute_s += since(ts);
+
+    const int64_t B = r.labels.numel();
+    std::vector<int64_t> pred = ops::argmax(r.logits.detach(), 1).to_vector<int64_t>();
+    std::vector<int64_t> lab = r.labels.to_vector<int64_t>();
+    for (int64_t i = 0; i < B; ++i) t.correct += pred[size_t(i)] == lab[size_t(i)];
+    t.loss_sum += double(ce) * B;
+    t.seen += B;
+    t.steps++;
+    const double el = since(t0);
+    bar.update(b.batch_index + 1, t.loss_sum / t.seen, t.correct / t.seen, t.seen / el,
+               el / double(b.batch_index + 1) * double(per_epoch - b.batch_index - 1));
+  }
+  t.seconds = since(t0);
+  return t;
+}
+
+// After an epoch: evaluation on the test set, the checkpoint, a line of metrics.jsonl and the
+// log's summary. res takes the epoch's results.
+void finish_epoch(const Run& run, int epoch, const EpochTotals& t, std::ofstream& metrics,
+                  TrainResult& res) {
+  const TrainConfig& cfg = run.cfg;
+  const nlohmann::ordered_json moe = moe_stats_json(run.model);  // of training, before evaluation
+  const EvalResult ev = evaluate(run.model, run.test_set, cfg.dataset, cfg.eval_batch);
+  res.epochs_done = epoch + 1;
+  res.train_loss = t.loss_sum / double(t.seen);
+  res.test_accuracy = ev.accuracy;
+  res.test_loss = ev.loss;
+  res.train_seconds += t.seconds;
+  const Metadata meta{{"config", cfg.to_json()}, {"epoch", std::to_string(epoch + 1)},
+                      {"test_accuracy", std::to_string(ev.accuracy)},
+                      {"route_noise_offset", std::to_string(run.model.route_noise->offset)},
+                      {"train_seconds", nlohmann::json(res.train_seconds).dump()}};
+  save_checkpoint(run.ckpt, run.model, &run.opt, meta);
+
+  res.images_per_second = double(t.seen) / t.compute_s;
+  const int64_t steps = run.opt.steps();
+  nlohmann::ordered_json line = {
+      {"epoch", epoch + 1}, {"step", steps}, {"train_loss", res.train_loss},
+      {"train_accuracy", t.correct / double(t.seen)}, {"test_loss", ev.loss},
+      {"test_accuracy", ev.accuracy}, {"lr", run.lr.at(steps - 1)},
+      {"epoch_seconds", t.seconds}, {"images_per_second", res.images_per_second}};
+  if (!moe.empty()) line["moe"] = moe;
+  if (cfg.prc) line["prc_loss"] = t.prc_sum / double(t.steps);  // weighted, summed over layers
+  if (cfg.jaccard_weight > 0) line["jaccard_loss"] = t.jaccard_sum / double(t.steps);  // unweighted
+  metrics << line.dump() << "\n" << std::flush;
+  if (run.log) {
+    std::fprintf(run.log, "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",
+                 epoch + 1, cfg.epochs, res.train_loss, ev.loss, 100 * ev.accuracy,
+                 format_seconds(t.seconds).c_str());
+    print_moe_stats(run.log, moe);
+  }
+}
+
+}  // namespace
+
+TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resume, FILE* log,
+                int stop_after) {
+  const std::string ckpt = run_checkpoint(out_dir);
+  const Metadata meta = resume ? resume_metadata(ckpt) : Metadata{};
+  const TrainConfig cfg = resume ? TrainConfig::from_json(meta.at("config")) : given;
+  const int start_epoch = resume ? std::stoi(meta.at("epoch")) : 0;
+  cfg.validate();
+  std::filesystem::create_directories(out_dir);
+  const RunData data = load_data(cfg);
+
+  models::ViT model(cfg.vit, cfg.seed);
+  if (cfg.jaccard_weight > 0) model.jaccard_sigma = cfg.jaccard_sigma;
+  ops::set_allow_tf32(cfg.tf32);
+  model.to(cfg.device == "cuda" ? Device::CUDA : Device::CPU);
+  const std::unique_ptr<models::Optimizer> opt = make_optimizer(cfg, model);
+  TrainResult res;
+  if (resume) res.train_seconds = restore(ckpt, meta, model, *opt);
+  if (log) {
+    std::fprintf(log, "model %s: %lld parameters; data %s: %lld train, %lld test images\n",
+                 cfg.model.c_str(), (long long)model.num_parameters(), cfg.dataset.c_str(),
+                 (long long)data.train.n, (long long)data.test.n);
+    if (resume) std::fprintf(log, "resuming %s after epoch %d\n", ckpt.c_str(), start_epoch);
+  }
+
+  // With PRC the loader cuts two views per image (their own crops and flips) instead of the
+  // usual augmentation.
+  datasets::Loader loader(data.train, cfg.batch, /*shuffle=*/true, cfg.seed, /*drop_last=*/true,
+                          cfg.prc ? datasets::Augment::none() : augmentation(cfg.augment),
+                          normalization(cfg.dataset));
+  if (cfg.prc) loader.set_two_view(two_views(cfg));
+  const int64_t per_epoch = loader.batches_per_epoch();
+  MV_CHECK(per_epoch > 0, "--batch ", cfg.batch, " is larger than the ", data.train.n,
+           " training images");
+  const LrSchedule lr{per_epoch * cfg.epochs, int64_t(cfg.warmup_epochs * double(per_epoch)),
+                      cfg.lr, cfg.schedule == "cosine" ? models::Schedule::Cosine
+                                                       : models::Schedule::Linear};
+  const Run run{cfg, model, *opt, lr, data.test, ckpt, log};
+
+  std::ofstream metrics(out_dir + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
+  const int end_epoch = stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs;
+  for (int epoch = start_epoch; epoch < end_epoch; ++epoch)
+    finish_epoch(run, epoch, train_epoch(run, loader, epoch), metrics, res);
+  return res;
+}
+
+}  // namespace mv::train

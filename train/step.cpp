@@ -1,0 +1,71 @@
+#include "train/step.h"
+
+#include <algorithm>
+
+#include "ops/elementwise.h"
+#include "ops/loss.h"
+#include "ops/prc.h"
+#include "ops/shape.h"
+
+namespace mv::train {
+
+namespace {
+
+// The MoE layers of --prc-blocks (default: all).
+std::vector<models::MoELayer*> prc_layers(const models::ViT& model, const TrainConfig& cfg) {
+  std::vector<models::MoELayer*> out;
+  const auto& want = cfg.prc_blocks;
+  for (size_t i = 0; i < model.blocks.size(); ++i)
+    if (model.blocks[i]->moe && (want.empty() || std::count(want.begin(), want.end(), int(i))))
+      out.push_back(model.blocks[i]->moe.get());
+  return out;
+}
+
+// PRC (methods.md section 4) of every MoE layer of the last forward, whose batch held view 1 of
+// B images then view 2 of the same images; pairs: (B, T). Summed over the layers.
+Tensor prc_loss(const std::vector<models::MoELayer*>& layers, const Tensor& pairs,
+                const TrainConfig& cfg) {
+  ops::PrcOptions opt;
+  opt.reference_diagonal = cfg.prc_reference_diagonal;
+  opt.diag_weight = cfg.prc_diag_weight;
+  opt.off_weight = cfg.prc_off_weight;
+  const int64_t B = pairs.size(0), T = pairs.size(1);
+  Tensor sum;
+  for (models::MoELayer* m : layers) {
+    const Tensor& probs = m->last.probs;  // (G, N, E) with G * N = 2B * T, images in order
+    const Tensor p = ops::reshape(probs, {2 * B, T, probs.size(2)});
+    const Tensor l = ops::prc_loss(ops::slice(p, 0, 0, B), ops::slice(p, 0, B, 2 * B), pairs, opt);
+    sum = sum.defined() ? sum + l : l;
+  }
+  return sum;
+}
+
+}  // namespace
+
+StepResult train_step(models::ViT& model, models::Optimizer& opt, const std::vector<Tensor>& params,
+                      const datasets::Batch& b, const TrainConfig& cfg, float lr) {
+  const Device dev = model.device();
+  StepResult r;
+  opt.zero_grad();
+  // PRC: both views in one batch (view 1 first), the classification loss on both.
+  const Tensor images = (cfg.prc ? ops::concat({b.images, b.images2}, 0) : b.images).to(dev);
+  r.labels = (cfg.prc ? ops::concat({b.labels, b.labels}, 0) : b.labels).to(dev);
+  r.logits = model.forward(images);
+  r.ce = ops::cross_entropy(r.logits, r.labels, cfg.label_smoothing);
+  Tensor extra = model.aux_loss();  // MoE routers' weighted losses; undefined if none
+  if (cfg.prc) {
+    r.prc = prc_loss(prc_layers(model, cfg), b.pairs.to(dev), cfg);
+    extra = extra.defined() ? extra + r.prc : r.prc;
+  }
+  if (cfg.jaccard_weight > 0) {
+    r.jaccard = model.jaccard_loss();
+    const Tensor wj = ops::mul(r.jaccard, cfg.jaccard_weight);
+    extra = extra.defined() ? extra + wj : wj;
+  }
+  r.loss = extra.defined() ? r.ce + extra : r.ce;
+  r.loss.backward();
+  opt.step(lr, models::clip_scale(params, cfg.clip).scale);
+  return r;
+}
+
+}  // namespace mv::train

@@ -1,0 +1,31 @@
+// One optimisation step, the one train::fit runs for every batch and bench/train_step times.
+#pragma once
+#include <vector>
+
+#include "datasets/loader.h"
+#include "models/optim.h"
+#include "models/vit.h"
+#include "train/config.h"
+
+namespace mv::train {
+
+// What a step computed, on the model's device. The tensors keep their graph, which goes when the
+// caller drops them; reading a value (item()) waits for the step to finish on a GPU.
+struct StepResult {
+  Tensor logits;   // (N, classes): N = B, or 2B with PRC (view 1 of every image, then view 2)
+  Tensor labels;   // (N,) I64
+  Tensor ce;       // (): the classification loss, with cfg.label_smoothing (what the logs show)
+  Tensor prc;      // (): the PRC loss, weighted and summed over layers; undefined without PRC
+  Tensor jaccard;  // (): the noise-injection loss, unweighted; undefined when its weight is 0
+  Tensor loss;     // (): what backward ran on: ce + (routers' auxiliary losses + prc
+                   //     + cfg.jaccard_weight * jaccard), the terms present
+};
+
+// One step on batch b (images (B, C, H, W) and labels (B,) on the CPU; with cfg.prc also
+// images2 and pairs (B, T) of Loader's two-view mode): forward (with PRC both views in one
+// batch), the loss above, zeroed gradients, backward, the global-norm clip at cfg.clip, and
+// opt's update at learning rate lr. params: model.parameters(), whose gradients the clip reads.
+StepResult train_step(models::ViT& model, models::Optimizer& opt, const std::vector<Tensor>& params,
+                      const datasets::Batch& b, const TrainConfig& cfg, float lr);
+
+}  // namespace mv::train

@@ -42,6 +42,33 @@ void softmax_rows(const float* x, float* y, int64_t rows, int64_t C, bool log_fo
 int64_t width(const Tensor& x) { return x.shape().back(); }
 int64_t rows_of(const Tensor& x) { return width(x) == 0 ? 0 : x.numel() / width(x); }
 
+// dx of rows of y (the softmax, or the log-softmax with log_form) and dy: (rows, C):
+//   softmax: dx = y * (dy - sum(dy * y));  log-softmax: dx = dy - exp(y) * sum(dy)
+Tensor rows_backward(const Tensor& y, const Tensor& dy, bool log_form) {
+  const int64_t rows = rows_of(y), C = width(y);
+  Tensor g = dy.contiguous();
+  Tensor gx = Tensor::empty(y.shape());
+  const float *pg = g.data<float>(), *py = y.data<float>();
+  float* po = gx.data<float>();
+  parallel_for(rows, C * (log_form ? 8 : 4), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float *gr = pg + r * C, *yr = py + r * C;
+      float* dr = po + r * C;
+      double s = 0;
+      if (log_form) {
+        for (int64_t j = 0; j < C; ++j) s += gr[j];
+        const float sg = float(s);
+        for (int64_t j = 0; j < C; ++j) dr[j] = gr[j] - std::exp(yr[j]) * sg;
+      } else {
+        for (int64_t j = 0; j < C; ++j) s += double(gr[j]) * yr[j];
+        const float d = float(s);
+        for (int64_t j = 0; j < C; ++j) dr[j] = yr[j] * (gr[j] - d);
+      }
+    }
+  });
+  return gx;
+}
+
 }  // namespace
 
 // x: (..., C) contiguous -> softmax over the last axis: (..., C)
@@ -50,25 +77,8 @@ Tensor softmax_forward(const Tensor& x) {
   softmax_rows(x.data<float>(), y.data<float>(), rows_of(x), width(x), false);
   return y;
 }
-
 // y, dy: (..., C) -> dx = y * (dy - sum(dy * y)) per row
-Tensor softmax_backward(const Tensor& y, const Tensor& dy) {
-  const int64_t rows = rows_of(y), C = width(y);
-  Tensor g = dy.contiguous();
-  Tensor gx = Tensor::empty(y.shape());
-  const float *pg = g.data<float>(), *py = y.data<float>();
-  float* po = gx.data<float>();
-  parallel_for(rows, C * 4, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float *gr = pg + r * C, *yr = py + r * C;
-      double dot = 0;
-      for (int64_t j = 0; j < C; ++j) dot += double(gr[j]) * yr[j];
-      const float d = float(dot);
-      for (int64_t j = 0; j < C; ++j) po[r * C + j] = yr[j] * (gr[j] - d);
-    }
-  });
-  return gx;
-}
+Tensor softmax_backward(const Tensor& y, const Tensor& dy) { return rows_backward(y, dy, false); }
 
 // x: (..., C) contiguous -> log-softmax over the last axis: (..., C)
 Tensor log_softmax_forward(const Tensor& x) {
@@ -76,25 +86,8 @@ Tensor log_softmax_forward(const Tensor& x) {
   softmax_rows(x.data<float>(), y.data<float>(), rows_of(x), width(x), true);
   return y;
 }
-
 // y (the log-softmax), dy: (..., C) -> dx = dy - softmax * sum(dy) per row, softmax = exp(y)
-Tensor log_softmax_backward(const Tensor& y, const Tensor& dy) {
-  const int64_t rows = rows_of(y), C = width(y);
-  Tensor g = dy.contiguous();
-  Tensor gx = Tensor::empty(y.shape());
-  const float *pg = g.data<float>(), *py = y.data<float>();
-  float* po = gx.data<float>();
-  parallel_for(rows, C * 8, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float *gr = pg + r * C, *yr = py + r * C;
-      double s = 0;
-      for (int64_t j = 0; j < C; ++j) s += gr[j];
-      const float sg = float(s);
-      for (int64_t j = 0; j < C; ++j) po[r * C + j] = gr[j] - std::exp(yr[j]) * sg;
-    }
-  });
-  return gx;
-}
+Tensor log_softmax_backward(const Tensor& y, const Tensor& dy) { return rows_backward(y, dy, true); }
 
 }  // namespace mv::cpu
 

@@ -383,7 +383,7 @@ Tensor expert_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Ten
   const ExpertMlpNeeds need{x.requires_grad(), false, w1.requires_grad(), b1.defined() && b1.requires_grad(),
                             w2.requires_grad(), b2.defined() && b2.requires_grad()};
   const Tensor out = f.out;
-  f.out = Tensor();  // the backward keeps hid and dgelu, not its own output
+  f.out = Tensor();  // the closure keeps hid and dgelu, never its own output (a reference cycle)
   return autograd::record("expert_mlp", out, {x, w1, b1, w2, b2},
                           [dev, xd = x.detach(), w, rows, f, need](const Tensor& g) {
                             ExpertMlpGrads d = MV_CPU_KERNEL(expert_mlp_backward)(dev, g, xd, w, rows, f, need);

@@ -1,6 +1,7 @@
-// Matrix products, each differentiable. The CPU kernels are Eigen's GEMM over maps of the
-// tensors' memory: no copies, and an operand whose last two dims are a transposed view
-// (ops::transpose) is read through a column-major map instead of being copied.
+// Matrix products, each differentiable, on the CPU (ops/matmul.cpp: tile_gemm and Eigen) or on
+// cuBLAS (cuda/matmul.cu). The CPU kernels read the tensors' memory in place: an operand whose
+// last two dims are a transposed view (ops::transpose) is read through a column-major map
+// instead of being copied.
 #pragma once
 #include "engine/tensor.h"
 

@@ -300,7 +300,8 @@ Tensor prc_loss(const Tensor& p, const Tensor& q, const Tensor& pairs, const Prc
   const OpDevice dev = check_prc("prc_loss", p, q, pairs);
   cpu::PrcForward f = MV_CPU_KERNEL(prc_forward)(dev, "prc_loss", p, q, pairs, opt);
   const Tensor out = f.loss;
-  f.C.clear();  // the backward needs G and H only
+  f.loss = Tensor();  // the closure must not hold its own output (a reference cycle)
+  f.C.clear();        // the backward needs G and H only
   const bool gp = p.requires_grad(), gq = q.requires_grad();
   return autograd::record("prc_loss", out, {p, q},
                           [dev, pd = p.detach(), qd = q.detach(), pairs, f = std::move(f), gp, gq](const Tensor& g) {
@@ -317,6 +318,7 @@ Tensor soft_jaccard_loss(const Tensor& s, const Tensor& s2) {
   MV_CHECK(s2.shape() == s.shape(), op, ": s2 ", s2.str(), " must have s's shape ", shape_str(s.shape()));
   cpu::JaccardForward f = MV_CPU_KERNEL(soft_jaccard_forward)(dev, s, s2);
   const Tensor out = f.loss;
+  f.loss = Tensor();  // the closure must not hold its own output (a reference cycle)
   const bool ga = s.requires_grad(), gb = s2.requires_grad();
   return autograd::record(op, out, {s, s2}, [dev, sd = s.detach(), s2d = s2.detach(), f = std::move(f), ga, gb](const Tensor& g) {
     cpu::PairGrads d = MV_CPU_KERNEL(soft_jaccard_backward)(dev, g, sd, s2d, f, ga, gb);

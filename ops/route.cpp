@@ -34,7 +34,6 @@ using ops::Assignment;
 
 namespace {
 
-
 // Routing ranks values "larger first, ties to the lower index" (NaN as largest, like ops::topk).
 // rank_key packs (value, index) into one integer whose descending order is exactly that order,
 // so selection and sorting are integer max / compare: no branches on floats, which mispredict

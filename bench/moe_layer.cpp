@@ -209,9 +209,10 @@ int main(int argc, char** argv) {
       }
       // Expert rows computed per image: the rows in use (token choice: kept choices; expert
       // choice: all E*C; soft: E*slots), averaged over every forward of the run.
+      const models::MoEStats::Totals st = moe.stats.totals();
       int64_t used = 0;
-      for (int64_t l : moe.stats.load) used += l;
-      const double rows = double(used) / double(moe.stats.forwards) / double(s.B);
+      for (int64_t l : st.load) used += l;
+      const double rows = double(used) / double(st.forwards) / double(s.B);
       const double buffer = double(s.E * C), active = double(s.k * s.T);
       const double expert_flops = 2.0 * 2.0 * double(s.B) * rows * double(s.D * s.h);
       const double dense_flops = 2.0 * 2.0 * double(s.B * s.T) * double(s.D * dh);
@@ -231,7 +232,7 @@ int main(int argc, char** argv) {
       std::printf("; params MoE %lld, dense %lld\n", (long long)moe.num_parameters(),
                   (long long)dense.num_parameters());
       if (mc.router.token_choice()) {
-        const double drop = moe.stats.choices ? double(moe.stats.dropped) / moe.stats.choices : 0;
+        const double drop = st.choices ? double(st.dropped) / double(st.choices) : 0;
         std::printf("  dropped choices over all steps: %.1f%%\n", 100.0 * drop);
       }
       if (type == "topk") topk_breakdown(moe, x0, g, noise, s, warmup, steps);

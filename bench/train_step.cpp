@@ -61,7 +61,10 @@ int main(int argc, char** argv) {
     const std::vector<models::MoELayer*> moe = model.moe_layers();
     if (!moe.empty()) {
       int64_t choices = 0, dropped = 0;
-      for (const models::MoELayer* m : moe) choices += m->stats.choices, dropped += m->stats.dropped;
+      for (const models::MoELayer* m : moe) {
+        const models::MoEStats::Totals t = m->stats.totals();
+        choices += t.choices, dropped += t.dropped;
+      }
       // MoEStats::dropped: token choice counts (token, choice) pairs that found their buffer
       // full; expert choice and attention vote count tokens that no expert took; soft: none.
       const char* what = c.moe.router.token_choice() ? "of token choices dropped"

@@ -59,7 +59,7 @@ void zero(void* p, size_t n) { MV_CUDA_CHECK(cudaMemset(p, 0, n)); }
 Tensor add(const Tensor& a, const Tensor& b) { return cuda::axpby(a, b, 1.f, 1.f); }
 
 const CudaHooks kHooks{device_count, alloc, free_block, h2d, d2h, d2d, zero, stats,
-                       cuda::copy_strided, cuda::fill, add};
+                       cuda::copy_strided, cuda::fill, add, cuda::philox_normal};
 
 }  // namespace
 

@@ -18,6 +18,8 @@
 
 #include "engine/tensor.h"
 #include "ops/kernel_types.h"
+#include "ops/moe.h"
+#include "ops/prc.h"
 
 namespace mv::cuda {
 
@@ -27,7 +29,10 @@ using ops::CrossEntropyOut;
 using ops::LayerNormGrads;
 using ops::LayerNormOut;
 using ops::LinearGrads;
+using ops::JaccardOut;
 using ops::MatmulGrads;
+using ops::PairGrads;
+using ops::PrcOut;
 using ops::Unary;
 
 // Waits for all queued GPU work and reports an asynchronous kernel error, if any.
@@ -145,6 +150,19 @@ AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backward =
 // atomics).
 Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& saved, const Tensor& dout,
                           int heads);
+
+// ---- router-consistency losses (cuda/prc.cu) -------------------------------------------------
+// p, q: (B, T, E), pairs: (B, T) I64 in [-1, T) (not checked on the device) -> PRC's loss, its
+// two terms, C, and G, H for the backward (ops/prc.h). op names the caller in errors.
+PrcOut prc_forward(const char* op, const Tensor& p, const Tensor& q, const Tensor& pairs, const ops::PrcOptions& opt);
+// dloss: () -> the gradients to p and q, each when asked for.
+PairGrads prc_backward(const Tensor& dloss, const Tensor& p, const Tensor& q, const Tensor& pairs, const Tensor& G,
+                       const Tensor& H, bool need_p, bool need_q);
+// s, s2: (..., E) -> mean over tokens of 1 - sum min / sum max, and each token's A and U.
+JaccardOut soft_jaccard_forward(const Tensor& s, const Tensor& s2);
+// dloss: () -> the gradients to s and s2, each when asked for.
+PairGrads soft_jaccard_backward(const Tensor& dloss, const Tensor& s, const Tensor& s2, const Tensor& A,
+                                const Tensor& U, bool need_a, bool need_b);
 
 // ---- optimizer updates (cuda/optim.cu) -------------------------------------------------------
 // AdamW: one multi-tensor launch updates every parameter in place, as torch.optim.AdamW does:

@@ -64,6 +64,8 @@ struct CudaHooks {
   void (*fill)(const Tensor& t, float value);
   // a + b of two contiguous F32 CUDA tensors of one shape (add_same_shape).
   Tensor (*add)(const Tensor& a, const Tensor& b);
+  // Standard normal draws on the device, element i the CPU's draw i of (seed, offset) (randn).
+  Tensor (*normal)(const std::vector<int64_t>& shape, uint64_t seed, uint64_t offset);
 };
 const CudaHooks* cuda_hooks();
 bool cuda_available();  // built with CUDA and a device is present

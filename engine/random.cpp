@@ -28,10 +28,15 @@ Tensor rand(const Shape& shape, Generator& g) {
 // (seed, off + j), so the pairs are split over the threads; within a thread, the integer Philox
 // rounds of a chunk of blocks run first in a loop of their own, then Box-Muller in a second: both
 // vectorise.
-Tensor randn(const Shape& shape, Generator& g) {
-  Tensor t = Tensor::empty(shape);
-  const int64_t n = t.numel(), pairs = (n + 1) / 2;
+Tensor randn(const Shape& shape, Generator& g, Device device) {
+  for (int64_t d : shape) MV_CHECK(d >= 0, "randn: negative size in shape ", shape_str(shape));
+  const int64_t n = shape_numel(shape), pairs = (n + 1) / 2;
   const uint64_t seed = g.seed, off = g.take(uint64_t(pairs));
+  if (device == Device::CUDA) {
+    MV_CHECK(cuda_available(), "randn: a CUDA tensor was asked for, but no CUDA device is present");
+    return cuda_hooks()->normal(shape, seed, off);
+  }
+  Tensor t = Tensor::empty(shape);
   float* p = t.data<float>();
   parallel_for(pairs, 96, [&](int64_t s, int64_t e) {
     constexpr int64_t kChunk = 256;

@@ -25,7 +25,8 @@ Generator& default_generator();
 void manual_seed(uint64_t seed);  // resets the default generator
 
 Tensor rand(const Shape& shape, Generator& g = default_generator());   // U[0, 1), F32
-Tensor randn(const Shape& shape, Generator& g = default_generator());  // N(0, 1), F32
+// N(0, 1), F32, on `device`: the same draws on either (the GPU's through cuda/random.cu).
+Tensor randn(const Shape& shape, Generator& g = default_generator(), Device device = Device::CPU);
 Tensor bernoulli(const Shape& shape, float p, Generator& g = default_generator());  // 1 with prob p
 Tensor randperm(int64_t n, Generator& g = default_generator());         // I64 permutation of 0..n-1
 // Truncated normal on [lo, hi] (in units of std), by inverse-free resampling of rejected draws.

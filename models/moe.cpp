@@ -9,7 +9,34 @@
 
 namespace mv::models {
 
-void MoEStats::reset(int experts) { *this = MoEStats{}, load.assign(size_t(experts), 0); }
+void MoEStats::reset(int e, bool tc) {
+  *this = MoEStats{};
+  experts = e, token_choice = tc;
+}
+
+// Adds a forward's loss (undefined: not computed) to a running sum, both () on one device.
+static void accumulate(Tensor& sum, const Tensor& loss) {
+  if (loss.defined()) sum = sum.defined() ? add_same_shape(sum, loss) : loss;
+}
+
+MoEStats::Totals MoEStats::totals() const {
+  Totals t;
+  t.load.assign(size_t(experts), soft_load);
+  int64_t kept = 0;
+  for (const Tensor& r : rows) {
+    const std::vector<int64_t> v = r.to_vector<int64_t>();
+    for (size_t e = 0; e < v.size(); ++e) t.load[e] += v[e], kept += v[e];
+  }
+  t.choices = choices;
+  // Token choice: a kept choice fills exactly one row, so the rest were dropped.
+  t.dropped = token_choice ? choices - kept : untaken;
+  const double f = double(std::max<int64_t>(forwards, 1));
+  auto mean = [f](const Tensor& s) { return s.defined() ? double(s.item()) / f : 0.0; };
+  t.importance_loss = mean(importance_loss), t.load_loss = mean(load_loss);
+  t.separation_loss = mean(separation_loss);
+  t.forwards = forwards;
+  return t;
+}
 
 MoELayer::MoELayer(int64_t dim, const MoEConfig& c, Generator& init, Generator* noise)
     : config(c), noise_(noise) {
@@ -21,7 +48,7 @@ MoELayer::MoELayer(int64_t dim, const MoEConfig& c, Generator& init, Generator* 
   b1 = register_parameter("b1", Tensor::zeros({E, H}));
   w2 = register_parameter("w2", init_weight({E, H, dim}, init, std::sqrt(2.f / float(dim + H))));
   b2 = register_parameter("b2", Tensor::zeros({E, dim}));
-  stats.reset(c.router.experts);
+  stats.reset(c.router.experts, c.router.token_choice());
 }
 
 // x: (B, T, D) -> (G, N, D), one group per image or the whole batch as one.
@@ -57,30 +84,25 @@ Tensor MoELayer::forward(const Tensor& x) {
     out = ops::moe_mlp(xg, last.assign, w1, b1, w2, b2);
   }
 
-  // Statistics: rows in use per expert and what routing left out.
+  // Statistics: filed as they are, read by MoEStats::totals().
   ++stats.forwards;
-  stats.importance_loss += last.importance_loss;
-  stats.load_loss += last.load_loss;
-  stats.separation_loss += last.separation_loss;
+  accumulate(stats.importance_loss, last.importance_loss);
+  accumulate(stats.load_loss, last.load_loss);
+  accumulate(stats.separation_loss, last.separation_loss);
   if (soft) {
-    for (auto& l : stats.load) l += G * C;
+    stats.soft_load += G * C;
     stats.choices += G * N;
-  } else {
-    const std::vector<int64_t> rows = last.assign.rows.to_vector<int64_t>();
-    for (int64_t e = 0; e < E; ++e) stats.load[size_t(e)] += rows[size_t(e)];
-    if (last.expert.defined()) {  // token choice: every (token, choice) that lost its slot
-      const Tensor slot = last.slot.to(Device::CPU);
-      const int64_t* s = slot.data<int64_t>();
-      for (int64_t i = 0; i < slot.numel(); ++i) stats.dropped += s[i] < 0;
-      stats.choices += slot.numel();
-    } else {  // expert choice: tokens that no expert took
-      const Tensor tr = last.assign.token_rows.contiguous();
-      const int64_t* p = tr.data<int64_t>();
-      const int64_t K = tr.size(2);
-      for (int64_t t = 0; t < G * N; ++t)
-        stats.dropped += std::all_of(p + t * K, p + (t + 1) * K, [](int64_t r) { return r < 0; });
-      stats.choices += G * N;
-    }
+  } else if (last.expert.defined()) {  // token choice
+    stats.rows.push_back(last.assign.rows);
+    stats.choices += last.expert.numel();
+  } else {  // expert choice and attention vote (CPU routings): tokens that no expert took
+    stats.rows.push_back(last.assign.rows);
+    const Tensor tr = last.assign.token_rows.contiguous();
+    const int64_t* p = tr.data<int64_t>();
+    const int64_t K = tr.size(2);
+    for (int64_t t = 0; t < G * N; ++t)
+      stats.untaken += std::all_of(p + t * K, p + (t + 1) * K, [](int64_t r) { return r < 0; });
+    stats.choices += G * N;
   }
   return ops::reshape(out, {B, T, D});
 }

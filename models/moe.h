@@ -18,15 +18,29 @@ struct MoEConfig {
   bool group_per_batch = false;  // route the whole batch as one group (default: each image)
 };
 
-// Routing statistics of forward passes, summed until reset (the training loop logs them).
+// Routing statistics of forward passes, gathered until reset (the training loop logs them). The
+// layer only files each forward's device tensors here; totals() reads them, once per logging
+// interval rather than once per step, so a GPU step never waits for the host.
 struct MoEStats {
-  std::vector<int64_t> load;  // (E,) buffer rows in use per expert (soft: its slots)
-  int64_t choices = 0;        // token choices made (token choice: tokens * k; else tokens)
-  int64_t dropped = 0;        // token choice: choices that found their buffer full;
-                              // expert choice / attention vote: tokens no expert took; soft: 0
-  double importance_loss = 0, load_loss = 0, separation_loss = 0;  // sums over forwards
-  int64_t forwards = 0;
-  void reset(int experts);
+  struct Totals {
+    std::vector<int64_t> load;  // (E,) buffer rows in use per expert (soft: its slots)
+    int64_t choices = 0;        // token choices made (token choice: tokens * k; else tokens)
+    int64_t dropped = 0;        // token choice: choices that found their buffer full;
+                                // expert choice / attention vote: tokens no expert took; soft: 0
+    double importance_loss = 0, load_loss = 0, separation_loss = 0;  // means over forwards
+    int64_t forwards = 0;
+  };
+  Totals totals() const;
+  void reset(int experts, bool token_choice);
+
+  int experts = 0;
+  bool token_choice = false;
+  int64_t forwards = 0, choices = 0;
+  int64_t soft_load = 0;           // soft: slots per expert, summed over forwards
+  int64_t untaken = 0;             // expert choice / attention vote: counted on the host, where
+                                   // their routing runs
+  std::vector<Tensor> rows;        // token and expert choice: each forward's (E,) I64 rows in use
+  Tensor importance_loss, load_loss, separation_loss;  // () sums over forwards, on the device
 };
 
 class MoELayer : public FeedForward {

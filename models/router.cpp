@@ -59,12 +59,7 @@ Route token_choice_step(const Tensor& z, const RouterConfig& c, float noise_std,
            c.experts, ")");
   const bool noisy = training && noise_std > 0.f;
   Tensor zn = z;
-  if (noisy) {  // the noise needs no graph: scaled in place, not by another op
-    Tensor eps = randn(z.shape(), g);
-    float* pe = eps.data<float>();
-    for (int64_t i = 0, n = eps.numel(); i < n; ++i) pe[i] *= noise_std;
-    zn = ops::add(z, eps.to(z.device()));
-  }
+  if (noisy) zn = ops::add(z, ops::mul(randn(z.shape(), g, z.device()), noise_std));  // drawn on z's device
   Tensor gates = ops::softmax(zn);
   ops::TopKOptions opt;
   opt.k = c.k;
@@ -87,7 +82,7 @@ Route token_choice_step(const Tensor& z, const RouterConfig& c, float noise_std,
     std::optional<autograd::NoGrad> ng;
     if (c.importance_weight == 0.f) ng.emplace();
     Tensor l_imp = cv_squared(ops::sum(out.probs, {1}));
-    out.importance_loss = double(l_imp.item());
+    out.importance_loss = l_imp.detach();
     add_aux(out.aux_loss, l_imp, c.importance_weight);
   }
   // Load: with t the token's k-th largest noisy logit, P[g, n, e] = 1 - Phi((t - z) / std) =
@@ -101,7 +96,7 @@ Route token_choice_step(const Tensor& z, const RouterConfig& c, float noise_std,
     if (c.load_weight == 0.f) ng.emplace();
     Tensor P = ops::topk_load_probs(z, zn, r.expert, noise_std);
     Tensor l_load = cv_squared(ops::mean(P, {1}));
-    out.load_loss = double(l_load.item());
+    out.load_loss = l_load.detach();
     add_aux(out.aux_loss, l_load, c.load_weight);
   }
   return out;
@@ -143,7 +138,7 @@ class ProjectedRouter : public Router {
     Tensor z = ops::mul(scores(ops::matmul(x, proj), sep), capped_scale(log_scale));
     Route out = token_choice_step(z, config, std::max(config.noise_std, 0.f), training(), g);
     if (sep.defined()) {
-      out.separation_loss = double(sep.item());
+      out.separation_loss = sep.detach();
       add_aux(out.aux_loss, sep, config.separation_weight);
     }
     return out;

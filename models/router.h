@@ -58,7 +58,8 @@ struct Route {
   int64_t capacity = 0;    // C (most tokens an expert takes per group; soft: slots per expert)
   Tensor aux_loss;         // scalar, the weighted sum of the router's auxiliary losses, or
                            // undefined when it has none
-  double importance_loss = 0, load_loss = 0, separation_loss = 0;  // unweighted, for logs
+  Tensor importance_loss, load_loss, separation_loss;  // () unweighted, for logs, without a
+                                                       // graph; undefined when not computed
 };
 
 class Router : public Module {

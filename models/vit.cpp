@@ -118,7 +118,7 @@ Tensor Block::forward(const Tensor& x) {
 
 Tensor Block::perturbed_probs(const Tensor& x, float sigma, Generator& g) {
   MV_CHECK(moe, "Block::perturbed_probs: the block has no MoE layer");
-  const Tensor eps = ops::mul(randn(x.shape(), g).to(x.device()), sigma);  // no graph needed
+  const Tensor eps = ops::mul(randn(x.shape(), g, x.device()), sigma);  // no graph needed
   return moe->router_probs(ln2->forward(attend(x + eps)));
 }
 

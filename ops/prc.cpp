@@ -113,60 +113,50 @@ PrcStats stats_of(const PrcIn& in, bool reference) {
 
 }  // namespace
 
-// The value of PRC and what its backward needs.
-struct PrcForward {
-  Tensor loss;               // (): diag_weight * l_diag + off_weight * l_off
-  double l_diag = 0, l_off = 0;
-  std::vector<double> C;     // (E, E)
-  std::vector<double> G, H;  // dL/dC (E, E) and, reference form, dL/dD (T, E)
-  int64_t M = 0;             // valid pairs
-};
-struct PairGrads {
-  Tensor da, db;
-};
-
 // L = wd L_diag + wo L_off. With G = dL/dC (E x E) and, reference form, H = dL/dD (T x E):
 //   G_ij = wo 2 C_ij / (E (E - 1))  (i != j),  G_ii = wd 2 (C_ii - 1) / E  (paper form, else 0),
 //   H[t,e] = wd 2 (D[t,e] - 1) / (T E);
 // for a valid pair n = (b, t) -> (b, s), C and D are bilinear in p_n, q_n with factor E / M:
 //   dL/dp[b,t] = (E/M) (G q[b,s] + H[t] * q[b,s]),  dL/dq[b,s] += (E/M) (G^T p[b,t] + H[t] * p[b,t]).
-// p, q: (B, T, E), pairs: (B, T) I64 -> the loss, its terms, C, and G and H for the backward;
+// p, q: (B, T, E), pairs: (B, T) I64 -> the loss, its two terms, C, and G and H (ops::PrcOut);
 // throws naming op and a pair outside [-1, T)
-PrcForward prc_forward(const char* op, const Tensor& p, const Tensor& q, const Tensor& pairs,
-                       const ops::PrcOptions& opt) {
+ops::PrcOut prc_forward(const char* op, const Tensor& p, const Tensor& q, const Tensor& pairs,
+                        const ops::PrcOptions& opt) {
   const PrcIn in = prc_in(op, p, q, pairs);
   const bool ref = opt.reference_diagonal;
   const PrcStats st = stats_of(in, ref);
   const double wd = opt.diag_weight, wo = opt.off_weight;
   const int64_t T = in.T, E = in.E;
-  PrcForward f{Tensor::scalar(float(wd * st.l_diag + wo * st.l_off)), st.l_diag, st.l_off, st.C, {}, {}, in.M};
-  f.G.assign(size_t(E * E), 0.0);
-  if (in.M == 0) return f;
+  ops::PrcOut o{Tensor::scalar(float(wd * st.l_diag + wo * st.l_off)),
+                Tensor::from({float(st.l_diag), float(st.l_off)}, {2}), Tensor::empty({E, E}),
+                Tensor::zeros({E, E}), ref ? Tensor::zeros({T, E}) : Tensor()};
+  float *pc = o.C.data<float>(), *pg = o.G.data<float>();
+  for (int64_t k = 0; k < E * E; ++k) pc[k] = float(st.C[size_t(k)]);
+  if (in.M == 0) return o;  // no pairs: the loss is constant 0, and so are G and H
+  const double scale = double(E) / double(in.M);
   for (int64_t i = 0; i < E; ++i)
     for (int64_t j = 0; j < E; ++j) {
       const double c = st.C[size_t(i * E + j)];
-      if (i != j) f.G[size_t(i * E + j)] = E > 1 ? wo * 2 * c / double(E * (E - 1)) : 0.0;
-      else if (!ref) f.G[size_t(i * E + j)] = wd * 2 * (c - 1) / double(E);
+      if (i != j) pg[i * E + j] = float(scale * (E > 1 ? wo * 2 * c / double(E * (E - 1)) : 0.0));
+      else if (!ref) pg[i * E + j] = float(scale * wd * 2 * (c - 1) / double(E));
     }
   if (ref) {
-    f.H.resize(st.D.size());
-    for (size_t k = 0; k < f.H.size(); ++k) f.H[k] = wd * 2 * (st.D[k] - 1) / double(T * E);
+    float* ph = o.H.data<float>();
+    for (int64_t k = 0; k < T * E; ++k) ph[k] = float(scale * wd * 2 * (st.D[size_t(k)] - 1) / double(T * E));
   }
-  return f;
+  return o;
 }
 
-// dloss: () -> dL/dp, dL/dq, each when asked for
-PairGrads prc_backward(const Tensor& dloss, const Tensor& p, const Tensor& q, const Tensor& pairs_,
-                       const PrcForward& f, bool need_p, bool need_q) {
-  const int64_t B = p.size(0), T = p.size(1), E = p.size(2), M = f.M;
-  const bool ref = !f.H.empty();
-  PairGrads o{need_p ? Tensor::zeros({B, T, E}) : Tensor(), need_q ? Tensor::zeros({B, T, E}) : Tensor()};
-  if (M == 0) return o;  // no pairs: the loss is constant 0
-  const double k = double(dloss.item()) * double(E) / double(M);
-  const Tensor pc = p.contiguous(), qc = q.contiguous(), pairs = pairs_.contiguous();
-  const float *pp = pc.data<float>(), *pq = qc.data<float>();
+// dloss: () -> dL/dp, dL/dq, each when asked for, from G and H of the forward
+ops::PairGrads prc_backward(const Tensor& dloss, const Tensor& p, const Tensor& q, const Tensor& pairs_,
+                            const Tensor& G_, const Tensor& H_, bool need_p, bool need_q) {
+  const int64_t B = p.size(0), T = p.size(1), E = p.size(2);
+  ops::PairGrads o{need_p ? Tensor::zeros({B, T, E}) : Tensor(), need_q ? Tensor::zeros({B, T, E}) : Tensor()};
+  const double k = double(dloss.item());
+  const Tensor pc = p.contiguous(), qc = q.contiguous(), pairs = pairs_.contiguous(), G = G_.contiguous();
+  const float *pp = pc.data<float>(), *pq = qc.data<float>(), *pG = G.data<float>();
+  const float* pH = H_.defined() ? H_.data<float>() : nullptr;
   const int64_t* pr = pairs.data<int64_t>();
-  const double* G = f.G.data();
   float* odp = need_p ? o.da.data<float>() : nullptr;
   float* odq = need_q ? o.db.data<float>() : nullptr;
   // Threads own images: dq rows of image b are only written from pairs of image b.
@@ -176,20 +166,20 @@ PairGrads prc_backward(const Tensor& dloss, const Tensor& p, const Tensor& q, co
         const int64_t s = pr[b * T + t];
         if (s < 0) continue;
         const float *pv = pp + (b * T + t) * E, *qv = pq + (b * T + s) * E;
-        const double* h = ref ? f.H.data() + t * E : nullptr;
+        const float* h = pH ? pH + t * E : nullptr;
         if (odp) {
           float* out = odp + (b * T + t) * E;
           for (int64_t i = 0; i < E; ++i) {
-            double a = h ? h[i] * qv[i] : 0.0;
-            for (int64_t j = 0; j < E; ++j) a += G[i * E + j] * qv[j];
+            double a = h ? double(h[i]) * qv[i] : 0.0;
+            for (int64_t j = 0; j < E; ++j) a += double(pG[i * E + j]) * qv[j];
             out[i] = float(k * a);
           }
         }
         if (odq) {
           float* out = odq + (b * T + s) * E;
           for (int64_t j = 0; j < E; ++j) {
-            double a = h ? h[j] * pv[j] : 0.0;
-            for (int64_t i = 0; i < E; ++i) a += G[i * E + j] * pv[i];
+            double a = h ? double(h[j]) * pv[j] : 0.0;
+            for (int64_t i = 0; i < E; ++i) a += double(pG[i * E + j]) * pv[i];
             out[j] += float(k * a);  // several view-1 tokens may share one view-2 token
           }
         }
@@ -204,17 +194,14 @@ PairGrads prc_backward(const Tensor& dloss, const Tensor& p, const Tensor& q, co
 // s2. Tie s_i == s2_i: min and max are not differentiable there; we give each input half of each
 // one-sided derivative, (1/U - A/U^2) / 2. It is the symmetric choice (swapping s and s2 swaps
 // the gradients) and it makes the gradient exactly 0 at s == s2, the loss's minimum.
-struct JaccardForward {
-  Tensor loss;               // ()
-  std::vector<double> A, U;  // per token: sum of the minima, of the maxima
-};
-
-// s, s2: (..., E) -> the loss and each token's A and U
-JaccardForward soft_jaccard_forward(const Tensor& s_, const Tensor& s2_) {
+// s, s2: (..., E) -> the loss and each token's A and U (ops::JaccardOut)
+ops::JaccardOut soft_jaccard_forward(const Tensor& s_, const Tensor& s2_) {
   const Tensor s = s_.contiguous(), s2 = s2_.contiguous();
   const int64_t E = s.shape().back(), N = s.numel() / E;
   const float *pa = s.data<float>(), *pb = s2.data<float>();
-  JaccardForward f{Tensor(), std::vector<double>(size_t(N)), std::vector<double>(size_t(N))};
+  ops::JaccardOut o{Tensor(), Tensor::empty({N}), Tensor::empty({N})};
+  float *pA = o.A.data<float>(), *pU = o.U.data<float>();
+  std::vector<double> loss(static_cast<size_t>(N));
   parallel_for(N, E * 4, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       double a = 0, u = 0;
@@ -222,32 +209,31 @@ JaccardForward soft_jaccard_forward(const Tensor& s_, const Tensor& s2_) {
         a += pa[i] < pb[i] ? pa[i] : pb[i];
         u += pa[i] < pb[i] ? pb[i] : pa[i];
       }
-      f.A[size_t(n)] = a;
-      f.U[size_t(n)] = u;
+      pA[n] = float(a), pU[n] = float(u);
+      loss[size_t(n)] = u != 0 ? 1 - a / u : 0.0;
     }
   });
   double total = 0;
-  for (int64_t n = 0; n < N; ++n)
-    if (f.U[size_t(n)] != 0) total += 1 - f.A[size_t(n)] / f.U[size_t(n)];
-  f.loss = Tensor::scalar(float(total / double(N)));
-  return f;
+  for (double l : loss) total += l;
+  o.loss = Tensor::scalar(float(total / double(N)));
+  return o;
 }
 
-// dloss: () -> the gradients to s and s2, each when asked for
-PairGrads soft_jaccard_backward(const Tensor& dloss, const Tensor& s_, const Tensor& s2_, const JaccardForward& f,
-                                bool need_a, bool need_b) {
+// dloss: () -> the gradients to s and s2, each when asked for, from A and U of the forward
+ops::PairGrads soft_jaccard_backward(const Tensor& dloss, const Tensor& s_, const Tensor& s2_, const Tensor& A,
+                                     const Tensor& U, bool need_a, bool need_b) {
   const Tensor s = s_.contiguous(), s2 = s2_.contiguous();
   const int64_t E = s.shape().back(), N = s.numel() / E;
   const double k = -double(dloss.item()) / double(N);  // d(1 - J)/d. = -dJ/d., mean over N
-  PairGrads o{need_a ? Tensor::empty(s.shape()) : Tensor(), need_b ? Tensor::empty(s.shape()) : Tensor()};
-  const float *pa = s.data<float>(), *pb = s2.data<float>();
+  ops::PairGrads o{need_a ? Tensor::empty(s.shape()) : Tensor(), need_b ? Tensor::empty(s.shape()) : Tensor()};
+  const float *pa = s.data<float>(), *pb = s2.data<float>(), *pA = A.data<float>(), *pU = U.data<float>();
   float* oa = need_a ? o.da.data<float>() : nullptr;
   float* ob = need_b ? o.db.data<float>() : nullptr;
   parallel_for(N, E * 4, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const double u = f.U[size_t(n)];
-      const double in_min = u != 0 ? k / u : 0.0;                         // k * 1/U
-      const double in_max = u != 0 ? -k * f.A[size_t(n)] / (u * u) : 0.0;  // k * -A/U^2
+      const double u = pU[n];
+      const double in_min = u != 0 ? k / u : 0.0;                   // k * 1/U
+      const double in_max = u != 0 ? -k * double(pA[n]) / (u * u) : 0.0;  // k * -A/U^2
       const double tie = 0.5 * (in_min + in_max);
       for (int64_t i = n * E; i < (n + 1) * E; ++i) {
         const double ga_i = pa[i] < pb[i] ? in_min : pa[i] > pb[i] ? in_max : tie;
@@ -283,29 +269,22 @@ OpDevice check_prc(const char* op, const Tensor& p, const Tensor& q, const Tenso
 }  // namespace
 
 std::pair<double, double> prc_terms(const Tensor& p, const Tensor& q, const Tensor& pairs, const PrcOptions& opt) {
-  const cpu::PrcForward f = MV_CPU_KERNEL(prc_forward)(check_prc("prc_terms", p, q, pairs), "prc_terms", p, q, pairs, opt);
-  return {f.l_diag, f.l_off};
+  const PrcOut f = MV_KERNEL(prc_forward)(check_prc("prc_terms", p, q, pairs), "prc_terms", p, q, pairs, opt);
+  const std::vector<float> t = f.terms.to_vector<float>();
+  return {t[0], t[1]};
 }
 
 Tensor prc_matrix(const Tensor& p, const Tensor& q, const Tensor& pairs) {
-  const cpu::PrcForward f = MV_CPU_KERNEL(prc_forward)(check_prc("prc_matrix", p, q, pairs), "prc_matrix", p, q, pairs, PrcOptions{});
-  const int64_t E = p.size(2);
-  Tensor out = Tensor::empty({E, E});
-  float* po = out.data<float>();
-  for (size_t k = 0; k < f.C.size(); ++k) po[k] = float(f.C[k]);
-  return out;
+  return MV_KERNEL(prc_forward)(check_prc("prc_matrix", p, q, pairs), "prc_matrix", p, q, pairs, PrcOptions{}).C;
 }
 
 Tensor prc_loss(const Tensor& p, const Tensor& q, const Tensor& pairs, const PrcOptions& opt) {
   const OpDevice dev = check_prc("prc_loss", p, q, pairs);
-  cpu::PrcForward f = MV_CPU_KERNEL(prc_forward)(dev, "prc_loss", p, q, pairs, opt);
-  const Tensor out = f.loss;
-  f.loss = Tensor();  // the closure must not hold its own output (a reference cycle)
-  f.C.clear();        // the backward needs G and H only
+  const PrcOut f = MV_KERNEL(prc_forward)(dev, "prc_loss", p, q, pairs, opt);
   const bool gp = p.requires_grad(), gq = q.requires_grad();
-  return autograd::record("prc_loss", out, {p, q},
-                          [dev, pd = p.detach(), qd = q.detach(), pairs, f = std::move(f), gp, gq](const Tensor& g) {
-                            cpu::PairGrads d = MV_CPU_KERNEL(prc_backward)(dev, g, pd, qd, pairs, f, gp, gq);
+  return autograd::record("prc_loss", f.loss, {p, q},
+                          [dev, pd = p.detach(), qd = q.detach(), pairs, G = f.G, H = f.H, gp, gq](const Tensor& g) {
+                            PairGrads d = MV_KERNEL(prc_backward)(dev, g, pd, qd, pairs, G, H, gp, gq);
                             return std::vector<Tensor>{d.da, d.db};
                           });
 }
@@ -316,12 +295,10 @@ Tensor soft_jaccard_loss(const Tensor& s, const Tensor& s2) {
   expect_f32(op, {&s, &s2});
   MV_CHECK(s.ndim() >= 1 && s.numel() > 0, op, ": s ", s.str(), " must be (..., E) and non-empty");
   MV_CHECK(s2.shape() == s.shape(), op, ": s2 ", s2.str(), " must have s's shape ", shape_str(s.shape()));
-  cpu::JaccardForward f = MV_CPU_KERNEL(soft_jaccard_forward)(dev, s, s2);
-  const Tensor out = f.loss;
-  f.loss = Tensor();  // the closure must not hold its own output (a reference cycle)
+  const JaccardOut f = MV_KERNEL(soft_jaccard_forward)(dev, s, s2);
   const bool ga = s.requires_grad(), gb = s2.requires_grad();
-  return autograd::record(op, out, {s, s2}, [dev, sd = s.detach(), s2d = s2.detach(), f = std::move(f), ga, gb](const Tensor& g) {
-    cpu::PairGrads d = MV_CPU_KERNEL(soft_jaccard_backward)(dev, g, sd, s2d, f, ga, gb);
+  return autograd::record(op, f.loss, {s, s2}, [dev, sd = s.detach(), s2d = s2.detach(), A = f.A, U = f.U, ga, gb](const Tensor& g) {
+    PairGrads d = MV_KERNEL(soft_jaccard_backward)(dev, g, sd, s2d, A, U, ga, gb);
     return std::vector<Tensor>{d.da, d.db};
   });
 }

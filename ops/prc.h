@@ -41,4 +41,20 @@ Tensor prc_matrix(const Tensor& p, const Tensor& q, const Tensor& pairs);
 // prc.cpp). A token whose max-sum is 0 counts as identical (loss 0, gradient 0).
 Tensor soft_jaccard_loss(const Tensor& s, const Tensor& s2);
 
+// The results of these ops' kernels (ops/dispatch.h).
+struct PrcOut {
+  Tensor loss;   // ()
+  Tensor terms;  // (2,): the unweighted L_diag and L_off
+  Tensor C;      // (E, E)
+  Tensor G;      // (E, E): (E / M) dL/dC, what the backward needs (zero when M = 0)
+  Tensor H;      // (T, E): (E / M) dL/dD, the reference diagonal only; else undefined
+};
+struct JaccardOut {
+  Tensor loss;  // ()
+  Tensor A, U;  // (N,): each token's sum of the minima and of the maxima
+};
+struct PairGrads {
+  Tensor da, db;  // the gradients of the two inputs, each undefined unless asked for
+};
+
 }  // namespace mv::ops

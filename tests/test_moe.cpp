@@ -56,8 +56,8 @@ TEST_CASE("MoE layer: one expert, k = 1, ample capacity is the dense MLP with th
     moe.config.group_per_batch = group_batch;
     test::check_close(moe.forward(x), dense.to_vector<float>(), 1e-5f, 1e-4f);
   }
-  CHECK(moe.stats.dropped == 0);
-  CHECK(moe.stats.load[0] == 2 * 15);  // every token of both forwards
+  CHECK(moe.stats.totals().dropped == 0);
+  CHECK(moe.stats.totals().load[0] == 2 * 15);  // every token of both forwards
 }
 
 TEST_CASE("MoE layer: gradient to tokens, experts and router") {
@@ -200,7 +200,7 @@ TEST_CASE("MoE-ViT: statistics count loads and drops") {
   c.moe.router.capacity_train = 0.25f;  // C = ceil(17 * 2 * 0.25 / 4) = 3 of 17 * 2 choices
   ViT m(c, 2);
   m.forward(randn({2, 1, 28, 28}));
-  const MoEStats& s = m.moe_layers()[0]->stats;
+  const MoEStats::Totals s = m.moe_layers()[0]->stats.totals();
   int64_t filled = 0;
   for (int64_t l : s.load) filled += l;
   CHECK(s.choices == 2 * 17 * 2);
@@ -215,15 +215,16 @@ TEST_CASE("MoE-ViT: statistics count loads and drops") {
   ViT me(ce, 3);
   me.forward(randn({2, 1, 28, 28}));
   const models::MoELayer& layer = *me.moe_layers()[0];
-  CHECK(layer.stats.load == std::vector<int64_t>(4, 2 * 3));
+  const MoEStats::Totals st = layer.stats.totals();
+  CHECK(st.load == std::vector<int64_t>(4, 2 * 3));
   const auto tr = layer.last.assign.token_rows.to_vector<int64_t>();
   const int64_t K = layer.last.assign.token_rows.size(2);
   int64_t untaken = 0;
   for (int64_t t = 0; t < 2 * 17; ++t)
     untaken += std::all_of(tr.begin() + t * K, tr.begin() + (t + 1) * K, [](int64_t r) { return r < 0; });
   CHECK(untaken >= 2 * (17 - 12));
-  CHECK(layer.stats.dropped == untaken);
-  CHECK(layer.stats.choices == 2 * 17);
+  CHECK(st.dropped == untaken);
+  CHECK(st.choices == 2 * 17);
 }
 
 TEST_CASE("MoE layer: packed routing matches a loop over tokens and experts") {

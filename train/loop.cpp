@@ -117,7 +117,7 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch) {
   const std::vector<Tensor> params = run.model.parameters();
   EpochTotals t;
   Progress bar(run.log, epoch + 1, run.cfg.epochs, per_epoch);
-  for (models::MoELayer* m : run.model.moe_layers()) m->stats.reset(m->config.router.experts);
+  for (models::MoELayer* m : run.model.moe_layers()) m->stats.reset(m->config.router.experts, m->config.router.token_choice());
   loader.begin_epoch(epoch);
   for (datasets::Batch b; loader.next(b);) {
     const auto ts = Clock::now();

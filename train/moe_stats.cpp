@@ -11,16 +11,15 @@ nlohmann::ordered_json moe_stats_json(const models::ViT& model) {
   for (size_t b = 0; b < model.blocks.size(); ++b) {
     const models::MoELayer* m = model.blocks[b]->moe.get();
     if (!m) continue;
-    const models::MoEStats& s = m->stats;
+    const models::MoEStats::Totals s = m->stats.totals();
     int64_t filled = 0;
     for (int64_t l : s.load) filled += l;
     std::vector<double> share;
     for (int64_t l : s.load) share.push_back(filled ? double(l) / double(filled) : 0.0);
-    const double f = double(std::max<int64_t>(s.forwards, 1));
     out.push_back({{"block", b}, {"router", m->config.router.type}, {"load", share},
                    {"dropped", s.choices ? double(s.dropped) / double(s.choices) : 0.0},
-                   {"importance_loss", s.importance_loss / f}, {"load_loss", s.load_loss / f},
-                   {"separation_loss", s.separation_loss / f}});
+                   {"importance_loss", s.importance_loss}, {"load_loss", s.load_loss},
+                   {"separation_loss", s.separation_loss}});
   }
   return out;
 }

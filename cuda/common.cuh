@@ -34,6 +34,15 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 // Multiprocessor count of the current device (read once).
 int sm_count();
 
+// The expert kernels' row helpers (cuda/experts.cu). x: (E, M, c), rows: (E,) I64 or undefined
+// -> a contiguous copy of x with the rows past rows[e] zeroed (x itself, contiguous, when rows is
+// undefined).
+Tensor mask_rows(const Tensor& x, const Tensor& rows);
+// y: (E, M, c) contiguous += b: (E, c), in place.
+void add_expert_bias(const Tensor& y, const Tensor& b);
+// g: (E, M, c) -> (E, c): the sum of each expert's rows (a bias gradient). Deterministic.
+Tensor expert_sums(const Tensor& g);
+
 // A grid for a grid-stride loop over `n` items with `threads` per block: enough blocks to fill
 // the device a few times over, never more than the work needs.
 inline unsigned grid_for(int64_t n, int threads, int waves = 8) {

@@ -151,6 +151,47 @@ AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backward =
 Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& saved, const Tensor& dout,
                           int heads);
 
+// ---- MoE routing (cuda/route.cu): topk_route's stages (ops/route.cpp), the load loss ----------
+// gates: (G, N, E) -> each token's k best experts and gates (k <= 8).
+ops::TopKChoices topk_choices(const Tensor& gates, int k);
+// gate: (G, N, k) -> (G, N) I64: per group, the tokens in claim order (BPR: best gate first).
+Tensor fill_order(const Tensor& gate, bool bpr);
+// expert: (G, N, k), order: (G, N) -> each choice's slot in its expert's buffer (-1 past C).
+ops::Slots assign_slots(const Tensor& expert, const Tensor& order, int64_t E, int64_t C);
+// -> the packed Assignment and each choice's row (-1 dropped).
+ops::Placement place_choices(const Tensor& expert, const Tensor& gate, const ops::Slots& slots, int64_t E, int64_t C,
+                             bool renorm);
+// dweight: (E, R) -> dgates (G, N, E).
+Tensor topk_route_backward(const Tensor& dweight, const Tensor& expert, const Tensor& slot, const Tensor& gate,
+                           int64_t E, bool renorm);
+// z, zn: (G, N, E), expert: (G, N, k) -> Phi((z - t) / std), t = zn at the k-th choice.
+ops::LoadProbs topk_load_probs_forward(const Tensor& z, const Tensor& zn, const Tensor& expert, float noise_std);
+ops::LoadProbsGrads topk_load_probs_backward(const Tensor& g, const Tensor& z, const Tensor& threshold,
+                                            const Tensor& expert, float noise_std, bool need_zn);
+
+// ---- MoE data movement and experts (cuda/moe.cu, cuda/experts.cu, cuda/expert_mlp.cu) -------
+// The twins of ops/moe.cpp, ops/experts.cpp and ops/expert_mlp.cpp (shapes in ops/moe.h). They
+// trust the Assignment (it comes from the routing kernels) and bound their work by R = G*C, the
+// buffer's rows, not by a host copy of the rows in use: rows past rows[e] are zeroed or skipped.
+Tensor dispatch_forward(const Tensor& x, const ops::Assignment& a);
+Tensor dispatch_backward(const Tensor& g, const ops::Assignment& a);
+Tensor combine_forward(const Tensor& y, const ops::Assignment& a);
+ops::CombineGrads combine_backward(const Tensor& g, const Tensor& y, const ops::Assignment& a, bool need_y,
+                                   bool need_w);
+Tensor expert_matmul_forward(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& rows);
+LinearGrads expert_matmul_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rows, bool need_x,
+                                   bool need_w, bool need_b);
+ops::ExpertMlpOut expert_mlp_forward(const Tensor& x, const ops::ExpertWeights& w, const Tensor& rows,
+                                     bool for_backward);
+ops::ExpertMlpGrads expert_mlp_backward(const Tensor& dy, const Tensor& x, const ops::ExpertWeights& w,
+                                        const Tensor& rows, const ops::ExpertMlpOut& saved,
+                                        const ops::ExpertMlpNeeds& need);
+ops::ExpertMlpOut moe_mlp_forward(const Tensor& x, const ops::Assignment& a, const ops::ExpertWeights& w,
+                                  bool for_backward);
+ops::ExpertMlpGrads moe_mlp_backward(const Tensor& dout, const Tensor& x, const ops::Assignment& a,
+                                     const ops::ExpertWeights& w, const ops::ExpertMlpOut& saved,
+                                     const ops::ExpertMlpNeeds& need);
+
 // ---- router-consistency losses (cuda/prc.cu) -------------------------------------------------
 // p, q: (B, T, E), pairs: (B, T) I64 in [-1, T) (not checked on the device) -> PRC's loss, its
 // two terms, C, and G, H for the backward (ops/prc.h). op names the caller in errors.

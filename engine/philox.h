@@ -7,11 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define MV_HD __host__ __device__ __forceinline__
-#else
-#define MV_HD inline
-#endif
+#include "engine/host_device.h"
 
 namespace mv::philox {
 

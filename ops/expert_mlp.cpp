@@ -1,6 +1,6 @@
-// The expert MLP, fused (CPU kernels only so far): expert_mlp (both expert layers and the GELU between them, on
-// packed expert buffers) and moe_mlp (the same with dispatch and combine folded in). One driver
-// runs both: the rows in use of all experts, cut over the threads as ops/moe_cpu.h cuts them,
+// The expert MLP, fused: expert_mlp (both expert layers and the GELU between them, on packed
+// expert buffers) and moe_mlp (the same with dispatch and combine folded in); the CUDA twins are
+// in cuda/expert_mlp.cu. On the CPU one driver runs both: the rows in use of all experts, cut over the threads as ops/moe_cpu.h cuts them,
 // go through in blocks of kMlpBlock rows of one expert, and every product of a block runs while
 // the block is in cache.
 //
@@ -379,14 +379,14 @@ Tensor expert_mlp(const Tensor& x, const Tensor& w1, const Tensor& b1, const Ten
            " must be I64 (", E, ") for x ", x.str());
   const ExpertWeights w = kernel_weights(w1, b1, w2, b2);
   const bool graph = autograd::needs_graph({x, w1, b1, w2, b2});
-  ExpertMlpOut f = MV_CPU_KERNEL(expert_mlp_forward)(dev, x, w, rows, graph);
+  ExpertMlpOut f = MV_KERNEL(expert_mlp_forward)(dev, x, w, rows, graph);
   const ExpertMlpNeeds need{x.requires_grad(), false, w1.requires_grad(), b1.defined() && b1.requires_grad(),
                             w2.requires_grad(), b2.defined() && b2.requires_grad()};
   const Tensor out = f.out;
   f.out = Tensor();  // the closure keeps hid and dgelu, never its own output (a reference cycle)
   return autograd::record("expert_mlp", out, {x, w1, b1, w2, b2},
                           [dev, xd = x.detach(), w, rows, f, need](const Tensor& g) {
-                            ExpertMlpGrads d = MV_CPU_KERNEL(expert_mlp_backward)(dev, g, xd, w, rows, f, need);
+                            ExpertMlpGrads d = MV_KERNEL(expert_mlp_backward)(dev, g, xd, w, rows, f, need);
                             return std::vector<Tensor>{d.dx, d.dw1, d.db1, d.dw2, d.db2};
                           });
 }
@@ -402,7 +402,7 @@ Tensor moe_mlp(const Tensor& x, const Assignment& a, const Tensor& w1, const Ten
   check_weights("moe_mlp", a.token.size(0), x.size(2), x, w1, b1, w2, b2);
   const ExpertWeights w = kernel_weights(w1, b1, w2, b2);
   const bool graph = autograd::needs_graph({x, a.weight, w1, b1, w2, b2});
-  ExpertMlpOut f = MV_CPU_KERNEL(moe_mlp_forward)(dev, x, a, w, graph);
+  ExpertMlpOut f = MV_KERNEL(moe_mlp_forward)(dev, x, a, w, graph);
   const ExpertMlpNeeds need{x.requires_grad(), a.weight.requires_grad(), w1.requires_grad(),
                             b1.defined() && b1.requires_grad(), w2.requires_grad(), b2.defined() && b2.requires_grad()};
   const Tensor out = f.out;
@@ -411,7 +411,7 @@ Tensor moe_mlp(const Tensor& x, const Assignment& a, const Tensor& w1, const Ten
   saved.weight = a.weight.detach();
   return autograd::record("moe_mlp", out, {x, a.weight, w1, b1, w2, b2},
                           [dev, xd = x.detach(), saved, w, f, need](const Tensor& g) {
-                            ExpertMlpGrads d = MV_CPU_KERNEL(moe_mlp_backward)(dev, g, xd, saved, w, f, need);
+                            ExpertMlpGrads d = MV_KERNEL(moe_mlp_backward)(dev, g, xd, saved, w, f, need);
                             return std::vector<Tensor>{d.dx, d.dweight, d.dw1, d.db1, d.dw2, d.db2};
                           });
 }

@@ -1,5 +1,5 @@
-// expert_matmul (CPU kernels only so far): one batched product over all experts' packed buffers. Only the rows in
-// use are multiplied (ops/moe.h explains the packed buffers); all experts' pieces are spread over
+// expert_matmul, one batched product over all experts' packed buffers (CUDA twin:
+// cuda/experts.cu). On the CPU only the rows in use are multiplied (ops/moe.h explains the packed buffers); all experts' pieces are spread over
 // the threads in one fork-join (ops/moe_cpu.h). The fused expert MLP is in ops/expert_mlp.cpp.
 #include <algorithm>
 #include <cstring>
@@ -158,11 +158,11 @@ Tensor expert_matmul(const Tensor& x, const Tensor& w, const Tensor& b, const Te
            E, ", ", h, ") for w ", w.str());
   MV_CHECK(!rows.defined() || (is_i64(rows, 1) && rows.size(0) == E), "expert_matmul: rows ", rows.str(),
            " must be I64 (", E, ") for x ", x.str());
-  Tensor out = MV_CPU_KERNEL(expert_matmul_forward)(dev, x, w, b, rows);
+  Tensor out = MV_KERNEL(expert_matmul_forward)(dev, x, w, b, rows);
   const bool gx = x.requires_grad(), gw = w.requires_grad(), gb = b.defined() && b.requires_grad();
   return autograd::record("expert_matmul", out, {x, w, b},
                           [dev, xd = x.detach(), wd = w.detach(), rows, gx, gw, gb](const Tensor& g) {
-                            LinearGrads d = MV_CPU_KERNEL(expert_matmul_backward)(dev, g, xd, wd, rows, gx, gw, gb);
+                            LinearGrads d = MV_KERNEL(expert_matmul_backward)(dev, g, xd, wd, rows, gx, gw, gb);
                             return std::vector<Tensor>{d.dx, d.dw, d.db};
                           });
 }

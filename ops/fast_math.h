@@ -1,16 +1,19 @@
 // exp, tanh, the normal CDF and row sums written so that loops over them vectorise (libm's scalar
 // calls and a single running sum do not), for the hot elementwise and row ops. Accuracy: a few ulp
-// of exp on [-87, 88]; tanh within 2e-7 absolute; the normal CDF within 5e-7 relative.
+// of exp on [-87, 88]; tanh within 2e-7 absolute; the normal CDF within 5e-7 relative. The
+// scalar functions compile for the GPU too (MV_HD), where the CUDA twins of the ops call them.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#include "engine/host_device.h"
+
 namespace mv::ops {
 
 // e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
 // (truncation below 2e-8 relative on that interval); 2^n is built in the exponent bits.
-inline float fast_exp(float x) {
+MV_HD float fast_exp(float x) {
   x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
   // Round to nearest by adding and removing 1.5 * 2^23 (keeps the loop free of libm calls).
   const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
@@ -33,7 +36,7 @@ inline float fast_exp(float x) {
 inline constexpr float kNormalFlat = 12.9f;
 
 // phi(v) = e^(-v^2/2) / sqrt(2 pi)
-inline float fast_normal_pdf(float v) {
+MV_HD float fast_normal_pdf(float v) {
   return std::fabs(v) > kNormalFlat ? 0.f : 0.3989422804014327f * fast_exp(-0.5f * v * v);
 }
 
@@ -44,7 +47,7 @@ inline float fast_normal_pdf(float v) {
 // product of two exps, w^2 split so that the large part is exact (s keeps 12 significant bits):
 // the far tail keeps its relative accuracy (erfc does the same job in libm, but does not
 // vectorise).
-inline float fast_normal_cdf(float v) {
+MV_HD float fast_normal_cdf(float v) {
   const float w = std::fabs(v), t = 3.f / (3.f + w);
   float q = -2.297313511e-02f;
   q = q * t + 1.308127493e-01f;
@@ -80,19 +83,19 @@ inline float lane_sum(int64_t n, F f) {
 }
 
 // tanh(u) = 1 - 2 / (e^(2u) + 1): saturates cleanly to +-1 at both ends.
-inline float fast_tanh(float u) { return 1.f - 2.f / (fast_exp(2.f * u) + 1.f); }
+MV_HD float fast_tanh(float u) { return 1.f - 2.f / (fast_exp(2.f * u) + 1.f); }
 
 // GELU, tanh form: y = x/2 (1 + t), t = tanh(c (x + k x^3)), c = sqrt(2/pi), k = 0.044715;
 //   y' = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 k x^2).
 // One definition for ops::gelu and the fused expert MLP (ops/moe.cpp), so both give the same bits.
 inline constexpr float kGeluC = 0.7978845608028654f, kGeluK = 0.044715f;
-inline float gelu_tanh(float v) { return 0.5f * v * (1.f + fast_tanh(kGeluC * (v + kGeluK * v * v * v))); }
-inline float gelu_tanh_grad(float v) {
+MV_HD float gelu_tanh(float v) { return 0.5f * v * (1.f + fast_tanh(kGeluC * (v + kGeluK * v * v * v))); }
+MV_HD float gelu_tanh_grad(float v) {
   const float t = fast_tanh(kGeluC * (v + kGeluK * v * v * v));
   return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluC * (1.f + 3.f * kGeluK * v * v);
 }
 // Both from one tanh.
-inline void gelu_tanh_both(float v, float& y, float& dy) {
+MV_HD void gelu_tanh_both(float v, float& y, float& dy) {
   const float t = fast_tanh(kGeluC * (v + kGeluK * v * v * v));
   y = 0.5f * v * (1.f + t);
   dy = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluC * (1.f + 3.f * kGeluK * v * v);

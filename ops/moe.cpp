@@ -1,6 +1,5 @@
-// Sparse MoE ops (methods.md sections 2 and 3), CPU kernels only so far: the Assignment, dispatch
-// and combine,
-// and Soft MoE's dispatch and combine. Routing is in ops/route.cpp, the experts in
+// Sparse MoE ops (methods.md sections 2 and 3): the Assignment, dispatch and combine (CUDA twins:
+// cuda/moe.cu), and Soft MoE's dispatch and combine. Routing is in ops/route.cpp, the experts in
 // ops/experts.cpp (expert_matmul) and ops/expert_mlp.cpp (expert_mlp, and moe_mlp, which folds
 // dispatch and combine into the experts).
 //
@@ -243,11 +242,11 @@ Tensor dispatch(const Tensor& x, const Assignment& a) {
   check_assignment("dispatch", a, false);
   MV_CHECK(x.size(0) == a.G && x.size(1) == a.N, "dispatch: x ", x.str(),
            " does not match the assignment's (G, N) = (", a.G, ", ", a.N, ")");
-  Tensor out = MV_CPU_KERNEL(dispatch_forward)(dev, x, a);
+  Tensor out = MV_KERNEL(dispatch_forward)(dev, x, a);
   Assignment saved = a;
   saved.weight = Tensor();  // the backward reads only the index tables
   return record("dispatch", out, {x}, [dev, saved](const Tensor& g) {
-    return std::vector<Tensor>{MV_CPU_KERNEL(dispatch_backward)(dev, g, saved)};
+    return std::vector<Tensor>{MV_KERNEL(dispatch_backward)(dev, g, saved)};
   });
 }
 
@@ -260,12 +259,12 @@ Tensor combine(const Tensor& y, const Assignment& a) {
   const int64_t E = a.token.size(0), R = a.token.size(1);
   MV_CHECK(y.ndim() == 3 && y.size(0) == E && y.size(1) == R, "combine: y ", y.str(),
            " does not match the assignment ", a.token.str(), ": expected (", E, ", ", R, ", d)");
-  Tensor out = MV_CPU_KERNEL(combine_forward)(dev, y, a);
+  Tensor out = MV_KERNEL(combine_forward)(dev, y, a);
   const bool gy = y.requires_grad(), gw = a.weight.requires_grad();
   Assignment saved = a;
   saved.weight = a.weight.detach();
   return record("combine", out, {y, a.weight}, [dev, yd = y.detach(), saved, gy, gw](const Tensor& g) {
-    CombineGrads d = MV_CPU_KERNEL(combine_backward)(dev, g, yd, saved, gy, gw);
+    CombineGrads d = MV_KERNEL(combine_backward)(dev, g, yd, saved, gy, gw);
     return std::vector<Tensor>{d.dy, d.dweight};
   });
 }

@@ -1,5 +1,5 @@
-// Router-consistency losses (CPU kernels only so far). Both are small next to the model (PRC costs B*T*E*E flops per MoE
-// layer), so they are plain loops split over the batch. Sums that decide the value (the E x E
+// Router-consistency losses; the CUDA twins are in cuda/prc.cu. Both are small next to the model
+// (PRC costs B*T*E*E flops per MoE layer), so on the CPU they are plain loops split over the batch. Sums that decide the value (the E x E
 // correlation, per-token min/max sums) run in double, and per-image or per-token partials sum in
 // a fixed order, so the result does not depend on the thread count.
 #include "ops/prc.h"

@@ -1,6 +1,6 @@
-// MoE routing (methods.md sections 2 and 3), CPU kernels only so far: top-k token choice with
-// capacity and Batch Prioritized Routing, the probabilities of V-MoE's load loss, and expert
-// choice. Each returns an Assignment (ops/moe.h) that dispatch and combine read.
+// MoE routing (methods.md sections 2 and 3): top-k token choice with capacity and Batch
+// Prioritized Routing, the probabilities of V-MoE's load loss (their CUDA twins: cuda/route.cu),
+// and expert choice (CPU only so far). Each returns an Assignment (ops/moe.h) that dispatch and combine read.
 //
 // topk_route runs in five named stages, each a kernel a CUDA twin can mirror one for one:
 //   1. topk_choices   each token's k best experts and their gates;
@@ -398,15 +398,15 @@ TopKRouting topk_route(const Tensor& gates_, const TopKOptions& opt) {
   MV_CHECK(N < (int64_t(1) << 32) && E < (int64_t(1) << 32), "topk_route: gates ", gates_.str(),
            " has more than 2^32 tokens or experts");
   const int64_t C = capacity_for("topk_route", N, opt.k, opt.capacity_factor, E, opt.round_to_4);
-  const TopKChoices choice = MV_CPU_KERNEL(topk_choices)(dev, gates_.contiguous(), opt.k);
-  const Tensor order = MV_CPU_KERNEL(fill_order)(dev, choice.gate, opt.bpr);
-  const Slots slots = MV_CPU_KERNEL(assign_slots)(dev, choice.expert, order, E, C);
-  Placement placed = MV_CPU_KERNEL(place_choices)(dev, choice.expert, choice.gate, slots, E, C, opt.renormalize);
+  const TopKChoices choice = MV_KERNEL(topk_choices)(dev, gates_.contiguous(), opt.k);
+  const Tensor order = MV_KERNEL(fill_order)(dev, choice.gate, opt.bpr);
+  const Slots slots = MV_KERNEL(assign_slots)(dev, choice.expert, order, E, C);
+  Placement placed = MV_KERNEL(place_choices)(dev, choice.expert, choice.gate, slots, E, C, opt.renormalize);
   placed.assign.weight = record(
       "topk_route", placed.assign.weight, {gates_},
       [dev, choice, slot = placed.slot, E, renorm = opt.renormalize](const Tensor& g) {
         return std::vector<Tensor>{
-            MV_CPU_KERNEL(topk_route_backward)(dev, g, choice.expert, slot, choice.gate, E, renorm)};
+            MV_KERNEL(topk_route_backward)(dev, g, choice.expert, slot, choice.gate, E, renorm)};
       });
   return TopKRouting{placed.assign, choice.expert, placed.slot, C};
 }
@@ -423,11 +423,11 @@ Tensor topk_load_probs(const Tensor& z, const Tensor& zn, const Tensor& expert, 
            ", for z ", z.str());
   MV_CHECK(noise_std > 0.f && std::isfinite(noise_std), "topk_load_probs: noise std ", noise_std, " must be > 0");
   const Tensor zc = z.contiguous(), ec = expert.contiguous();
-  LoadProbs f = MV_CPU_KERNEL(topk_load_probs_forward)(dev, zc, zn.contiguous(), ec, noise_std);
+  LoadProbs f = MV_KERNEL(topk_load_probs_forward)(dev, zc, zn.contiguous(), ec, noise_std);
   const bool gz = z.requires_grad(), gzn = zn.requires_grad();
   return record("topk_load_probs", f.probs, {z, zn},
                 [dev, zd = zc.detach(), th = f.threshold, ec, noise_std, gz, gzn](const Tensor& g) {
-                  LoadProbsGrads d = MV_CPU_KERNEL(topk_load_probs_backward)(dev, g, zd, th, ec, noise_std, gzn);
+                  LoadProbsGrads d = MV_KERNEL(topk_load_probs_backward)(dev, g, zd, th, ec, noise_std, gzn);
                   return std::vector<Tensor>{gz ? d.dz : Tensor(), d.dzn};
                 });
 }

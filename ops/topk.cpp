@@ -1,6 +1,7 @@
-// Top-k and argsort (CPU kernels only so far). Top-k by a partial sort of each row's indices, argsort by a full sort. The comparators break
-// ties by index, which makes the order total (so results are deterministic and std::sort is
-// as good as a stable sort) and puts NaN after (ascending) or before (descending) all numbers.
+// Top-k and argsort (CPU kernels only so far). Top-k by a partial sort of each row's indices,
+// argsort by a full sort. The comparators break ties by index, which makes the order total (so
+// results are deterministic and std::sort is as good as a stable sort) and puts NaN after
+// (ascending) or before (descending) all numbers.
 #include "ops/topk.h"
 
 #include <algorithm>

@@ -49,8 +49,12 @@ void add_model_flags(CLI::App& app, Flags& f) {
   app.add_option("--experts", r.experts, "experts per MoE layer");
   app.add_option("--k", r.k, "experts per token (token-choice routers)");
   app.add_option("--expert-mlp-dim", o.moe.mlp_dim, "hidden width of each expert");
-  app.add_option("--capacity", r.capacity_train, "capacity factor in training");
-  app.add_option("--eval-capacity", r.capacity_eval, "capacity factor in evaluation");
+  // "none" (dropless: every choice kept) is stored as the factor 0.
+  auto none_as_zero = [](std::string s) { return s == "none" ? std::string("0") : s; };
+  app.add_option("--capacity", r.capacity_train, "capacity factor in training, or none (dropless)")
+      ->transform(none_as_zero);
+  app.add_option("--eval-capacity", r.capacity_eval, "capacity factor in evaluation, or none (dropless)")
+      ->transform(none_as_zero);
   app.add_option("--bpr", r.bpr, "Batch Prioritized Routing (true | false)");
   app.add_option("--renormalize", r.renormalize, "combine weights of a token's k choices sum to 1");
   app.add_option("--round-capacity", r.round_to_4, "round capacity up to a multiple of 4");

@@ -200,7 +200,7 @@ Tensor f32(const Shape& s) { return Tensor::empty(s, DType::F32, Device::CUDA); 
 ops::TopKChoices topk_choices(const Tensor& gates, int k) {
   expect_cuda_f32("topk_choices", "gates", gates);
   const int64_t G = gates.size(0), N = gates.size(1), E = gates.size(2);
-  MV_CHECK(k >= 1 && k <= 8, "topk_route: k = ", k, " is outside [1, 8], what the CUDA kernels support");
+  MV_CHECK(k >= 1 && k <= 8, "topk_route: k = ", k, " (--k) is outside [1, 8], what the CUDA kernels support");
   ops::TopKChoices o{i64({G, N, k}), f32({G, N, k})};
   if (G * N == 0) return o;
   topk_choices_kernel<<<grid_for(G * N, kThreads), kThreads, 0, stream()>>>(

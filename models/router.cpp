@@ -324,8 +324,10 @@ void RouterConfig::validate() const {
     MV_CHECK(k >= 1, "router: k = ", k, ", expected at least 1");
     MV_CHECK(k <= experts, "router: k = ", k, " is larger than experts = ", experts);
   }
-  MV_CHECK(capacity_train > 0.f, "router: capacity_train = ", capacity_train, ", expected > 0");
-  MV_CHECK(capacity_eval > 0.f, "router: capacity_eval = ", capacity_eval, ", expected > 0");
+  MV_CHECK(capacity_train >= 0.f && std::isfinite(capacity_train), "router: capacity_train = ", capacity_train,
+           ", expected > 0 (or 0: dropless)");
+  MV_CHECK(capacity_eval >= 0.f && std::isfinite(capacity_eval), "router: capacity_eval = ", capacity_eval,
+           ", expected > 0 (or 0: dropless)");
   MV_CHECK(ec_capacity > 0.f, "router: ec_capacity = ", ec_capacity, ", expected > 0");
   MV_CHECK(slots >= 1, "router: slots = ", slots, ", expected at least 1");
   MV_CHECK(soft_scale > 0.f, "router: soft_scale = ", soft_scale, ", expected > 0");

@@ -26,7 +26,8 @@ struct RouterConfig {
   std::string type = "topk";
   int experts = 8;
   int k = 2;                       // token-choice routers
-  float capacity_train = 1.05f;    // capacity factor c while training (V-MoE default)
+  float capacity_train = 1.05f;    // capacity factor c while training (V-MoE default); 0: none,
+                                   // dropless (every choice kept: C = N)
   float capacity_eval = 1.5f;      // ... and in evaluation
   bool round_to_4 = false, bpr = false, renormalize = false;
   float noise_std = -1.f;          // training noise on logits; < 0 means 1/E (V-MoE) for topk

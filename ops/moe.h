@@ -46,7 +46,7 @@ Assignment make_assignment(const Tensor& token, const Tensor& weight, int64_t G,
 
 struct TopKOptions {
   int k = 1;
-  float capacity_factor = 1.05f;  // c in C = ceil(N k c / E)
+  float capacity_factor = 1.05f;  // c in C = ceil(N k c / E); 0: dropless, C = N
   bool round_to_4 = false;        // round C up to a multiple of 4
   bool bpr = false;               // Batch Prioritized Routing: within a rank, largest gate first
   bool renormalize = false;       // a token's k combine weights sum to 1 (V-MoE: off)
@@ -60,8 +60,9 @@ struct TopKRouting {
 };
 
 // C = ceil(N * k * c / E), rounded up to a multiple of 4 when asked, then capped at N (an expert
-// cannot receive more than the N tokens of a group), and at least 1. Throws unless c > 0 and
-// 1 <= k <= E. c is a float (1.1f = 1.10000002): N k c / E within 1e-6 (relative) of an integer
+// cannot receive more than the N tokens of a group), and at least 1. c = 0 means dropless: C = N,
+// so no choice is ever dropped (a token's k choices go to k different experts). Throws unless
+// c >= 0 and 1 <= k <= E. c is a float (1.1f = 1.10000002): N k c / E within 1e-6 (relative) of an integer
 // counts as that integer, so C is the ceiling for the decimal factor that was meant.
 int64_t topk_capacity(int64_t tokens, int k, float capacity_factor, int64_t experts,
                       bool round_to_4);

@@ -373,8 +373,9 @@ int64_t capacity_for(const char* op, int64_t tokens, int k, float c, int64_t exp
   MV_CHECK(experts >= 1, op, ": needs at least one expert, got ", experts);
   MV_CHECK(k >= 1, op, ": k = ", k, " must be at least 1");
   MV_CHECK(k <= experts, op, ": k = ", k, " is larger than the ", experts, " experts");
-  MV_CHECK(c > 0 && std::isfinite(c), op, ": capacity factor ", c, " must be > 0");
+  MV_CHECK(c >= 0 && std::isfinite(c), op, ": capacity factor ", c, " must be > 0 (or 0: dropless)");
   MV_CHECK(tokens >= 0, op, ": token count ", tokens, " must be >= 0");
+  if (c == 0) return std::max<int64_t>(1, tokens);  // dropless: room for every token of the group
   // c arrives as a float (1.1f = 1.10000002): a product within 1e-6 relative of an integer is
   // that integer, so that C is the ceiling of the decimal factor the user wrote.
   const double x = double(tokens) * k * double(c) / double(experts);

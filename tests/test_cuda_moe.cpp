@@ -66,11 +66,12 @@ const std::vector<RouteCase> kCases = {
     {2, 10, 32, 2, 1.0f, true, true, false},    // experts that receive no token, renormalised
     {2, 65, 128, 8, 1.25f, true, true, true},   // k = 8, E = 128, ties
     {1, 300, 8, 2, 1.05f, true, false, false},  // one group for the batch (group_per_batch)
+    {4, 50, 8, 2, 0.f, false, false, false},    // dropless (--capacity none): C = N
 };
 
 }  // namespace
 
-TEST_CASE("cuda topk_route: the CPU's routing to the bit (k 1, 2, 8; E 1 to 128; overflow; ties; BPR)") {
+TEST_CASE("cuda topk_route: the CPU's routing to the bit (k 1, 2, 8; E 1 to 128; overflow; ties; BPR; dropless)") {
   for (const RouteCase& c : kCases) {
     const std::string what = "G " + std::to_string(c.G) + " N " + std::to_string(c.N) + " E " +
                              std::to_string(c.E) + " k " + std::to_string(c.k);
@@ -84,7 +85,7 @@ TEST_CASE("cuda topk_route: the CPU's routing to the bit (k 1, 2, 8; E 1 to 128;
            {gates});
   }
   CHECK_THROWS_WITH_AS(ops::topk_route(Tensor::zeros({1, 4, 16}, DType::F32, Device::CUDA), ops::TopKOptions{9, 1.f}),
-                       doctest::Contains("k = 9 is outside [1, 8]"), Error);
+                       doctest::Contains("k = 9 (--k) is outside [1, 8]"), Error);
 }
 
 TEST_CASE("cuda topk_load_probs, dispatch, combine: forward and gradients against the CPU") {
@@ -125,7 +126,7 @@ TEST_CASE("cuda expert_matmul, expert_mlp, moe_mlp: forward and every gradient a
   parity("expert_mlp, every row",
          [](const std::vector<Tensor>& v) { return ops::expert_mlp(v[0], v[1], v[2], v[3], v[4]); },
          {x, w1, b1, w2, b2}, 1e-4);
-  for (const RouteCase& c : {kCases[0], kCases[1], kCases[4]}) {
+  for (const RouteCase& c : {kCases[0], kCases[1], kCases[4], kCases[7]}) {
     CAPTURE(c.E);
     ops::TopKOptions opt;
     opt.k = c.k, opt.capacity_factor = c.capacity, opt.bpr = c.bpr, opt.renormalize = c.renorm;

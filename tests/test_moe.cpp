@@ -16,6 +16,7 @@
 #include "ops/softmax.h"
 #include "tests/helpers.h"
 #include "train/loop.h"
+#include "train/step.h"
 
 using namespace mv;
 using namespace mv::models;
@@ -225,6 +226,18 @@ TEST_CASE("MoE-ViT: statistics count loads and drops") {
   CHECK(untaken >= 2 * (17 - 12));
   CHECK(st.dropped == untaken);
   CHECK(st.choices == 2 * 17);
+}
+
+TEST_CASE("a NaN in a router's logits is traced to its block") {
+  ViT m(small_moe("topk"), 2);
+  m.forward(randn({2, 1, 28, 28}));
+  CHECK(nonfinite_router_block(m) == -1);
+  Tensor w = param_named(m, "blocks.1.moe.router.weight");
+  std::vector<float> v = w.to_vector<float>();
+  v[3] = NAN;
+  w.copy_(Tensor::from(v, w.shape()));
+  m.forward(randn({2, 1, 28, 28}));
+  CHECK(nonfinite_router_block(m) == 1);
 }
 
 TEST_CASE("MoE layer: packed routing matches a loop over tokens and experts") {

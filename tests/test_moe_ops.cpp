@@ -107,6 +107,27 @@ TEST_CASE("topk_capacity: ceil(N k c / E), rounded to 4, capped at N, at least 1
   CHECK(ops::topk_capacity(10, 1, 1.0f, 1, true) == 10);    // 12 after rounding, capped at N
   CHECK(ops::topk_capacity(3, 1, 0.1f, 8, false) == 1);
   CHECK(ops::topk_capacity(0, 1, 1.0f, 4, false) == 1);
+  CHECK(ops::topk_capacity(50, 2, 0.f, 8, true) == 50);  // dropless: room for every token
+  CHECK_THROWS_WITH_AS(ops::topk_capacity(50, 2, -1.f, 8, false), doctest::Contains("must be > 0 (or 0: dropless)"),
+                       Error);
+}
+
+TEST_CASE("topk_route dropless (capacity factor 0): every choice kept, the routing of an ample capacity") {
+  const int64_t G = 3, N = 17, E = 5;
+  Generator gen(4);
+  const Tensor gates = ops::softmax(randn({G, N, E}, gen));
+  for (bool bpr : {false, true}) {
+    const ops::TopKRouting d = ops::topk_route(gates, opts(2, 0.f, bpr));
+    CHECK(d.capacity == N);
+    const std::vector<int64_t> slot = d.slot.to_vector<int64_t>();
+    CHECK(std::none_of(slot.begin(), slot.end(), [](int64_t s) { return s < 0; }));
+    // The same as a factor large enough for C = N: c = E / k.
+    const ops::TopKRouting a = ops::topk_route(gates, opts(2, float(E) / 2.f, bpr));
+    CHECK(a.capacity == N);
+    CHECK(d.slot.to_vector<int64_t>() == a.slot.to_vector<int64_t>());
+    CHECK(d.assign.token.to_vector<int64_t>() == a.assign.token.to_vector<int64_t>());
+    CHECK(d.assign.weight.to_vector<float>() == a.assign.weight.to_vector<float>());
+  }
 }
 
 TEST_CASE("topk_route: a hand-worked routing, sequence order and BPR") {
@@ -797,8 +818,8 @@ TEST_CASE("sparse MoE ops: errors name the op, the shapes and the values") {
   CHECK_THROWS_WITH_AS(ops::topk_route(two, opts(3, 1.f)),
                        doctest::Contains("topk_route: k = 3 is larger than the 2 experts"), Error);
   CHECK_THROWS_WITH_AS(ops::topk_route(gates, opts(0, 1.f)), doctest::Contains("k = 0 must be at least 1"), Error);
-  CHECK_THROWS_WITH_AS(ops::topk_route(gates, opts(1, 0.f)), doctest::Contains("capacity factor 0 must be > 0"),
-                       Error);
+  CHECK_THROWS_WITH_AS(ops::topk_route(gates, opts(1, -0.5f)), doctest::Contains("capacity factor -0.5 must be > 0"),
+                       Error);  // (0 is dropless)
   CHECK_THROWS_WITH_AS(ops::topk_capacity(10, 1, -1.f, 4, false),
                        doctest::Contains("topk_capacity: capacity factor -1 must be > 0"), Error);
   CHECK_THROWS_WITH_AS(ops::topk_route(Tensor::full({4, 3}, 0.3f), opts(1, 1.f)),

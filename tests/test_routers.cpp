@@ -569,8 +569,8 @@ TEST_CASE("routers: impossible configs fail naming the field") {
   c.k = 0;
   CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("router: k = 0"), Error);
   c = small("topk");
-  c.capacity_train = 0.f;
-  CHECK_THROWS_WITH_AS(make_router(c, D, g), doctest::Contains("router: capacity_train = 0"), Error);
+  c.capacity_train = -0.5f;  // (0 is dropless)
+  CHECK_THROWS_WITH_AS(make_router(c, D, g), doctest::Contains("router: capacity_train = -0.5"), Error);
   c = small("topk");
   c.capacity_eval = -1.f;
   CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("router: capacity_eval = -1"), Error);

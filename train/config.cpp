@@ -30,6 +30,8 @@ void TrainConfig::validate() const {
   MV_CHECK(device != "cuda" || vit.moe_placement == "none" || vit.moe.router.type == "topk", "model '", model,
            "' routes with '", vit.moe.router.type, "', which has no CUDA kernels yet (only topk does); use "
            "--device cpu");
+  MV_CHECK(device != "cuda" || vit.moe_placement == "none" || vit.moe.router.k <= 8, "--k ", vit.moe.router.k,
+           ": the CUDA routing kernels take at most 8 experts per token; use --device cpu");
   MV_CHECK(!prc || vit.moe_placement != "none", "--prc needs a model with MoE layers (an MoE "
            "preset such as vmoe-tiny, or --moe every-2); model '", model, "' is dense");
   MV_CHECK(!prc || vit.moe.router.type != "soft", "--prc needs a router that assigns tokens to "

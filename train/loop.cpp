@@ -127,9 +127,15 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch) {
     if (r.prc.defined()) t.prc_sum += double(r.prc.item());
     if (r.jaccard.defined()) t.jaccard_sum += double(r.jaccard.item());
     const float loss = r.loss.item();
-    MV_CHECK(std::isfinite(loss), "training: the loss is ", loss, " at step ", step, " (epoch ",
-             epoch + 1, ", batch ", b.batch_index + 1, "); stopping. The last good checkpoint is '",
-             run.ckpt, "'");
+    if (!std::isfinite(loss)) {
+      const int block = nonfinite_router_block(run.model);
+      MV_FAIL("training: the loss is ", loss, " at step ", step, " (epoch ", epoch + 1, ", batch ",
+              b.batch_index + 1, ")",
+              block >= 0 ? "; the router of the MoE layer in block " + std::to_string(block) +
+                               " gave non-finite probabilities (its logits are not finite)"
+                         : std::string(),
+              "; stopping. The last good checkpoint is '", run.ckpt, "'");
+    }
     t.compute_s += since(ts);
 
     const int64_t B = r.labels.numel();

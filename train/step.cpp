@@ -1,6 +1,7 @@
 #include "train/step.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "ops/elementwise.h"
 #include "ops/loss.h"
@@ -41,6 +42,16 @@ Tensor prc_loss(const std::vector<models::MoELayer*>& layers, const Tensor& pair
 }
 
 }  // namespace
+
+int nonfinite_router_block(const models::ViT& model) {
+  for (size_t b = 0; b < model.blocks.size(); ++b) {
+    const models::MoELayer* m = model.blocks[b]->moe.get();
+    if (!m || !m->last.probs.defined()) continue;
+    const std::vector<float> p = m->last.probs.to_vector<float>();
+    if (std::any_of(p.begin(), p.end(), [](float v) { return !std::isfinite(v); })) return int(b);
+  }
+  return -1;
+}
 
 StepResult train_step(models::ViT& model, models::Optimizer& opt, const std::vector<Tensor>& params,
                       const datasets::Batch& b, const TrainConfig& cfg, float lr) {

@@ -25,6 +25,11 @@ struct StepResult {
 // images2 and pairs (B, T) of Loader's two-view mode): forward (with PRC both views in one
 // batch), the loss above, zeroed gradients, backward, the global-norm clip at cfg.clip, and
 // opt's update at learning rate lr. params: model.parameters(), whose gradients the clip reads.
+// After a step whose loss is not finite: the first MoE block (in order) whose router gave
+// non-finite probabilities in the last forward, or -1 if none did (the loss went wrong
+// elsewhere). Reads the probabilities back from the device, so it is for that failure only.
+int nonfinite_router_block(const models::ViT& model);
+
 StepResult train_step(models::ViT& model, models::Optimizer& opt, const std::vector<Tensor>& params,
                       const datasets::Batch& b, const TrainConfig& cfg, float lr);
 

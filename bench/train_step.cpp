@@ -1,11 +1,14 @@
-// bench/train_step: images/s of one whole training step of a ViT preset on the CPU (forward,
+// bench/train_step: images/s of one whole training step of a ViT preset (forward,
 // cross-entropy with label smoothing 0.1, backward, gradient-norm clip at 1, AdamW update) on a
 // fixed random batch, the same step that bench/reference/train_step.py times in PyTorch. It runs
 // train::train_step, the step of apps/train, so MoE presets (vmoe-tiny, ec-tiny, ...) train with
-// their routers' auxiliary losses added to the loss.
+// their routers' auxiliary losses added to the loss. On the CPU, or with --device cuda on the GPU
+// (the batch is copied to the device in every step, as in training, and the clock stops once the
+// step's loss has been read back: the step's queued kernels are done).
 //
 //   bench_train_step --preset vit-tiny --batch 128 --threads 2 --steps 20
 //   bench_train_step --preset vmoe-tiny --threads 2
+//   bench_train_step --preset vmoe-tiny --device cuda
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -28,11 +31,16 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads)->capture_default_str();
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
   app.add_option("--warmup", warmup, "untimed steps first")->capture_default_str();
+  std::string device = "cpu";
+  app.add_option("--device", device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
   try {
     set_num_threads(threads);
     models::ViTConfig c = models::vit_preset(preset);
     models::ViT model(c, 0);
+    const bool gpu = device == "cuda";
+    MV_CHECK(!gpu || cuda_available(), "--device cuda: no CUDA device is available");
+    if (gpu) model.to(Device::CUDA);
     models::AdamW opt(model.named_parameters(), 0.05f);
     Generator g(1);
     datasets::Batch b;
@@ -49,14 +57,15 @@ int main(int argc, char** argv) {
       auto t0 = std::chrono::steady_clock::now();
       // Kept to the end of the iteration, so that the graph is freed outside the timed span.
       const train::StepResult r = train::train_step(model, opt, params, b, step_cfg, 1e-3f);
+      if (gpu) r.loss.item();  // waits for the step's kernels
       auto t1 = std::chrono::steady_clock::now();
       if (s >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
     }
     std::sort(ms.begin(), ms.end());
     const double med = ms[ms.size() / 2];
-    std::printf("moevit %s batch %d threads %d: median step %.1f ms (min %.1f) over %d steps after "
+    std::printf("moevit %s (%s) batch %d threads %d: median step %.1f ms (min %.1f) over %d steps after "
                 "%d warm-up, %.0f images/s; CPU pool peak %.1f MB; %lld parameters\n",
-                preset.c_str(), batch, threads, med, ms.front(), steps, warmup, batch / med * 1e3,
+                preset.c_str(), device.c_str(), batch, threads, med, ms.front(), steps, warmup, batch / med * 1e3,
                 double(cpu_pool_stats().peak) / 1e6, (long long)model.num_parameters());
     const std::vector<models::MoELayer*> moe = model.moe_layers();
     if (!moe.empty()) {

@@ -11,9 +11,12 @@ the loss. Dispatch and combine are index-based (gathers and index_add over the k
 choice) pairs) and all experts run as one batched matmul over an (E, B*C, D) buffer.
 
 PyTorch is not a dependency of moevit; Debian's python3-torch serves (run it with /usr/bin/python3
-where another python3 comes first on PATH). Usage:
+where another python3 comes first on PATH). With --device cuda the step runs on the GPU (the
+clock stops after torch.cuda.synchronize()), and --compile wraps the model in torch.compile, as a
+user would (PyTorch >= 2.0; the MoE layer's data-dependent indexing may split the graph). Usage:
   python3 bench/reference/train_step.py --preset vit-tiny --batch 128 --threads 2 --steps 20
   python3 bench/reference/train_step.py --preset vmoe-tiny --threads 2
+  python3 bench/reference/train_step.py --preset vmoe-tiny --device cuda --compile
 """
 import argparse
 import math
@@ -68,9 +71,9 @@ class MoE(nn.Module):
         onehot = F.one_hot(expert.transpose(1, 2).reshape(B, k * N), E)  # (B, k*N, E)
         pos = ((onehot.cumsum(1) - 1) * onehot).sum(-1).view(B, k, N).transpose(1, 2)  # (B, N, k)
         keep = pos < C  # a choice whose buffer is full is dropped
-        img = torch.arange(B).view(B, 1, 1)
+        img = torch.arange(B, device=x.device).view(B, 1, 1)
         slot = ((expert * B + img) * C + pos)[keep]  # into the (E, B, C) buffer, flattened
-        tok = (img * N + torch.arange(N).view(1, N, 1)).expand(B, N, k)[keep]  # into (B*N)
+        tok = (img * N + torch.arange(N, device=x.device).view(1, N, 1)).expand(B, N, k)[keep]  # into (B*N)
         w = gate[keep]
         xf = x.reshape(B * N, D)
         buf = xf.new_zeros(E * B * C, D).index_copy(0, slot, xf[tok])
@@ -155,31 +158,38 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     image, channels = PRESETS[args.preset][:2]
-    model = ViT(*PRESETS[args.preset], moe=MOE.get(args.preset))
+    model = ViT(*PRESETS[args.preset], moe=MOE.get(args.preset)).to(args.device)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    x = torch.randn(args.batch, channels, image, image)
-    y = torch.randint(0, 10, (args.batch,))
+    run = torch.compile(model) if args.compile else model
+    x = torch.randn(args.batch, channels, image, image, device=args.device)
+    y = torch.randint(0, 10, (args.batch,), device=args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     times = []
     for i in range(args.warmup + args.steps):
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        loss = F.cross_entropy(run(x), y, label_smoothing=0.1)
         aux = model.aux_loss()
         if aux is not None:
             loss = loss + aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     times.sort()
     med = times[len(times) // 2]
-    print(f"pytorch {torch.__version__} {args.preset} batch {args.batch} threads {args.threads}: "
+    mode = f"{args.device}{', compiled' if args.compile else ''}"
+    print(f"pytorch {torch.__version__} {args.preset} ({mode}) batch {args.batch} threads {args.threads}: "
           f"median step {med * 1e3:.1f} ms over {args.steps} steps after {args.warmup} warm-up, "
           f"{args.batch / med:.0f} images/s; {params} parameters")
 

@@ -7,10 +7,7 @@
 namespace mv::cuda {
 namespace {
 
-using detail::expect_cuda_f32;
-using detail::grid_for;
-using detail::Indexer;
-using detail::kMaxDims;
+using namespace detail;
 
 constexpr int kThreads = 256;
 

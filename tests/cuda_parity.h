@@ -9,9 +9,15 @@
 #include <string>
 #include <vector>
 
+#include <fstream>
+#include <nlohmann/json.hpp>
+
 #include "engine/random.h"
 #include "engine/tensor.h"
+#include "models/vit.h"
 #include "ops/elementwise.h"
+#include "ops/loss.h"
+#include "train/loop.h"
 
 namespace mv::test {
 
@@ -73,6 +79,35 @@ inline void parity(const std::string& what, const Fn& f, const std::vector<Tenso
     if (!c[i].requires_grad()) continue;
     close(what + " grad of input " + std::to_string(i), g[i].grad(), c[i].grad(), tol);
   }
+}
+
+// cpu and gpu: one ViT, the second moved to the device. One forward + backward of a fixed batch
+// through both: the loss and every parameter's gradient within tol.
+inline void forward_backward_parity(const std::string& what, models::ViT& cpu, models::ViT& gpu, double tol) {
+  const Tensor images = rnd({3, 1, 28, 28}, 91);
+  const Tensor labels = Tensor::from_i64({2, 7, 0}, {3});
+  const Tensor lc = ops::cross_entropy(cpu.forward(images), labels, 0.1f);
+  const Tensor lg = ops::cross_entropy(gpu.forward(images.to(Device::CUDA)), labels.to(Device::CUDA), 0.1f);
+  close(what + " loss", lg, lc, tol);
+  lc.backward();
+  lg.backward();
+  const auto pc = cpu.named_parameters(), pg = gpu.named_parameters();
+  REQUIRE(pc.size() == pg.size());
+  for (size_t i = 0; i < pc.size(); ++i) {
+    REQUIRE(pg[i].second.grad().defined() == pc[i].second.grad().defined());
+    if (pc[i].second.grad().defined()) close(what + " grad " + pc[i].first, pg[i].second.grad(), pc[i].second.grad(), tol);
+  }
+}
+
+// Trains cfg on `device` into out and returns its metrics.jsonl, one JSON object per epoch.
+inline std::vector<nlohmann::json> train_metrics(train::TrainConfig cfg, const std::string& device,
+                                                 const std::string& out) {
+  cfg.device = device;
+  train::fit(cfg, out, false, nullptr);
+  std::vector<nlohmann::json> lines;
+  std::ifstream f(out + "/metrics.jsonl");
+  for (std::string l; std::getline(f, l);) lines.push_back(nlohmann::json::parse(l));
+  return lines;
 }
 
 }  // namespace mv::test

@@ -196,18 +196,7 @@ TEST_CASE("cuda MoE-ViT: forward + backward on CUDA matches the CPU, statistics 
   gpu.head->weight.copy_(hw);
   gpu.to(Device::CUDA);
   cpu.train(false), gpu.train(false);  // no routing noise: the same gates on both devices
-  const Tensor images = rnd({3, 1, 28, 28}, 91);
-  const Tensor labels = Tensor::from_i64({2, 7, 0}, {3});
-  const Tensor lc = ops::cross_entropy(cpu.forward(images), labels, 0.1f);
-  const Tensor lg = ops::cross_entropy(gpu.forward(images.to(Device::CUDA)), labels.to(Device::CUDA), 0.1f);
-  close("MoE-ViT loss", lg, lc, 1e-4);
-  lc.backward();
-  lg.backward();
-  const auto pc = cpu.named_parameters(), pg = gpu.named_parameters();
-  for (size_t i = 0; i < pc.size(); ++i) {
-    if (!pc[i].second.grad().defined()) continue;
-    close("MoE-ViT grad " + pc[i].first, pg[i].second.grad(), pc[i].second.grad(), 1e-4);
-  }
+  forward_backward_parity("MoE-ViT", cpu, gpu, 1e-4);
   for (size_t l = 0; l < cpu.moe_layers().size(); ++l) {
     const models::MoEStats::Totals c = cpu.moe_layers()[l]->stats.totals(), g = gpu.moe_layers()[l]->stats.totals();
     CHECK(g.load == c.load);
@@ -229,17 +218,8 @@ TEST_CASE("cuda train: an MoE-ViT with PRC trains on CUDA as on the CPU, determi
   c.limit_train = 192, c.limit_test = 64, c.warmup_epochs = 0.5f;
   const std::string base = (fs::temp_directory_path() / "moevit_cuda_moe_train").string();
   fs::remove_all(base);
-  auto run = [&](const std::string& device, const std::string& name) {
-    train::TrainConfig d = c;
-    d.device = device;
-    const std::string out = base + "/" + name;
-    train::fit(d, out, false, nullptr);
-    std::vector<nlohmann::json> lines;
-    std::ifstream f(out + "/metrics.jsonl");
-    for (std::string l; std::getline(f, l);) lines.push_back(nlohmann::json::parse(l));
-    return lines;
-  };
-  const auto cpu = run("cpu", "cpu"), gpu = run("cuda", "cuda"), again = run("cuda", "cuda-again");
+  const auto cpu = train_metrics(c, "cpu", base + "/cpu"), gpu = train_metrics(c, "cuda", base + "/cuda");
+  const auto again = train_metrics(c, "cuda", base + "/cuda-again");
   REQUIRE(cpu.size() == 2);
   REQUIRE(gpu.size() == 2);
   REQUIRE(again.size() == 2);

@@ -249,20 +249,7 @@ TEST_CASE("cuda ops: a tiny ViT forward + backward on CUDA matches the CPU (1e-4
   cpu.head->weight.copy_(hw);
   gpu.head->weight.copy_(hw);
   move_parameters(gpu, Device::CUDA);
-
-  const Tensor images = rnd({3, 1, 28, 28}, 91);
-  const Tensor labels = Tensor::from_i64({2, 7, 0}, {3});
-  const Tensor lc = ops::cross_entropy(cpu.forward(images), labels, 0.1f);
-  const Tensor lg = ops::cross_entropy(gpu.forward(images.to(Device::CUDA)), labels.to(Device::CUDA), 0.1f);
-  close("ViT loss", lg, lc, 1e-4);
-  lc.backward();
-  lg.backward();
-  const auto pc = cpu.named_parameters(), pg = gpu.named_parameters();
-  REQUIRE(pc.size() == pg.size());
-  for (size_t i = 0; i < pc.size(); ++i) {
-    REQUIRE(pg[i].second.grad().defined());
-    close("ViT grad " + pc[i].first, pg[i].second.grad(), pc[i].second.grad(), 1e-4);
-  }
+  forward_backward_parity("ViT", cpu, gpu, 1e-4);
 }
 
 // The whole training loop on the GPU (Module::to, batches moved, AdamW's multi-tensor kernel with
@@ -278,17 +265,7 @@ TEST_CASE("cuda train: a tiny ViT trains on CUDA as on the CPU, and its checkpoi
   c.clip = 0.5f;  // small enough to clip: the scale goes through the kernel
   const std::string base = (fs::temp_directory_path() / "moevit_cuda_train").string();
   fs::remove_all(base);
-  auto run = [&](const std::string& device) {
-    train::TrainConfig d = c;
-    d.device = device;
-    const std::string out = base + "/" + device;
-    train::fit(d, out, false, nullptr);
-    std::vector<nlohmann::json> lines;
-    std::ifstream f(out + "/metrics.jsonl");
-    for (std::string l; std::getline(f, l);) lines.push_back(nlohmann::json::parse(l));
-    return lines;
-  };
-  const auto cpu = run("cpu"), gpu = run("cuda");
+  const auto cpu = train_metrics(c, "cpu", base + "/cpu"), gpu = train_metrics(c, "cuda", base + "/cuda");
   REQUIRE(cpu.size() == 2);
   REQUIRE(gpu.size() == 2);
   for (size_t e = 0; e < 2; ++e) {

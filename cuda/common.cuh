@@ -29,6 +29,9 @@ inline void expect_cuda_f32(const char* fn, const char* name, const Tensor& t) {
            t.is_contiguous() ? "" : " (strided)");
 }
 
+// A new, uninitialised CUDA tensor.
+inline Tensor device_empty(const Shape& s, DType t = DType::F32) { return Tensor::empty(s, t, Device::CUDA); }
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Multiprocessor count of the current device (read once).

@@ -17,8 +17,7 @@
 namespace mv::cuda {
 namespace {
 
-using detail::expect_cuda_f32;
-using detail::grid_for;
+using namespace detail;
 
 constexpr int kThreads = 256;
 
@@ -70,10 +69,9 @@ __global__ void row_dots_kernel(const float* g, const float* y, const int64_t* t
   }
 }
 
-Tensor f32(const Shape& s) { return Tensor::empty(s, DType::F32, Device::CUDA); }
 
 Tensor sum_rows(const Tensor& src, const Tensor* weight, const ops::Assignment& a, int64_t d) {
-  Tensor out = f32({a.G, a.N, d});
+  Tensor out = device_empty({a.G, a.N, d});
   const Tensor tr = a.token_rows.contiguous();
   const int64_t n = out.numel();
   if (n == 0) return out;
@@ -90,7 +88,7 @@ Tensor dispatch_forward(const Tensor& x_, const ops::Assignment& a) {
   const Tensor x = x_.contiguous(), token = a.token.contiguous(), rows = a.rows.contiguous();
   expect_cuda_f32("dispatch", "x", x);
   const int64_t E = token.size(0), R = token.size(1), d = x.size(2), n = E * R * d;
-  Tensor out = f32({E, R, d});
+  Tensor out = device_empty({E, R, d});
   if (n == 0) return out;
   gather_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(
       x.data<float>(), token.data<int64_t>(), rows.data<int64_t>(), out.data<float>(), R, d, n);
@@ -114,7 +112,7 @@ ops::CombineGrads combine_backward(const Tensor& g_, const Tensor& y_, const ops
   const Tensor g = g_.contiguous(), y = y_.contiguous(), w = a.weight.contiguous();
   const Tensor token = a.token.contiguous(), rows = a.rows.contiguous();
   const int64_t E = token.size(0), R = token.size(1), d = y.size(2), n = E * R * d;
-  ops::CombineGrads o{need_y ? f32({E, R, d}) : Tensor(), need_w ? f32({E, R}) : Tensor()};
+  ops::CombineGrads o{need_y ? device_empty({E, R, d}) : Tensor(), need_w ? device_empty({E, R}) : Tensor()};
   if (need_y && n > 0)
     scale_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(
         g.data<float>(), token.data<int64_t>(), rows.data<int64_t>(), w.data<float>(), o.dy.data<float>(), R, d, n);

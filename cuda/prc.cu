@@ -27,8 +27,7 @@
 namespace mv::cuda {
 namespace {
 
-using detail::expect_cuda_f32;
-using detail::grid_for;
+using namespace detail;
 
 constexpr int kThreads = 256;
 
@@ -196,7 +195,6 @@ __global__ void jaccard_grad_kernel(const float* dloss, const float* a, const fl
   }
 }
 
-Tensor f32(const Shape& s) { return Tensor::empty(s, DType::F32, Device::CUDA); }
 
 // A scratch buffer of n doubles (as I64 storage: the same eight bytes).
 Tensor doubles(int64_t n) { return Tensor::empty({n}, DType::I64, Device::CUDA); }
@@ -212,7 +210,8 @@ PrcOut prc_forward(const char* op, const Tensor& p_, const Tensor& q_, const Ten
   expect_cuda_f32(op, "q", q);
   const int64_t B = p.size(0), T = p.size(1), E = p.size(2);
   const bool ref = opt.reference_diagonal;
-  PrcOut o{f32({}), f32({2}), f32({E, E}), f32({E, E}), ref ? f32({T, E}) : Tensor()};
+  PrcOut o{device_empty({}), device_empty({2}), device_empty({E, E}), device_empty({E, E}),
+           ref ? device_empty({T, E}) : Tensor()};
   const Tensor M = Tensor::empty({}, DType::I64, Device::CUDA), part = doubles(B * E * E), C = doubles(E * E);
   const Tensor D = ref ? doubles(T * E) : Tensor();
   const int64_t* pr = pairs.data<int64_t>();
@@ -239,7 +238,7 @@ PairGrads prc_backward(const Tensor& dloss, const Tensor& p_, const Tensor& q_, 
   expect_cuda_f32("prc_backward", "dloss", g);
   expect_cuda_f32("prc_backward", "G", G);
   const int64_t B = p.size(0), T = p.size(1), E = p.size(2), n = B * T * E;
-  PairGrads o{need_p ? f32(p.shape()) : Tensor(), need_q ? f32(q.shape()) : Tensor()};
+  PairGrads o{need_p ? device_empty(p.shape()) : Tensor(), need_q ? device_empty(q.shape()) : Tensor()};
   const float* ph = H.defined() ? H.data<float>() : nullptr;
   if (n == 0) return o;
   if (need_p)
@@ -259,7 +258,7 @@ JaccardOut soft_jaccard_forward(const Tensor& s_, const Tensor& s2_) {
   expect_cuda_f32("soft_jaccard_forward", "s", s);
   expect_cuda_f32("soft_jaccard_forward", "s2", s2);
   const int64_t E = s.shape().back(), N = s.numel() / E;
-  JaccardOut o{f32({}), f32({N}), f32({N})};
+  JaccardOut o{device_empty({}), device_empty({N}), device_empty({N})};
   const Tensor loss = doubles(N);
   jaccard_sums_kernel<<<grid_for(N, kThreads), kThreads, 0, stream()>>>(s.data<float>(), s2.data<float>(),
                                                                         o.A.data<float>(), o.U.data<float>(),
@@ -274,7 +273,7 @@ PairGrads soft_jaccard_backward(const Tensor& dloss, const Tensor& s_, const Ten
   const Tensor s = s_.contiguous(), s2 = s2_.contiguous(), g = dloss.contiguous();
   expect_cuda_f32("soft_jaccard_backward", "dloss", g);
   const int64_t E = s.shape().back(), N = s.numel() / E;
-  PairGrads o{need_a ? f32(s.shape()) : Tensor(), need_b ? f32(s.shape()) : Tensor()};
+  PairGrads o{need_a ? device_empty(s.shape()) : Tensor(), need_b ? device_empty(s.shape()) : Tensor()};
   if (N * E == 0) return o;
   jaccard_grad_kernel<<<grid_for(N * E, kThreads), kThreads, 0, stream()>>>(
       g.data<float>(), s.data<float>(), s2.data<float>(), A.data<float>(), U.data<float>(),

@@ -29,8 +29,7 @@
 namespace mv::cuda {
 namespace {
 
-using detail::expect_cuda_f32;
-using detail::grid_for;
+using namespace detail;
 
 constexpr int kThreads = 256;
 
@@ -192,8 +191,6 @@ __global__ void load_probs_backward_kernel(const float* g, const float* z, const
   }
 }
 
-Tensor i64(const Shape& s) { return Tensor::empty(s, DType::I64, Device::CUDA); }
-Tensor f32(const Shape& s) { return Tensor::empty(s, DType::F32, Device::CUDA); }
 
 }  // namespace
 
@@ -201,7 +198,7 @@ ops::TopKChoices topk_choices(const Tensor& gates, int k) {
   expect_cuda_f32("topk_choices", "gates", gates);
   const int64_t G = gates.size(0), N = gates.size(1), E = gates.size(2);
   MV_CHECK(k >= 1 && k <= 8, "topk_route: k = ", k, " (--k) is outside [1, 8], what the CUDA kernels support");
-  ops::TopKChoices o{i64({G, N, k}), f32({G, N, k})};
+  ops::TopKChoices o{device_empty({G, N, k}, DType::I64), device_empty({G, N, k})};
   if (G * N == 0) return o;
   topk_choices_kernel<<<grid_for(G * N, kThreads), kThreads, 0, stream()>>>(
       gates.data<float>(), o.expert.data<int64_t>(), o.gate.data<float>(), G * N, E, k);
@@ -211,7 +208,7 @@ ops::TopKChoices topk_choices(const Tensor& gates, int k) {
 
 Tensor fill_order(const Tensor& gate, bool bpr) {
   const int64_t G = gate.size(0), N = gate.size(1), k = gate.size(2);
-  Tensor order = i64({G, N});
+  Tensor order = device_empty({G, N}, DType::I64);
   if (G * N == 0) return order;
   if (bpr)
     fill_order_kernel<<<grid_for(G * N, kThreads), kThreads, 0, stream()>>>(gate.data<float>(),
@@ -224,7 +221,7 @@ Tensor fill_order(const Tensor& gate, bool bpr) {
 
 ops::Slots assign_slots(const Tensor& expert, const Tensor& order, int64_t E, int64_t C) {
   const int64_t G = expert.size(0), N = expert.size(1), k = expert.size(2);
-  ops::Slots o{i64({G, N, k}), i64({G, E})};
+  ops::Slots o{device_empty({G, N, k}, DType::I64), device_empty({G, E}, DType::I64)};
   if (G == 0) return o;
   assign_slots_kernel<<<unsigned(G), unsigned(std::min<int64_t>(std::max<int64_t>(E, 32), 1024)), 0, stream()>>>(
       expert.data<int64_t>(), order.data<int64_t>(), o.slot.data<int64_t>(), o.count.data<int64_t>(), N, int(k), E, C);
@@ -236,9 +233,10 @@ ops::Placement place_choices(const Tensor& expert, const Tensor& gate, const ops
                              bool renorm) {
   const int64_t G = expert.size(0), N = expert.size(1), k = expert.size(2), R = G * C;
   ops::Placement o;
-  o.slot = i64({G, N, k});
-  Tensor token = i64({E, R}), weight = f32({E, R}), rows = i64({E}), token_rows = i64({G, N, k});
-  const Tensor start = i64({G, E});
+  o.slot = device_empty({G, N, k}, DType::I64);
+  Tensor token = device_empty({E, R}, DType::I64), weight = device_empty({E, R});
+  Tensor rows = device_empty({E}, DType::I64), token_rows = device_empty({G, N, k}, DType::I64);
+  const Tensor start = device_empty({G, E}, DType::I64);
   if (E > 0)
     group_starts_kernel<<<unsigned(detail::ceil_div(E, kThreads)), kThreads, 0, stream()>>>(
         slots.count.data<int64_t>(), start.data<int64_t>(), rows.data<int64_t>(), G, E);
@@ -272,7 +270,7 @@ ops::LoadProbs topk_load_probs_forward(const Tensor& z, const Tensor& zn, const 
   expect_cuda_f32("topk_load_probs", "z", z);
   expect_cuda_f32("topk_load_probs", "zn", zn);
   const int64_t G = z.size(0), N = z.size(1), E = z.size(2), k = expert.size(2);
-  ops::LoadProbs o{f32({G, N, E}), f32({G, N})};
+  ops::LoadProbs o{device_empty({G, N, E}), device_empty({G, N})};
   if (G * N == 0) return o;
   threshold_kernel<<<grid_for(G * N, kThreads), kThreads, 0, stream()>>>(
       zn.data<float>(), expert.data<int64_t>(), o.threshold.data<float>(), G * N, E, k);
@@ -286,7 +284,7 @@ ops::LoadProbsGrads topk_load_probs_backward(const Tensor& g_, const Tensor& z, 
                                             const Tensor& expert, float noise_std, bool need_zn) {
   const int64_t G = z.size(0), N = z.size(1), E = z.size(2), k = expert.size(2);
   const Tensor g = g_.contiguous();
-  ops::LoadProbsGrads o{f32({G, N, E}), need_zn ? Tensor::zeros({G, N, E}, DType::F32, Device::CUDA) : Tensor()};
+  ops::LoadProbsGrads o{device_empty({G, N, E}), need_zn ? Tensor::zeros({G, N, E}, DType::F32, Device::CUDA) : Tensor()};
   if (G * N == 0) return o;
   load_probs_backward_kernel<<<grid_for(G * N, kThreads), kThreads, 0, stream()>>>(
       g.data<float>(), z.data<float>(), threshold.data<float>(), expert.data<int64_t>(), o.dz.data<float>(),

@@ -12,6 +12,24 @@ namespace mv::models {
 void MoEStats::reset(int e, bool tc) {
   *this = MoEStats{};
   experts = e, token_choice = tc;
+  load.assign(size_t(e), 0);
+}
+
+// Adds each tensor's (E,) values to sum; returns their total.
+static int64_t add_up(const std::vector<Tensor>& rows, std::vector<int64_t>& sum) {
+  int64_t total = 0;
+  for (const Tensor& r : rows) {
+    const std::vector<int64_t> v = r.to_vector<int64_t>();
+    for (size_t e = 0; e < v.size(); ++e) sum[e] += v[e], total += v[e];
+  }
+  return total;
+}
+
+void MoEStats::add_rows(const Tensor& r) {
+  rows.push_back(r);
+  if (rows.size() < kRowsHeld) return;
+  kept += add_up(rows, load);
+  rows.clear();
 }
 
 // Adds a forward's loss (undefined: not computed) to a running sum, both () on one device.
@@ -21,15 +39,12 @@ static void accumulate(Tensor& sum, const Tensor& loss) {
 
 MoEStats::Totals MoEStats::totals() const {
   Totals t;
-  t.load.assign(size_t(experts), soft_load);
-  int64_t kept = 0;
-  for (const Tensor& r : rows) {
-    const std::vector<int64_t> v = r.to_vector<int64_t>();
-    for (size_t e = 0; e < v.size(); ++e) t.load[e] += v[e], kept += v[e];
-  }
+  t.load = load;
+  for (int64_t& l : t.load) l += soft_load;
+  const int64_t all_kept = kept + add_up(rows, t.load);
   t.choices = choices;
   // Token choice: a kept choice fills exactly one row, so the rest were dropped.
-  t.dropped = token_choice ? choices - kept : untaken;
+  t.dropped = token_choice ? choices - all_kept : untaken;
   const double f = double(std::max<int64_t>(forwards, 1));
   auto mean = [f](const Tensor& s) { return s.defined() ? double(s.item()) / f : 0.0; };
   t.importance_loss = mean(importance_loss), t.load_loss = mean(load_loss);
@@ -93,10 +108,10 @@ Tensor MoELayer::forward(const Tensor& x) {
     stats.soft_load += G * C;
     stats.choices += G * N;
   } else if (last.expert.defined()) {  // token choice
-    stats.rows.push_back(last.assign.rows);
+    stats.add_rows(last.assign.rows);
     stats.choices += last.expert.numel();
   } else {  // expert choice and attention vote (CPU routings): tokens that no expert took
-    stats.rows.push_back(last.assign.rows);
+    stats.add_rows(last.assign.rows);
     const Tensor tr = last.assign.token_rows.contiguous();
     const int64_t* p = tr.data<int64_t>();
     const int64_t K = tr.size(2);

@@ -32,14 +32,20 @@ struct MoEStats {
   };
   Totals totals() const;
   void reset(int experts, bool token_choice);
+  // Files a forward's (E,) I64 rows in use. Every kRowsHeld of them are read and summed into
+  // load, so a long run without reset holds a bounded number of tensors.
+  void add_rows(const Tensor& rows);
+  static constexpr size_t kRowsHeld = 256;
 
   int experts = 0;
   bool token_choice = false;
   int64_t forwards = 0, choices = 0;
   int64_t soft_load = 0;           // soft: slots per expert, summed over forwards
+  int64_t kept = 0;                // the sum of `load`
   int64_t untaken = 0;             // expert choice / attention vote: counted on the host, where
                                    // their routing runs
-  std::vector<Tensor> rows;        // token and expert choice: each forward's (E,) I64 rows in use
+  std::vector<int64_t> load;       // (E,) rows in use per expert, summed so far (not yet in `rows`)
+  std::vector<Tensor> rows;        // token and expert choice: forwards' (E,) I64 rows, not yet read
   Tensor importance_loss, load_loss, separation_loss;  // () sums over forwards, on the device
 };
 

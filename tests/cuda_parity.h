@@ -81,9 +81,23 @@ inline void parity(const std::string& what, const Fn& f, const std::vector<Tenso
   }
 }
 
-// cpu and gpu: one ViT, the second moved to the device. One forward + backward of a fixed batch
-// through both: the loss and every parameter's gradient within tol.
-inline void forward_backward_parity(const std::string& what, models::ViT& cpu, models::ViT& gpu, double tol) {
+// One ViT of config c on the CPU and the same one (same seed) on the GPU, in training or eval
+// mode, with a random head: the zero-initialised one would zero every other gradient.
+struct VitTwins {
+  models::ViT cpu, gpu;
+  VitTwins(const models::ViTConfig& c, bool training) : cpu(c, 7), gpu(c, 7) {
+    const Tensor hw = rnd(cpu.head->weight.shape(), 90, 0.2f);
+    cpu.head->weight.copy_(hw);
+    gpu.head->weight.copy_(hw);
+    gpu.to(Device::CUDA);
+    cpu.train(training), gpu.train(training);
+  }
+};
+
+// One forward + backward of a fixed batch through both twins: the loss and every parameter's
+// gradient within tol.
+inline void forward_backward_parity(const std::string& what, VitTwins& t, double tol) {
+  models::ViT &cpu = t.cpu, &gpu = t.gpu;
   const Tensor images = rnd({3, 1, 28, 28}, 91);
   const Tensor labels = Tensor::from_i64({2, 7, 0}, {3});
   const Tensor lc = ops::cross_entropy(cpu.forward(images), labels, 0.1f);

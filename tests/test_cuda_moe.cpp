@@ -190,13 +190,9 @@ models::ViTConfig tiny_moe() {
 }  // namespace
 
 TEST_CASE("cuda MoE-ViT: forward + backward on CUDA matches the CPU, statistics included (1e-4)") {
-  models::ViT cpu(tiny_moe(), 7), gpu(tiny_moe(), 7);
-  const Tensor hw = rnd(cpu.head->weight.shape(), 90, 0.2f);  // the zero head would zero every gradient
-  cpu.head->weight.copy_(hw);
-  gpu.head->weight.copy_(hw);
-  gpu.to(Device::CUDA);
-  cpu.train(false), gpu.train(false);  // no routing noise: the same gates on both devices
-  forward_backward_parity("MoE-ViT", cpu, gpu, 1e-4);
+  VitTwins t(tiny_moe(), false);  // eval: no routing noise, the same gates on both devices
+  forward_backward_parity("MoE-ViT", t, 1e-4);
+  const models::ViT &cpu = t.cpu, &gpu = t.gpu;
   for (size_t l = 0; l < cpu.moe_layers().size(); ++l) {
     const models::MoEStats::Totals c = cpu.moe_layers()[l]->stats.totals(), g = gpu.moe_layers()[l]->stats.totals();
     CHECK(g.load == c.load);

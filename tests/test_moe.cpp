@@ -228,6 +228,22 @@ TEST_CASE("MoE-ViT: statistics count loads and drops") {
   CHECK(st.choices == 2 * 17);
 }
 
+TEST_CASE("MoE statistics: rows filed past the held count are folded in, the totals unchanged") {
+  MoEStats s;
+  s.reset(3, true);
+  const size_t n = MoEStats::kRowsHeld + 44;
+  for (size_t i = 0; i < n; ++i) {
+    s.add_rows(Tensor::from_i64({1, 2, int64_t(i % 3)}, {3}));
+    s.choices += 7;
+  }
+  CHECK(s.rows.size() < MoEStats::kRowsHeld);
+  int64_t third = 0;
+  for (size_t i = 0; i < n; ++i) third += int64_t(i % 3);
+  const MoEStats::Totals t = s.totals();
+  CHECK(t.load == std::vector<int64_t>{int64_t(n), 2 * int64_t(n), third});
+  CHECK(t.dropped == 7 * int64_t(n) - 3 * int64_t(n) - third);
+}
+
 TEST_CASE("a NaN in a router's logits is traced to its block") {
   ViT m(small_moe("topk"), 2);
   m.forward(randn({2, 1, 28, 28}));

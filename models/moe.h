@@ -20,7 +20,8 @@ struct MoEConfig {
 
 // Routing statistics of forward passes, gathered until reset (the training loop logs them). The
 // layer only files each forward's device tensors here; totals() reads them, once per logging
-// interval rather than once per step, so a GPU step never waits for the host.
+// interval rather than once per step (add_rows folds the rows every kRowsHeld forwards), so a GPU
+// step rarely waits for the host.
 struct MoEStats {
   struct Totals {
     std::vector<int64_t> load;  // (E,) buffer rows in use per expert (soft: its slots)

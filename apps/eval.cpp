@@ -6,10 +6,12 @@
 //   eval runs/vmoe/checkpoint.safetensors --consistency [--sigmas 0.05,0.1,0.2,0.5,1]
 //        [--noise-on pixels|block:N] [--noise-seed 0] [--report DIR]
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
 
+#include "apps/cli.h"
+#include "engine/file_write.h"
 #include "engine/memory.h"
-#include "engine/parallel.h"
 #include "engine/safetensors.h"
 #include "report/consistency.h"
 #include "report/consistency_report.h"
@@ -59,6 +61,13 @@ void check_flags(const CLI::App& app, const Flags& f) {
            f.device, "'");
   MV_CHECK(f.device == "cpu" || cuda_available(), "--device cuda: no CUDA device is available (a "
            "build without CUDA, or no GPU found); use --device cpu");
+  MV_CHECK(f.batch >= 1 && f.batch <= 65536, "--batch must be in 1..65536, got ", f.batch);
+  MV_CHECK(app.count("--limit") == 0 || f.limit >= 1, "--limit must be at least 1 image, got ",
+           f.limit);
+  MV_CHECK(f.cc.sigmas.size() <= 64, "--sigmas: at most 64 values, got ", f.cc.sigmas.size());
+  for (double s : f.cc.sigmas)
+    MV_CHECK(std::isfinite(s) && s >= 0, "--sigmas: ", s, " must be finite and >= 0");
+  if (!f.dump.empty()) check_writable_path(f.dump, "--dump-logits");
   MV_CHECK(f.consistency || (f.report_dir.empty() && app.count("--sigmas") == 0 &&
                              app.count("--noise-on") == 0 && app.count("--noise-seed") == 0),
            "--sigmas, --noise-on, --noise-seed and --report need --consistency");
@@ -73,7 +82,6 @@ void check_noise_flags(const Flags& f, const models::ViT& model) {
            "'): it has no MoE layers, so no routing to compare");
   MV_CHECK(!f.consistency || f.cc.block < v.depth, "--noise-on block:", f.cc.block,
            ": the model has blocks 0..", v.depth - 1);
-  for (double s : f.cc.sigmas) MV_CHECK(s >= 0, "--sigmas: ", s, " must be >= 0");
 }
 
 // The accuracy line, then the confusion matrix with the class names.
@@ -123,12 +131,15 @@ int main(int argc, char** argv) {
   add_flags(app, f);
   CLI11_PARSE(app, argc, argv);
 
-  try {
-    if (f.threads > 0) set_num_threads(f.threads);
+  return cli::guarded("eval", [&] {
+    if (app.count("--threads")) cli::set_threads(f.threads);
+    check_flags(app, f);
     f.ckpt = train::checkpoint_file(f.ckpt);
     const train::TrainConfig c = train::checkpoint_config(f.ckpt, "eval", f.dataset, f.data_dir);
-    check_flags(app, f);
     if (f.consistency) f.cc.block = report::parse_noise_on(f.noise_on);
+    // Without a backward only about one block's activations are alive at a time.
+    check_fits_memory(c.vit.activation_bytes(f.batch) / c.vit.depth,
+                      "--batch " + std::to_string(f.batch) + " with this model");
     models::ViT model(c.vit, c.seed);
     check_noise_flags(f, model);
     train::load_checkpoint(f.ckpt, model, nullptr);
@@ -140,9 +151,6 @@ int main(int argc, char** argv) {
     print_accuracy(f, test, r, c.vit.num_classes);
     if (!f.dump.empty()) dump_logits(f, test, r);
     if (f.consistency) print_consistency(f, c, model, test);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "eval: error: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -2,10 +2,12 @@
 //
 //   viz runs/vmoe/checkpoint.safetensors [--picture all] [--layer all] [--images 8] [--out viz]
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 
-#include "engine/parallel.h"
+#include "apps/cli.h"
+#include "engine/memory.h"
 #include "report/draw.h"
 #include "report/pictures.h"
 #include "report/routing_maps.h"
@@ -68,6 +70,17 @@ void add_flags(CLI::App& app, Flags& f) {
   app.add_option("--dataset", f.dataset, "override the data set the run was trained on");
   app.add_option("--data-dir", f.data_dir, "override the data folder");
   app.add_option("--threads", f.threads, "CPU threads (default: all cores)");
+}
+
+// Throws naming a flag out of its range; the ones that depend on the model are checked later.
+void check_flags(const Flags& f) {
+  MV_CHECK(f.images >= 1 && f.images <= 1024, "--images must be in 1..1024, got ", f.images);
+  MV_CHECK(f.first >= 0, "--first must be >= 0, got ", f.first);
+  MV_CHECK(f.columns >= 1 && f.columns <= 1024, "--columns must be in 1..1024, got ", f.columns);
+  MV_CHECK(f.scale >= 1 && f.scale <= 64, "--scale must be in 1..64, got ", f.scale);
+  MV_CHECK(std::isfinite(f.sigma) && f.sigma >= 0, "--sigma must be finite and >= 0, got ", f.sigma);
+  MV_CHECK(std::isfinite(f.capacity) && f.capacity > 0 && f.capacity <= 64,
+           "--capacity must be a factor in (0, 64], got ", f.capacity);
 }
 
 // The checkpoint's MoE model, in evaluation mode.
@@ -246,26 +259,29 @@ int main(int argc, char** argv) {
   add_flags(app, f);
   CLI11_PARSE(app, argc, argv);
 
-  try {
-    if (f.threads > 0) set_num_threads(f.threads);
-    MV_CHECK(f.columns >= 1 && f.scale >= 1 && f.scale <= 64, "--columns must be >= 1 and --scale "
-             "in 1..64, got ", f.columns, " and ", f.scale);
+  return cli::guarded("viz", [&] {
+    if (app.count("--threads")) cli::set_threads(f.threads);
+    check_flags(f);
     f.ckpt = train::checkpoint_file(f.ckpt);
     const train::TrainConfig c = train::checkpoint_config(f.ckpt, "viz", f.dataset, f.data_dir);
+    // A picture pair is 2 images of (scale x side)^2 RGB pixels, drawn and then encoded.
+    const double side = double(f.scale) * c.vit.image_size;
+    check_fits_memory(double(f.images) * side * side * 3 * 2 * 2,
+                      "--images " + std::to_string(f.images) + " at --scale " + std::to_string(f.scale));
     models::ViT model = load_model(f, c);
     const std::vector<size_t> layers = chosen_layers(f.layer, model.moe_layers().size());
     const Wanted want = wanted_pictures(f, c.vit.moe.router);
 
     const datasets::Dataset test = train::load_dataset(c.dataset, c.data_dir, false);
     Scene s = make_scene(f, c, test, want);
-    std::filesystem::create_directories(f.out);
+    std::error_code ec;
+    std::filesystem::create_directories(f.out, ec);
+    MV_CHECK(!ec && std::filesystem::is_directory(f.out), "--out: cannot make the folder '", f.out,
+             "': ", ec ? ec.message() : "a file of that name exists");
     print_header(s, c, test);
     route(s, model);
     const std::vector<int> blocks = moe_blocks(model);
     for (size_t l : layers) draw_layer(s, l, blocks[l]);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "viz: error: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+    return 0;
+  });
 }

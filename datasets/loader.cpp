@@ -63,7 +63,9 @@ void Loader::stop_worker() {
   if (worker_.joinable()) worker_.join();
 }
 
-void Loader::begin_epoch(int epoch) {
+void Loader::begin_epoch(int epoch, int64_t first_batch) {
+  MV_CHECK(first_batch >= 0 && first_batch <= batches_per_epoch(), "Loader::begin_epoch: batch ",
+           first_batch, " is outside the epoch's 0..", batches_per_epoch());
   stop_worker();
   std::vector<int64_t> order = epoch_order(epoch);
   {
@@ -74,7 +76,7 @@ void Loader::begin_epoch(int epoch) {
     started_ = true;
     build_s_ = 0;
   }
-  worker_ = std::thread(&Loader::work, this, epoch, std::move(order), hook_, two_view_);
+  worker_ = std::thread(&Loader::work, this, epoch, first_batch, std::move(order), hook_, two_view_);
 }
 
 bool Loader::next(Batch& out) {
@@ -156,8 +158,8 @@ Batch Loader::build_two_view(int64_t k, const std::vector<int64_t>& order, Gener
   return b;
 }
 
-void Loader::work(int epoch, std::vector<int64_t> order, std::function<void(Batch&)> hook,
-                  std::optional<TwoViewConfig> two_view) {
+void Loader::work(int epoch, int64_t first_batch, std::vector<int64_t> order,
+                  std::function<void(Batch&)> hook, std::optional<TwoViewConfig> two_view) {
   Generator g(mix(seed_, uint64_t(epoch), 2));  // crops and flips of this epoch
   // Two views: batch k reads its own range of Philox blocks of a separate stream, reserved for a
   // full batch (measured once by sampling one), so its boxes depend on (seed, epoch, k) only.
@@ -178,10 +180,12 @@ void Loader::work(int epoch, std::vector<int64_t> order, std::function<void(Batc
       const auto t0 = std::chrono::steady_clock::now();
       Batch b;
       if (two_view) {
+        if (k < first_batch) continue;  // batch k's views depend on k alone
         g2.offset = uint64_t(k) * blocks;
         b = build_two_view(k, order, g2, *two_view);
       } else {
-        b = build(k, order, g);
+        b = build(k, order, g);  // also before first_batch: it advances g as the full epoch did
+        if (k < first_batch) continue;
       }
       if (hook) hook(b);
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -51,8 +51,9 @@ class Loader {
   Loader& operator=(const Loader&) = delete;
 
   // Starts epoch `epoch` (ending any running one): its order is a function of (seed, epoch)
-  // only, and so are its crops and flips.
-  void begin_epoch(int epoch);
+  // only, and so are its crops and flips. From `first_batch` on: a run resumed in the middle of
+  // an epoch gets the very batches it would have had.
+  void begin_epoch(int epoch, int64_t first_batch = 0);
   // The next batch of the epoch; false when the epoch is over. An exception thrown while
   // preparing a batch is rethrown here, in order, after the batches before it.
   bool next(Batch& out);
@@ -76,8 +77,8 @@ class Loader {
 
  private:
   void stop_worker();
-  void work(int epoch, std::vector<int64_t> order, std::function<void(Batch&)> hook,
-            std::optional<TwoViewConfig> two_view);
+  void work(int epoch, int64_t first_batch, std::vector<int64_t> order,
+            std::function<void(Batch&)> hook, std::optional<TwoViewConfig> two_view);
   Batch start_batch(int64_t k, const std::vector<int64_t>& order) const;
   Batch build(int64_t k, const std::vector<int64_t>& order, Generator& g) const;
   Batch build_two_view(int64_t k, const std::vector<int64_t>& order, Generator& g,

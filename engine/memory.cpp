@@ -1,7 +1,10 @@
 #include "engine/memory.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <unistd.h>
 
 #include "engine/error.h"
 
@@ -87,6 +90,28 @@ void cpu_pool_release() { cpu_cache().release(std::free); }
 bool cuda_available() {
   const CudaHooks* h = cuda_hooks();
   return h && h->device_count() > 0;
+}
+
+double available_memory_bytes() {
+  std::ifstream in("/proc/meminfo");
+  for (std::string key; in >> key;) {
+    double kib = 0;
+    in >> kib;
+    if (key == "MemAvailable:") return kib * 1024.0;
+    in.ignore(1 << 10, '\n');
+  }
+  return double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
+}
+
+void check_fits_memory(double bytes, const std::string& what) {
+  const double avail = available_memory_bytes();
+  auto gib = [](double b) {
+    char s[32];
+    std::snprintf(s, sizeof s, "%.1f", b / double(1u << 30));
+    return std::string(s);
+  };
+  MV_CHECK(bytes <= avail, what, " needs about ", gib(bytes), " GiB, more than the ", gib(avail),
+           " GiB of memory available");
 }
 
 static const CudaHooks& require_cuda(const char* what) {

@@ -5,6 +5,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "engine/dtype.h"
@@ -69,6 +70,13 @@ struct CudaHooks {
 };
 const CudaHooks* cuda_hooks();
 bool cuda_available();  // built with CUDA and a device is present
+
+// Bytes the system can still give (MemAvailable of /proc/meminfo; the physical memory where that
+// cannot be read). For checks of sizes that come from user input, before allocating them.
+double available_memory_bytes();
+// Throws "<what> needs about X GiB, more than the Y GiB of memory available" when bytes exceed
+// the available memory; `what` names the flags or file fields the size comes from.
+void check_fits_memory(double bytes, const std::string& what);
 
 // A reference-counted block of memory on one device. Tensors share Storage; views share it too.
 class Storage {

@@ -6,8 +6,9 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <unistd.h>
 #include <vector>
+
+#include "engine/file_write.h"
 
 namespace mv {
 namespace {
@@ -37,22 +38,15 @@ void save_safetensors(const std::string& path, const TensorMap& tensors, const M
   h.append((8 - h.size() % 8) % 8, ' ');  // keeps the data 8-byte aligned
   const uint64_t hlen = h.size();
 
-  const std::string tmp = path + ".tmp." + std::to_string(getpid());
-  FILE* f = std::fopen(tmp.c_str(), "wb");
-  MV_CHECK(f, "save_safetensors: cannot open '", tmp, "' for writing: ", std::strerror(errno));
-  bool ok = std::fwrite(&hlen, 8, 1, f) == 1 && std::fwrite(h.data(), 1, h.size(), f) == h.size();
+  FileWriter w(path);
+  w.write(&hlen, 8);
+  w.write(h.data(), h.size());
   for (const auto& [name, t] : tensors) {
-    if (!ok) break;
     std::vector<char> bytes(t.nbytes());
     copy_bytes(bytes.data(), Device::CPU, t.contiguous().raw(), t.device(), bytes.size());
-    ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+    w.write(bytes.data(), bytes.size());
   }
-  ok = ok && std::fflush(f) == 0 && fsync(fileno(f)) == 0;
-  ok = (std::fclose(f) == 0) && ok;
-  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    MV_FAIL("save_safetensors: writing '", path, "' failed: ", std::strerror(errno));
-  }
+  w.commit();
 }
 
 TensorMap load_safetensors(const std::string& path, Metadata* meta) {

@@ -319,23 +319,35 @@ void RouterConfig::validate() const {
     for (size_t i = 0; i < kTypes.size(); ++i) known << (i ? ", " : "") << kTypes[i];
     MV_FAIL("router: unknown type '", type, "' (known: ", known.str(), ")");
   }
-  MV_CHECK(experts >= 1, "router: experts = ", experts, ", expected at least 1");
+  // Upper bounds keep a mistyped number from asking for terabytes: they lie far above any
+  // published MoE (V-MoE: 32 experts, k <= 2, capacity factors <= 2).
+  MV_CHECK(experts >= 1 && experts <= 4096, "router: experts (--experts) = ", experts, ", expected 1..4096");
   if (token_choice()) {
-    MV_CHECK(k >= 1, "router: k = ", k, ", expected at least 1");
-    MV_CHECK(k <= experts, "router: k = ", k, " is larger than experts = ", experts);
+    MV_CHECK(k >= 1, "router: k (--k) = ", k, ", expected at least 1");
+    MV_CHECK(k <= experts, "router: k (--k) = ", k, " is larger than experts = ", experts);
   }
-  MV_CHECK(capacity_train >= 0.f && std::isfinite(capacity_train), "router: capacity_train = ", capacity_train,
-           ", expected > 0 (or 0: dropless)");
-  MV_CHECK(capacity_eval >= 0.f && std::isfinite(capacity_eval), "router: capacity_eval = ", capacity_eval,
-           ", expected > 0 (or 0: dropless)");
-  MV_CHECK(ec_capacity > 0.f, "router: ec_capacity = ", ec_capacity, ", expected > 0");
-  MV_CHECK(slots >= 1, "router: slots = ", slots, ", expected at least 1");
-  MV_CHECK(soft_scale > 0.f, "router: soft_scale = ", soft_scale, ", expected > 0");
-  MV_CHECK(proj_dim >= 1, "router: proj_dim = ", proj_dim, ", expected at least 1");
-  MV_CHECK(centroids >= 1, "router: centroids = ", centroids, ", expected at least 1");
-  MV_CHECK(vote_dim >= 1, "router: vote_dim = ", vote_dim, ", expected at least 1");
-  MV_CHECK(tau1 >= 0.f, "router: tau1 = ", tau1, ", expected >= 0");
-  MV_CHECK(tau2 >= 0.f, "router: tau2 = ", tau2, ", expected >= 0");
+  auto factor_ok = [](float c) { return std::isfinite(c) && c >= 0.f && c <= 64.f; };
+  MV_CHECK(factor_ok(capacity_train), "router: capacity_train (--capacity) = ", capacity_train,
+           ", expected a factor in (0, 64] (or 0: dropless)");
+  MV_CHECK(factor_ok(capacity_eval), "router: capacity_eval (--eval-capacity) = ", capacity_eval,
+           ", expected a factor in (0, 64] (or 0: dropless)");
+  MV_CHECK(factor_ok(ec_capacity) && ec_capacity > 0.f, "router: ec_capacity (--ec-capacity) = ", ec_capacity,
+           ", expected a factor in (0, 64]");
+  MV_CHECK(slots >= 1 && slots <= 4096, "router: slots (--slots) = ", slots, ", expected 1..4096");
+  MV_CHECK(soft_scale > 0.f && std::isfinite(soft_scale), "router: soft_scale (--soft-scale) = ", soft_scale,
+           ", expected a finite value > 0");
+  MV_CHECK(proj_dim >= 1 && proj_dim <= 65536, "router: proj_dim (--proj-dim) = ", proj_dim, ", expected 1..65536");
+  MV_CHECK(centroids >= 1 && centroids <= 1024, "router: centroids (--centroids) = ", centroids,
+           ", expected 1..1024");
+  MV_CHECK(vote_dim >= 1 && vote_dim <= 65536, "router: vote_dim (--vote-dim) = ", vote_dim, ", expected 1..65536");
+  MV_CHECK(tau1 >= 0.f && std::isfinite(tau1), "router: tau1 = ", tau1, ", expected >= 0");
+  MV_CHECK(tau2 >= 0.f && std::isfinite(tau2), "router: tau2 = ", tau2, ", expected >= 0");
+  MV_CHECK(std::isfinite(noise_std), "router: noise_std (--noise-std) = ", noise_std, ", expected a finite value");
+  MV_CHECK(importance_weight >= 0.f && std::isfinite(importance_weight) && load_weight >= 0.f &&
+               std::isfinite(load_weight) && separation_weight >= 0.f &&
+               std::isfinite(separation_weight),
+           "router: importance_weight (--importance-weight) = ", importance_weight, ", load_weight (--load-weight) = ", load_weight,
+           ", separation_weight (--separation-weight) = ", separation_weight, ": expected finite values >= 0");
 }
 
 std::shared_ptr<Router> make_router(const RouterConfig& c, int64_t dim, Generator& g) {

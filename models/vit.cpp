@@ -6,24 +6,62 @@
 
 namespace mv::models {
 
+double ViTConfig::parameter_estimate() const {
+  const double D = dim, M = mlp_dim, T = tokens(), P = double(channels) * patch * patch;
+  const double E = moe.router.experts, Me = moe.mlp_dim;
+  const double attention = 4 * D * D + 4 * D + 4 * D;  // qkv, projection, two layer norms
+  double blocks = 0;
+  for (int i = 0; i < depth; ++i)
+    blocks += attention + (is_moe_block(i) ? E * (2 * D * Me + Me + D) + D * E : 2 * D * M + M + D);
+  return P * D + D + (T + 1) * D + blocks + 2 * D + D * num_classes + num_classes;
+}
+
+double ViTConfig::activation_bytes(double images) const {
+  // Per token and block about 12 vectors of width D and 3 of the MLP's (an expert MLP per
+  // choice), and per head the T x T attention weights.
+  const double D = dim, T = tokens();
+  const double k = moe.router.token_choice() ? moe.router.k : 1;
+  double per_image = 0;
+  for (int i = 0; i < depth; ++i) {
+    const double M = is_moe_block(i) ? k * moe.mlp_dim : mlp_dim;
+    per_image += T * (12 * D + 3 * M) + heads * T * T;
+  }
+  return 4 * images * per_image;
+}
+
 void ViTConfig::validate() const {
-  MV_CHECK(patch > 0 && image_size > 0 && image_size % patch == 0, "ViT config: image size ",
-           image_size, " is not a multiple of patch size ", patch);
-  MV_CHECK(channels > 0 && depth > 0 && mlp_dim > 0 && num_classes > 1, "ViT config: channels ",
-           channels, ", depth ", depth, ", mlp_dim ", mlp_dim, ", classes ", num_classes,
-           " must all be positive (classes >= 2)");
-  MV_CHECK(heads > 0 && dim > 0 && dim % heads == 0, "ViT config: width ", dim,
-           " is not divisible by ", heads, " heads");
+  // The upper bounds only catch mistyped numbers (a ViT-H has width 1280, depth 32, MLP 5120).
+  MV_CHECK(image_size > 0 && image_size <= 4096 && channels > 0 && channels <= 64,
+           "ViT config: images of ", channels, " x ", image_size, " x ", image_size,
+           ", expected 1..64 channels and sides of 1..4096 pixels");
+  MV_CHECK(patch > 0 && image_size % patch == 0, "ViT config: image size ", image_size,
+           " is not a multiple of patch size ", patch);
+  MV_CHECK(tokens() <= 65537, "ViT config: patch size ", patch, " cuts ", image_size, "-pixel "
+           "images into ", tokens() - 1, " patches, expected at most 65536");
+  MV_CHECK(depth > 0 && depth <= 1024 && mlp_dim > 0 && mlp_dim <= (1 << 20) && num_classes > 1 &&
+               num_classes <= (1 << 20),
+           "ViT config: depth ", depth, ", mlp_dim ", mlp_dim, ", classes ", num_classes,
+           ", expected depth 1..1024, mlp_dim 1..1048576 and classes 2..1048576");
+  MV_CHECK(dim > 0 && dim <= 65536, "ViT config: width ", dim, ", expected 1..65536");
+  MV_CHECK(heads > 0 && dim % heads == 0, "ViT config: width ", dim, " is not divisible by ", heads,
+           " heads");
   MV_CHECK(moe_placement == "none" || moe_placement == "every-2" || moe_placement == "last-n",
            "ViT config: MoE placement '", moe_placement, "' must be none, every-2 or last-n");
-  if (moe_placement == "none") return;
+  if (moe_placement != "none") validate_moe();
+  check_fits_memory(4 * parameter_estimate(), "ViT config: a model of width " + std::to_string(dim) +
+                    ", depth " + std::to_string(depth) + " and MLP width " + std::to_string(mlp_dim) +
+                    " (" + std::to_string(int64_t(parameter_estimate())) + " parameters)");
+}
+
+void ViTConfig::validate_moe() const {
   const int odd_blocks = depth / 2;
   MV_CHECK(odd_blocks > 0, "ViT config: MoE placement ", moe_placement, " needs depth >= 2, got ",
            depth);
   MV_CHECK(moe_placement != "last-n" || (moe_last_n >= 1 && moe_last_n <= odd_blocks),
            "ViT config: last-n MoE placement with n = ", moe_last_n, " must have 1 <= n <= ",
            odd_blocks, " (the odd blocks of ", depth, ")");
-  MV_CHECK(moe.mlp_dim > 0, "ViT config: expert hidden width ", moe.mlp_dim, " must be positive");
+  MV_CHECK(moe.mlp_dim > 0 && moe.mlp_dim <= (1 << 20), "ViT config: expert hidden width ",
+           moe.mlp_dim, ", expected 1..1048576");
   moe.router.validate();
 }
 

@@ -23,7 +23,17 @@ struct ViTConfig {
   MoEConfig moe{};
   bool is_moe_block(int i) const;
   int tokens() const { return (image_size / patch) * (image_size / patch) + 1; }
-  void validate() const;  // throws naming the first impossible field
+  // Weights of the model, within a few percent (routers' small extras left out): what sizes
+  // taken from flags or a checkpoint ask the memory for, before anything is allocated.
+  double parameter_estimate() const;
+  // Bytes of the activations a training forward of `images` images keeps for the backward,
+  // within about 2x: with parameter_estimate, a check of --batch against the memory.
+  double activation_bytes(double images) const;
+  // Throws naming the first impossible field, or a model too large for the available memory.
+  void validate() const;
+
+ private:
+  void validate_moe() const;
 };
 
 // Named presets (see README): "vit-tiny" is the default dense model for Fashion-MNIST; the

@@ -2,9 +2,9 @@
 
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "engine/file_write.h"
 #include "report/draw.h"
 
 namespace mv::report {
@@ -151,20 +151,13 @@ void write_consistency_png(const ConsistencyResult& r, const std::string& path, 
   write_png(path, cv.width, cv.height, cv.rgb);
 }
 
-static void write_text(const std::string& path, const std::string& s) {
-  std::ofstream f(path, std::ios::binary);
-  f << s;
-  f.close();
-  MV_CHECK(f.good(), "routing consistency: cannot write '", path, "'");
-}
-
 void write_consistency_report(const ConsistencyResult& r, const std::string& dir) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   MV_CHECK(!ec, "routing consistency: cannot create folder '", dir, "': ", ec.message());
   const std::filesystem::path d(dir);
-  write_text((d / "consistency.json").string(), consistency_json(r));
-  write_text((d / "consistency.csv").string(), consistency_csv(r));
+  write_file((d / "consistency.json").string(), consistency_json(r));
+  write_file((d / "consistency.csv").string(), consistency_csv(r));
   write_consistency_png(r, (d / "consistency.png").string());
 }
 

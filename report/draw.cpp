@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "engine/error.h"
+#include "engine/file_write.h"
 
 // The one definition of stb_image_write in the project; stb_easy_font (Debian's libstb-dev,
 // header-only, all static): a tiny vector font for the plots.
@@ -197,8 +198,15 @@ void write_png(const std::string& path, int w, int h, const std::vector<uint8_t>
            " must be positive");
   MV_CHECK(rgb.size() == size_t(w) * size_t(h) * 3, "write_png: '", path, "': ", rgb.size(),
            " bytes for a ", w, " x ", h, " RGB image, expected ", size_t(w) * size_t(h) * 3);
-  MV_CHECK(stbi_write_png(path.c_str(), w, h, 3, rgb.data(), w * 3) != 0, "write_png: cannot write '",
-           path, "'");
+  // Encoded in memory, then written by the one checked writer: a full disk fails the program
+  // instead of leaving a truncated picture.
+  std::string png;
+  auto append = [](void* out, void* data, int n) {
+    static_cast<std::string*>(out)->append(static_cast<const char*>(data), size_t(n));
+  };
+  MV_CHECK(stbi_write_png_to_func(append, &png, w, h, 3, rgb.data(), w * 3) != 0,
+           "write_png: cannot encode '", path, "'");
+  write_file(path, png);
 }
 
 }  // namespace mv::report

@@ -1,4 +1,5 @@
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -14,6 +15,7 @@
 #include "tests/helpers.h"
 #include "train/checkpoint.h"
 #include "train/loop.h"
+#include "train/stop.h"
 
 using namespace mv;
 using namespace mv::models;
@@ -239,6 +241,82 @@ TEST_CASE("a run resumed from epoch 1 reproduces the uninterrupted run bit for b
   fs::remove_all(b);
 }
 
+// A stop signal (train/stop.h) raised before fit stops it after its first step: the checkpoint
+// then holds one step, and the resumed run ends where the uninterrupted one does, bit for bit.
+static void check_stop_and_resume(const TrainConfig& c) {
+  namespace fs = std::filesystem;
+  const std::string a = "/tmp/moevit_test_stop_a", b = "/tmp/moevit_test_stop_b";
+  fs::remove_all(a);
+  fs::remove_all(b);
+  fit(c, a, false, nullptr);
+  request_stop(SIGINT);
+  const TrainResult stopped = fit(c, b, false, nullptr);
+  request_stop(0);
+  CHECK(stopped.stop_signal == SIGINT);
+  const Metadata meta = read_checkpoint_metadata(run_checkpoint(b));
+  CHECK(meta.at("epoch") == "0");
+  CHECK(meta.at("epoch_batches") == "1");
+  CHECK(meta.at("optimizer_steps") == "1");
+  const auto line = nlohmann::json::parse(read_lines(b + "/metrics.jsonl").at(0));
+  CHECK(line.at("stopped_by") == "SIGINT");
+  CHECK(line.at("epoch_batches") == 1);
+  const TrainResult resumed = fit(c, b, /*resume=*/true, nullptr);
+  CHECK(resumed.stop_signal == 0);
+  CHECK(resumed.epochs_done == c.epochs);
+  test::check_same_checkpoint(a, b);
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
+TEST_CASE("a run stopped by a signal in mid-epoch resumes at the next batch, bit for bit") {
+  SUBCASE("dense, one view with crops and flips") { check_stop_and_resume(smoke_config()); }
+  SUBCASE("MoE with PRC's two views and router noise") {
+    TrainConfig c = smoke_config();
+    c.vit.moe_placement = "every-2";
+    c.vit.moe.mlp_dim = c.vit.mlp_dim;
+    c.vit.moe.router.experts = 4;
+    c.prc = true;
+    check_stop_and_resume(c);
+  }
+}
+
+TEST_CASE("resume refuses checkpoint metadata that does not fit the run") {
+  namespace fs = std::filesystem;
+  const std::string dir = "/tmp/moevit_test_bad_meta";
+  fs::remove_all(dir);
+  const TrainConfig c = smoke_config();
+  fit(c, dir, false, nullptr, /*stop_after=*/1);
+  const std::string ckpt = run_checkpoint(dir);
+  Metadata meta;
+  const TensorMap tensors = load_safetensors(ckpt, &meta);
+  auto resume_with = [&](const std::string& key, const std::string& value) {
+    Metadata m = meta;
+    m[key] = value;
+    save_safetensors(ckpt, tensors, m);
+    return fit(c, dir, true, nullptr);
+  };
+  CHECK_THROWS_WITH_AS(resume_with("epoch", "-1"), doctest::Contains("metadata 'epoch' is '-1', "
+                       "expected a whole number in 0..2"), Error);
+  CHECK_THROWS_WITH_AS(resume_with("epoch", "99"), doctest::Contains("metadata 'epoch' is '99'"), Error);
+  CHECK_THROWS_WITH_AS(resume_with("epoch", "1x"), doctest::Contains("metadata 'epoch' is '1x'"), Error);
+  CHECK_THROWS_WITH_AS(resume_with("epoch_batches", "6"), doctest::Contains("'epoch_batches' is '6', "
+                       "expected a whole number in 0..5"), Error);
+  CHECK_THROWS_WITH_AS(resume_with("optimizer_steps", "99999999999999999999"),
+                       doctest::Contains("'optimizer_steps' is '99999999999999999999'"), Error);
+  CHECK_THROWS_WITH_AS(resume_with("optimizer_steps", "5"), doctest::Contains("its optimizer took 5 "
+                       "steps, but epoch 1 + batch 0"), Error);
+  CHECK_THROWS_WITH_AS(resume_with("train_seconds", "nan"), doctest::Contains("'train_seconds' is "
+                       "'nan'"), Error);
+  // A configuration that asks for an absurd model is refused before anything is allocated.
+  auto cfg = nlohmann::json::parse(meta.at("config"));
+  cfg["depth"] = 1000000000;
+  CHECK_THROWS_WITH_AS(resume_with("config", cfg.dump()), doctest::Contains("the training "
+                       "configuration in its metadata is invalid: ViT config: depth 1000000000"), Error);
+  cfg["depth"] = "six";
+  CHECK_THROWS_WITH_AS(resume_with("config", cfg.dump()), doctest::Contains("training configuration"), Error);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("a non-finite loss stops training with the step, and the last checkpoint survives") {
   namespace fs = std::filesystem;
   const std::string dir = "/tmp/moevit_test_run_nan";
@@ -352,7 +430,7 @@ TEST_CASE("noise-injection loss in training: logged; a dense model or a bad sigm
   c.vit.moe_placement = "every-2";
   c.vit.moe.router.experts = 4;
   c.jaccard_sigma = 0.f;
-  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--jaccard-sigma > 0"), Error);
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--jaccard-sigma must be finite and > 0"), Error);
   c.jaccard_sigma = 0.5f;
   c.epochs = 1;
   CHECK(TrainConfig::from_json(c.to_json()).to_json() == c.to_json());

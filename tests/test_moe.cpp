@@ -303,7 +303,7 @@ TEST_CASE("MoE layer: packed routing matches a loop over tokens and experts") {
 TEST_CASE("MoE-ViT: impossible configs are named") {
   ViTConfig c = small_moe("topk");
   c.moe.router.k = 5;
-  CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("k = 5"), Error);
+  CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("k (--k) = 5"), Error);
   c = small_moe("hash");
   CHECK_THROWS_WITH_AS(ViT(c, 0), doctest::Contains("hash"), Error);
   c = small_moe("topk");

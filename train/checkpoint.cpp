@@ -1,5 +1,6 @@
 #include "train/checkpoint.h"
 
+#include <charconv>
 #include <filesystem>
 
 namespace mv::train {
@@ -31,11 +32,21 @@ Metadata load_checkpoint(const std::string& path, models::Module& model, models:
   for (auto& [n, p] : model.named_parameters()) copy_into(path, file, n, p);
   if (opt) {
     for (auto& [n, t] : opt->state()) copy_into(path, file, n, t);
-    auto it = meta.find("optimizer_steps");
-    MV_CHECK(it != meta.end(), "checkpoint '", path, "': metadata 'optimizer_steps' is missing");
-    opt->set_steps(std::stoll(it->second));
+    opt->set_steps(int64_t(metadata_uint(meta, "optimizer_steps", path, uint64_t(1) << 50)));
   }
   return meta;
+}
+
+uint64_t metadata_uint(const Metadata& meta, const std::string& key, const std::string& path,
+                       uint64_t max) {
+  auto it = meta.find(key);
+  MV_CHECK(it != meta.end(), "checkpoint '", path, "': metadata '", key, "' is missing");
+  const std::string& s = it->second;
+  uint64_t v = 0;
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  MV_CHECK(ec == std::errc() && end == s.data() + s.size() && v <= max, "checkpoint '", path,
+           "': metadata '", key, "' is '", s, "', expected a whole number in 0..", max);
+  return v;
 }
 
 Metadata read_checkpoint_metadata(const std::string& path) {
@@ -44,11 +55,21 @@ Metadata read_checkpoint_metadata(const std::string& path) {
   return meta;
 }
 
+TrainConfig config_from_metadata(const Metadata& meta, const std::string& path,
+                                 const std::string& who) {
+  MV_CHECK(meta.count("config"), who, ": '", path, "' has no training configuration in its metadata");
+  try {
+    TrainConfig c = TrainConfig::from_json(meta.at("config"));
+    c.vit.validate();  // the model's shape, before anything is allocated for it
+    return c;
+  } catch (const Error& e) {
+    MV_FAIL(who, ": '", path, "': the training configuration in its metadata is invalid: ", e.what());
+  }
+}
+
 TrainConfig checkpoint_config(const std::string& path, const std::string& who,
                               const std::string& dataset, const std::string& data_dir) {
-  const Metadata meta = read_checkpoint_metadata(path);
-  MV_CHECK(meta.count("config"), who, ": '", path, "' has no training configuration in its metadata");
-  TrainConfig c = TrainConfig::from_json(meta.at("config"));
+  TrainConfig c = config_from_metadata(read_checkpoint_metadata(path), path, who);
   if (!dataset.empty()) c.dataset = dataset;
   if (!data_dir.empty()) c.data_dir = data_dir;
   return c;

@@ -2,6 +2,7 @@
 // buffers under "<kind>.<name>", and string metadata (config, epoch, step, RNG state). Written
 // atomically (engine/safetensors.h), so an interrupted save leaves the previous checkpoint.
 #pragma once
+#include <cstdint>
 #include <string>
 
 #include "engine/safetensors.h"
@@ -18,8 +19,16 @@ void save_checkpoint(const std::string& path, const models::Module& model,
 // Every expected tensor must be present with its exact shape; errors name the file and tensor.
 Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt);
 
+// A whole non-negative integer of the metadata, at most `max`; errors name the file and key.
+uint64_t metadata_uint(const Metadata& meta, const std::string& key, const std::string& path,
+                       uint64_t max);
+
 // Only the metadata, to rebuild the model before loading its weights.
 Metadata read_checkpoint_metadata(const std::string& path);
+// The training configuration in a checkpoint's metadata, its model shape validated; errors
+// begin with `who` and name the file.
+TrainConfig config_from_metadata(const Metadata& meta, const std::string& path,
+                                 const std::string& who);
 // The training configuration in the metadata, from which eval and viz rebuild the model, with
 // the data set and its folder replaced where given (non-empty). The error when the metadata has
 // none begins with `who`.

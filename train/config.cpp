@@ -9,14 +9,21 @@ namespace mv::train {
 
 void TrainConfig::validate() const {
   vit.validate();
-  MV_CHECK(epochs >= 1, "--epochs must be at least 1, got ", epochs);
-  MV_CHECK(batch >= 1 && eval_batch >= 1, "--batch must be at least 1, got ", batch);
-  MV_CHECK(lr > 0 && std::isfinite(lr), "--lr must be positive, got ", lr);
-  MV_CHECK(weight_decay >= 0, "--weight-decay must be >= 0, got ", weight_decay);
-  MV_CHECK(warmup_epochs >= 0, "--warmup must be >= 0 epochs, got ", warmup_epochs);
+  MV_CHECK(epochs >= 1 && epochs <= 100000, "--epochs must be in 1..100000, got ", epochs);
+  MV_CHECK(batch >= 1 && batch <= 65536, "--batch must be in 1..65536, got ", batch);
+  MV_CHECK(eval_batch >= 1 && eval_batch <= 65536, "--eval-batch must be in 1..65536, got ",
+           eval_batch);
+  MV_CHECK(limit_train >= 0 && limit_test >= 0, "--limit-train and --limit-test must be >= 0 "
+           "(0: all images), got ", limit_train, " and ", limit_test);
+  MV_CHECK(lr > 0 && std::isfinite(lr), "--lr must be positive and finite, got ", lr);
+  MV_CHECK(weight_decay >= 0 && std::isfinite(weight_decay),
+           "--weight-decay must be finite and >= 0, got ", weight_decay);
+  MV_CHECK(momentum >= 0 && momentum < 1, "--momentum must be in [0, 1), got ", momentum);
+  MV_CHECK(warmup_epochs >= 0 && warmup_epochs <= float(epochs),
+           "--warmup must be in 0..--epochs (", epochs, ") epochs, got ", warmup_epochs);
   MV_CHECK(label_smoothing >= 0 && label_smoothing < 1, "--label-smoothing must be in [0, 1), got ",
            label_smoothing);
-  MV_CHECK(clip >= 0, "--clip must be >= 0, got ", clip);
+  MV_CHECK(clip >= 0 && std::isfinite(clip), "--clip must be finite and >= 0, got ", clip);
   MV_CHECK(optimizer == "adamw" || optimizer == "sgd", "--optimizer must be adamw or sgd, got '",
            optimizer, "'");
   MV_CHECK(schedule == "cosine" || schedule == "linear", "--schedule must be cosine or linear, got '",
@@ -36,16 +43,28 @@ void TrainConfig::validate() const {
            "preset such as vmoe-tiny, or --moe every-2); model '", model, "' is dense");
   MV_CHECK(!prc || vit.moe.router.type != "soft", "--prc needs a router that assigns tokens to "
            "experts; Soft MoE mixes tokens into slots");
-  MV_CHECK(prc_diag_weight >= 0 && prc_off_weight >= 0, "--prc-diag-weight and "
-           "--prc-off-weight must be >= 0, got ", prc_diag_weight, " and ", prc_off_weight);
+  MV_CHECK(prc_diag_weight >= 0 && prc_off_weight >= 0 && std::isfinite(prc_diag_weight) &&
+               std::isfinite(prc_off_weight),
+           "--prc-diag-weight and --prc-off-weight must be finite and >= 0, got ", prc_diag_weight,
+           " and ", prc_off_weight);
   for (int b : prc_blocks)
     MV_CHECK(b >= 0 && b < vit.depth && vit.is_moe_block(b), "--prc-blocks: block ", b,
              " has no MoE layer (model '", model, "': ", vit.depth, " blocks, MoE placement ",
              vit.moe_placement, ")");
-  MV_CHECK(jaccard_weight >= 0 && jaccard_sigma > 0, "--jaccard-weight must be >= 0 and "
-           "--jaccard-sigma > 0, got ", jaccard_weight, " and ", jaccard_sigma);
+  MV_CHECK(jaccard_weight >= 0 && std::isfinite(jaccard_weight),
+           "--jaccard-weight must be finite and >= 0, got ", jaccard_weight);
+  MV_CHECK(jaccard_sigma > 0 && std::isfinite(jaccard_sigma),
+           "--jaccard-sigma must be finite and > 0, got ", jaccard_sigma);
   MV_CHECK(jaccard_weight == 0 || vit.moe_placement != "none", "--jaccard-weight needs a model "
            "with MoE layers; model '", model, "' is dense");
+  if (device == "cpu") check_fits_memory(training_bytes(), "training with --batch " +
+                                         std::to_string(batch) + (prc ? " (two views: --prc)" : "") +
+                                         " and this model");
+}
+
+double TrainConfig::training_bytes() const {
+  // Weights, gradients and two AdamW moments, and what the forward keeps for the backward.
+  return 16 * vit.parameter_estimate() + vit.activation_bytes(double(batch) * (prc ? 2 : 1));
 }
 
 // The MoE part of a ViT config, every field, so a checkpoint rebuilds exactly its model.

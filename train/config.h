@@ -37,7 +37,10 @@ struct TrainConfig {
   // (0: off) and the sigma of the Gaussian noise added to each MoE block's token input.
   float jaccard_weight = 0.f, jaccard_sigma = 0.5f;
 
-  void validate() const;  // throws naming the flag that is out of range
+  // Throws naming the flag that is out of range, or the flags whose sizes exceed the memory.
+  void validate() const;
+  // Bytes a training step needs at least (weights, optimizer state, activations).
+  double training_bytes() const;
   std::string to_json() const;
   static TrainConfig from_json(const std::string& json);
 };

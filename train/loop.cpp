@@ -1,6 +1,7 @@
 #include "train/loop.h"
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -9,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "datasets/loader.h"
+#include "engine/file_write.h"
 #include "ops/matmul.h"
 #include "ops/reduce.h"
 #include "train/checkpoint.h"
@@ -17,6 +19,7 @@
 #include "train/moe_stats.h"
 #include "train/progress.h"
 #include "train/step.h"
+#include "train/stop.h"
 
 namespace mv::train {
 
@@ -30,9 +33,26 @@ double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::
 Metadata resume_metadata(const std::string& ckpt) {
   MV_CHECK(std::filesystem::exists(ckpt), "--resume: no checkpoint at '", ckpt, "'");
   Metadata meta = read_checkpoint_metadata(ckpt);
-  MV_CHECK(meta.count("config") && meta.count("epoch"), "--resume: '", ckpt,
-           "' has no training configuration in its metadata");
+  MV_CHECK(meta.count("epoch"), "--resume: '", ckpt, "' has no 'epoch' in its metadata: not a "
+           "checkpoint of train");
   return meta;
+}
+
+// Where a resumed run starts: after `epoch` whole epochs and `batch` batches of the next (a run
+// stopped by a signal in mid-epoch), each checked against the run's own length.
+struct ResumePoint {
+  int epoch = 0;
+  int64_t batch = 0;
+};
+ResumePoint resume_point(const std::string& ckpt, const Metadata& meta, const TrainConfig& cfg,
+                         int64_t per_epoch) {
+  ResumePoint p;
+  p.epoch = int(metadata_uint(meta, "epoch", ckpt, uint64_t(cfg.epochs)));
+  if (meta.count("epoch_batches"))
+    p.batch = int64_t(metadata_uint(meta, "epoch_batches", ckpt, uint64_t(per_epoch - 1)));
+  MV_CHECK(p.epoch < cfg.epochs || p.batch == 0, "checkpoint '", ckpt, "': metadata "
+           "'epoch_batches' is ", p.batch, " after the run's last epoch");
+  return p;
 }
 
 struct RunData {
@@ -68,9 +88,16 @@ double restore(const std::string& ckpt, const Metadata& meta, models::ViT& model
                models::Optimizer& opt) {
   load_checkpoint(ckpt, model, &opt);
   if (meta.count("route_noise_offset"))
-    model.route_noise->offset = std::stoull(meta.at("route_noise_offset"));
+    model.route_noise->offset = metadata_uint(meta, "route_noise_offset", ckpt, ~uint64_t(0));
   // A resumed run's training time counts the epochs before the interruption too.
-  return meta.count("train_seconds") ? std::stod(meta.at("train_seconds")) : 0.0;
+  if (!meta.count("train_seconds")) return 0.0;
+  const std::string& text = meta.at("train_seconds");
+  double s = -1;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), s);
+  MV_CHECK(ec == std::errc() && end == text.data() + text.size() && std::isfinite(s) && s >= 0,
+           "checkpoint '", ckpt, "': metadata 'train_seconds' is '", text,
+           "', expected a number of seconds >= 0");
+  return s;
 }
 
 // PRC's two views of each image, with patch pairs on the model's patch grid.
@@ -107,18 +134,34 @@ struct EpochTotals {
   double prc_sum = 0, jaccard_sum = 0;  // the steps' PRC and noise-injection losses
   double compute_s = 0;                 // in the steps themselves
   double seconds = 0;                   // the whole epoch, waiting for batches included
+  int64_t next_batch = 0;               // where the epoch stopped: batches_per_epoch when whole
 };
 
-// The training steps of epoch `epoch`, with the progress line. A non-finite loss stops the run
-// with an error naming the step.
-EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch) {
+// metrics.jsonl, a line per epoch, rewritten whole by the checked writer after each line (it is
+// a few KB), so that a full disk stops the run instead of silently dropping lines.
+struct MetricsLog {
+  std::string path, text;
+  MetricsLog(std::string p, bool resume) : path(std::move(p)) {
+    std::ifstream in(path, std::ios::binary);
+    if (resume && in) text.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  void add(const nlohmann::ordered_json& line) {
+    text += line.dump() + "\n";
+    write_file(path, text);
+  }
+};
+
+// The training steps of epoch `epoch` from batch `first_batch`, with the progress line, until the
+// epoch ends or a stop signal comes. A non-finite loss stops the run with an error naming the step.
+EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch, int64_t first_batch) {
   const auto t0 = Clock::now();
   const int64_t per_epoch = loader.batches_per_epoch();
   const std::vector<Tensor> params = run.model.parameters();
   EpochTotals t;
   Progress bar(run.log, epoch + 1, run.cfg.epochs, per_epoch);
   for (models::MoELayer* m : run.model.moe_layers()) m->stats.reset(m->config.router.experts, m->config.router.token_choice());
-  loader.begin_epoch(epoch);
+  loader.begin_epoch(epoch, first_batch);
+  t.next_batch = first_batch;
   for (datasets::Batch b; loader.next(b);) {
     const auto ts = Clock::now();
     const int64_t step = run.opt.steps();
@@ -146,16 +189,30 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch) {
     t.seen += B;
     t.steps++;
     const double el = since(t0);
-    bar.update(b.batch_index + 1, t.loss_sum / t.seen, t.correct / t.seen, t.seen / el,
-               el / double(b.batch_index + 1) * double(per_epoch - b.batch_index - 1));
+    t.next_batch = b.batch_index + 1;
+    const double done = double(t.next_batch - first_batch);
+    bar.update(t.next_batch, t.loss_sum / t.seen, t.correct / t.seen, t.seen / el,
+               el / done * double(per_epoch - t.next_batch));
+    if (stop_signal() != 0) break;
   }
   t.seconds = since(t0);
   return t;
 }
 
+// The checkpoint after `epochs` whole epochs and `batches` steps of the next one.
+void save_run(const Run& run, int epochs, int64_t batches, double test_accuracy,
+              const TrainResult& res) {
+  Metadata meta{{"config", run.cfg.to_json()}, {"epoch", std::to_string(epochs)},
+                {"test_accuracy", std::to_string(test_accuracy)},
+                {"route_noise_offset", std::to_string(run.model.route_noise->offset)},
+                {"train_seconds", nlohmann::json(res.train_seconds).dump()}};
+  if (batches > 0) meta["epoch_batches"] = std::to_string(batches);
+  save_checkpoint(run.ckpt, run.model, &run.opt, meta);
+}
+
 // After an epoch: evaluation on the test set, the checkpoint, a line of metrics.jsonl and the
 // log's summary. res takes the epoch's results.
-void finish_epoch(const Run& run, int epoch, const EpochTotals& t, std::ofstream& metrics,
+void finish_epoch(const Run& run, int epoch, const EpochTotals& t, MetricsLog& metrics,
                   TrainResult& res) {
   const TrainConfig& cfg = run.cfg;
   const nlohmann::ordered_json moe = moe_stats_json(run.model);  // of training, before evaluation
@@ -165,11 +222,7 @@ void finish_epoch(const Run& run, int epoch, const EpochTotals& t, std::ofstream
   res.test_accuracy = ev.accuracy;
   res.test_loss = ev.loss;
   res.train_seconds += t.seconds;
-  const Metadata meta{{"config", cfg.to_json()}, {"epoch", std::to_string(epoch + 1)},
-                      {"test_accuracy", std::to_string(ev.accuracy)},
-                      {"route_noise_offset", std::to_string(run.model.route_noise->offset)},
-                      {"train_seconds", nlohmann::json(res.train_seconds).dump()}};
-  save_checkpoint(run.ckpt, run.model, &run.opt, meta);
+  save_run(run, epoch + 1, 0, ev.accuracy, res);
 
   res.images_per_second = double(t.seen) / t.compute_s;
   const int64_t steps = run.opt.steps();
@@ -181,7 +234,7 @@ void finish_epoch(const Run& run, int epoch, const EpochTotals& t, std::ofstream
   if (!moe.empty()) line["moe"] = moe;
   if (cfg.prc) line["prc_loss"] = t.prc_sum / double(t.steps);  // weighted, summed over layers
   if (cfg.jaccard_weight > 0) line["jaccard_loss"] = t.jaccard_sum / double(t.steps);  // unweighted
-  metrics << line.dump() << "\n" << std::flush;
+  metrics.add(line);
   if (run.log) {
     std::fprintf(run.log, "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",
                  epoch + 1, cfg.epochs, res.train_loss, ev.loss, 100 * ev.accuracy,
@@ -190,16 +243,36 @@ void finish_epoch(const Run& run, int epoch, const EpochTotals& t, std::ofstream
   }
 }
 
+// A stop signal in mid-epoch: the checkpoint of the steps taken so far (resume continues at
+// the next batch) and a metrics line of the partial epoch, without the test evaluation.
+void stop_in_epoch(const Run& run, int epoch, const EpochTotals& t, MetricsLog& metrics,
+                   TrainResult& res) {
+  res.train_seconds += t.seconds;
+  save_run(run, epoch, t.next_batch, 0, res);
+  const int64_t steps = run.opt.steps();
+  nlohmann::ordered_json line = {{"epoch", epoch + 1}, {"step", steps},
+                                 {"stopped_by", signal_name(stop_signal())},
+                                 {"epoch_batches", t.next_batch}, {"epoch_seconds", t.seconds}};
+  if (t.seen > 0) {
+    line["train_loss"] = t.loss_sum / double(t.seen);
+    line["train_accuracy"] = t.correct / double(t.seen);
+  }
+  metrics.add(line);
+}
+
 }  // namespace
 
 TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resume, FILE* log,
                 int stop_after) {
   const std::string ckpt = run_checkpoint(out_dir);
   const Metadata meta = resume ? resume_metadata(ckpt) : Metadata{};
-  const TrainConfig cfg = resume ? TrainConfig::from_json(meta.at("config")) : given;
-  const int start_epoch = resume ? std::stoi(meta.at("epoch")) : 0;
+  const TrainConfig cfg = resume ? config_from_metadata(meta, ckpt, "--resume") : given;
   cfg.validate();
-  std::filesystem::create_directories(out_dir);
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  MV_CHECK(!ec && std::filesystem::is_directory(out_dir), "--out: cannot make the run folder '",
+           out_dir, "': ", ec ? ec.message() : "a file of that name exists");
+  remove_stale_temps(ckpt);  // of a run killed while it wrote its checkpoint
   const RunData data = load_data(cfg);
 
   models::ViT model(cfg.vit, cfg.seed);
@@ -207,14 +280,6 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   ops::set_allow_tf32(cfg.tf32);
   model.to(cfg.device == "cuda" ? Device::CUDA : Device::CPU);
   const std::unique_ptr<models::Optimizer> opt = make_optimizer(cfg, model);
-  TrainResult res;
-  if (resume) res.train_seconds = restore(ckpt, meta, model, *opt);
-  if (log) {
-    std::fprintf(log, "model %s: %lld parameters; data %s: %lld train, %lld test images\n",
-                 cfg.model.c_str(), (long long)model.num_parameters(), cfg.dataset.c_str(),
-                 (long long)data.train.n, (long long)data.test.n);
-    if (resume) std::fprintf(log, "resuming %s after epoch %d\n", ckpt.c_str(), start_epoch);
-  }
 
   // With PRC the loader cuts two views per image (their own crops and flips) instead of the
   // usual augmentation.
@@ -225,15 +290,47 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   const int64_t per_epoch = loader.batches_per_epoch();
   MV_CHECK(per_epoch > 0, "--batch ", cfg.batch, " is larger than the ", data.train.n,
            " training images");
+
+  TrainResult res;
+  const ResumePoint start = resume ? resume_point(ckpt, meta, cfg, per_epoch) : ResumePoint{};
+  if (resume) {
+    res.train_seconds = restore(ckpt, meta, model, *opt);
+    const int64_t step = start.epoch * per_epoch + start.batch;
+    MV_CHECK(opt->steps() == step, "checkpoint '", ckpt, "': its optimizer took ", opt->steps(),
+             " steps, but epoch ", start.epoch, " + batch ", start.batch, " of this data (",
+             per_epoch, " batches an epoch) is step ", step, " (did the data set change?)");
+  }
+  if (log) {
+    std::fprintf(log, "model %s: %lld parameters; data %s: %lld train, %lld test images\n",
+                 cfg.model.c_str(), (long long)model.num_parameters(), cfg.dataset.c_str(),
+                 (long long)data.train.n, (long long)data.test.n);
+    if (resume)
+      std::fprintf(log, "resuming %s after epoch %d, batch %lld\n", ckpt.c_str(), start.epoch,
+                   (long long)start.batch);
+  }
   const LrSchedule lr{per_epoch * cfg.epochs, int64_t(cfg.warmup_epochs * double(per_epoch)),
                       cfg.lr, cfg.schedule == "cosine" ? models::Schedule::Cosine
                                                        : models::Schedule::Linear};
   const Run run{cfg, model, *opt, lr, data.test, ckpt, log};
 
-  std::ofstream metrics(out_dir + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
+  MetricsLog metrics(out_dir + "/metrics.jsonl", resume);
   const int end_epoch = stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs;
-  for (int epoch = start_epoch; epoch < end_epoch; ++epoch)
-    finish_epoch(run, epoch, train_epoch(run, loader, epoch), metrics, res);
+  // A stop signal ends the run after the step it arrived in (or, during an evaluation, after
+  // that epoch's checkpoint).
+  for (int epoch = start.epoch; epoch < end_epoch; ++epoch) {
+    const EpochTotals t = train_epoch(run, loader, epoch, epoch == start.epoch ? start.batch : 0);
+    if (t.next_batch < per_epoch) {
+      stop_in_epoch(run, epoch, t, metrics, res);
+      break;
+    }
+    finish_epoch(run, epoch, t, metrics, res);
+    if (stop_signal() != 0) break;
+  }
+  res.stop_signal = stop_signal();
+  if (res.stop_signal != 0 && log)
+    std::fprintf(log, "stopped by %s after step %lld; checkpoint %s; continue with: train "
+                 "--resume %s\n", signal_name(res.stop_signal), (long long)opt->steps(),
+                 ckpt.c_str(), out_dir.c_str());
   return res;
 }
 

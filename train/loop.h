@@ -13,14 +13,16 @@ struct TrainResult {
   double test_accuracy = 0, test_loss = 0, train_loss = 0;
   double train_seconds = 0;      // training steps of all epochs, those before a resume included
   double images_per_second = 0;  // of the last epoch
+  int stop_signal = 0;           // the signal that stopped the run early (train/stop.h), or 0
 };
 
 // Trains cfg in out_dir: out_dir/checkpoint.safetensors after every epoch (atomic), one JSON line
 // per epoch in out_dir/metrics.jsonl, progress on `log` (a bar on a terminal, else log lines;
 // null for silence). With resume, continues the run saved in out_dir from its last epoch, with
 // the configuration saved there. stop_after > 0 ends the call after that many epochs of the run
-// (as an interruption would; resume continues). A non-finite loss stops with an error naming the
-// step; the last checkpoint stays as it was.
+// (as an interruption would; resume continues). A stop signal (train/stop.h) ends the run after
+// the current step with a checkpoint from which resume continues at the next batch. A non-finite
+// loss stops with an error naming the step; the last checkpoint stays as it was.
 TrainResult fit(const TrainConfig& cfg, const std::string& out_dir, bool resume, FILE* log,
                 int stop_after = 0);
 

@@ -1,0 +1,37 @@
+#include "apps/cli.h"
+
+#include <cstdio>
+#include <exception>
+#include <new>
+#include <thread>
+
+#include "engine/error.h"
+#include "engine/parallel.h"
+
+namespace mv::cli {
+
+void set_threads(int n) {
+  const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+  MV_CHECK(n >= 1 && n <= 4 * cores, "--threads must be in 1..", 4 * cores, " (4 x the ", cores,
+           " cores of this machine), got ", n);
+  set_num_threads(n);
+}
+
+int guarded(const char* program, const std::function<int()>& work) {
+  try {
+    return work();
+  } catch (const std::bad_alloc&) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "\n%s: error: out of memory; lower --batch (or --eval-batch, --images) "
+                 "or the model's size\n", program);
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "\n%s: error: %s\n", program, e.what());
+  } catch (...) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "\n%s: error: an unknown exception\n", program);
+  }
+  return 1;
+}
+
+}  // namespace mv::cli

@@ -12,6 +12,7 @@ train, evalp, viz = (os.path.join(build, "apps", p) for p in ("train", "eval", "
 work = tempfile.mkdtemp(prefix="moevit_hostile_")
 env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
 failures = []
+cases = 0
 TINY = ["--dataset", "synthetic", "--model", "vmoe-tiny", "--epochs", "1", "--batch", "32",
         "--limit-train", "64", "--limit-test", "32", "--threads", "1"]
 
@@ -33,6 +34,8 @@ def expect_error(args, message, **kw):
     """An error that contains `message` and an exit code of 1..127: 1 from moevit's own checks,
     100-115 from CLI11's parser (a flag it does not know or cannot convert); 128 + N would be a
     death by signal N."""
+    global cases
+    cases += 1
     rc, out, err = run(args, **kw)
     if not (isinstance(rc, int) and 1 <= rc <= 127) or message not in err:
         failures.append(f"{' '.join(os.path.basename(a) for a in args[:1])} {' '.join(args[1:])}: "
@@ -207,5 +210,5 @@ if p.returncode != 143:
 shutil.rmtree(work, ignore_errors=True)
 for f in failures:
     print("FAIL:", f)
-print(f"hostile input: {len(failures)} failures")
+print(f"hostile input: {cases} error cases and the stop signals, {len(failures)} failures")
 sys.exit(1 if failures else 0)

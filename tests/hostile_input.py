@@ -91,6 +91,22 @@ for flags, message in [
 ]:
     expect_error([train] + TINY + ["--out", os.path.join(work, "bad")] + flags, message)
 expect_error([train, "--resume", run_dir, "--epochs", "5"], "--epochs cannot be changed")
+
+# --- train: data folders that are missing, or whose files are truncated or wrong --------------
+bad_data = os.path.join(work, "bad_data")
+os.makedirs(bad_data)
+header = struct.pack(">IIII", 0x803, 60000, 28, 28)  # announces 60000 images, holds 10
+for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+    open(os.path.join(bad_data, name), "wb").write(header + bytes(10 * 28 * 28))
+for name in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+    open(os.path.join(bad_data, name), "wb").write(struct.pack(">II", 0x801, 60000) + bytes(10))
+for flags, message in [
+    (["--dataset", "fashion-mnist", "--data-dir", os.path.join(work, "none")], "none"),
+    (["--dataset", "mnist", "--data-dir", bad_data], "train-images-idx3-ubyte"),
+    (["--dataset", "cifar10", "--data-dir", bad_data], "bad_data"),
+]:
+    expect_error([train, "--model", "vit-tiny", "--epochs", "1", "--out",
+                  os.path.join(work, "bad")] + flags, message)
 expect_error([train, "--resume", os.path.join(work, "nothing")], "no checkpoint at")
 
 # --- eval and viz: flags --------------------------------------------------------------------

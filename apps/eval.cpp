@@ -142,7 +142,8 @@ int main(int argc, char** argv) {
                       "--batch " + std::to_string(f.batch) + " with this model");
     models::ViT model(c.vit, c.seed);
     check_noise_flags(f, model);
-    train::load_checkpoint(f.ckpt, model, nullptr);
+    if (train::load_weights_for_evaluation(f.ckpt, model))
+      std::printf("the run kept an average of its weights (--ema): evaluating it\n");
     model.to(f.device == "cuda" ? Device::CUDA : Device::CPU);
     datasets::Dataset test = train::load_dataset(c.dataset, c.data_dir, false);
     if (f.limit > 0) test = datasets::head(test, f.limit);

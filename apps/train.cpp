@@ -8,6 +8,7 @@
 
 #include "apps/cli.h"
 #include "apps/train_flags.h"
+#include "report/curves.h"
 #include "train/checkpoint.h"
 #include "train/loop.h"
 #include "train/progress.h"
@@ -18,9 +19,10 @@ using namespace mv;
 namespace {
 
 void print_done(const train::TrainResult& r, const std::string& dir) {
-  std::printf("done: %d epochs, test accuracy %.2f%%, test loss %.4f, %.0f train images/s, "
-              "training time %s; checkpoint %s\n",
-              r.epochs_done, 100 * r.test_accuracy, r.test_loss, r.images_per_second,
+  std::printf("done: %d epochs, test accuracy %.2f%% (best %.2f%%), test loss %.4f, %.0f train "
+              "images/s, training time %s; checkpoint %s\n",
+              r.epochs_done, 100 * r.test_accuracy, 100 * r.best_test_accuracy, r.test_loss,
+              r.images_per_second,
               train::format_seconds(r.train_seconds).c_str(), train::run_checkpoint(dir).c_str());
 }
 
@@ -37,6 +39,7 @@ int main(int argc, char** argv) {
     const bool is_resume = !f.resume.empty();
     const std::string dir = is_resume ? f.resume : f.out;
     const train::TrainResult r = train::fit(cfg, dir, is_resume, stdout, f.stop_after);
+    report::write_training_curves(dir + "/metrics.jsonl", dir + "/curves.png");
     if (r.stop_signal != 0) return 128 + r.stop_signal;  // as a shell reports a killed process
     print_done(r, dir);
     return 0;

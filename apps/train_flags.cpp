@@ -98,6 +98,12 @@ void add_training_flags(CLI::App& app, TrainFlags& f) {
   app.add_option("--threads", f.threads, "CPU threads (default: all cores)");
   app.add_option("--out", f.out, "output folder: checkpoint.safetensors, metrics.jsonl")
       ->capture_default_str();
+  app.add_flag("--ema", f.cfg.ema, "keep an average of the weights (decay --ema-decay) and "
+               "evaluate and deliver it instead of the last weights");
+  app.add_option("--ema-decay", f.cfg.ema_decay, "decay of --ema per step")->capture_default_str();
+  app.add_option("--time-budget", f.cfg.time_budget_minutes, "minutes the run may take, "
+                 "evaluations included: the epochs are scaled to fit after the first one, and the "
+                 "run stops with a checkpoint at the limit");
   app.add_option("--stop-after", f.stop_after,
                  "end after this many epochs of the run (resume later)");
   app.add_option("--resume", f.resume,
@@ -185,6 +191,8 @@ train::TrainConfig train_config(const CLI::App& app, const TrainFlags& f) {
   }
   train::TrainConfig c = f.cfg;
   c.vit = model_config(app, f);
+  // A time budget chooses the epochs itself; --epochs, when given, caps them.
+  if (given("--time-budget") && !given("--epochs")) c.epochs = 100000;
   return c;
 }
 

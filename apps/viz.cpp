@@ -88,7 +88,7 @@ models::ViT load_model(const Flags& f, const train::TrainConfig& c) {
   MV_CHECK(c.vit.moe_placement != "none", "viz: '", f.ckpt, "' is a dense ViT (model '", c.model,
            "'): routing pictures need an MoE model");
   models::ViT model(c.vit, c.seed);
-  train::load_checkpoint(f.ckpt, model, nullptr);
+  train::load_weights_for_evaluation(f.ckpt, model);  // the averaged ones of an --ema run
   model.train(false);
   return model;
 }

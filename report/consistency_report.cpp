@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/file_write.h"
-#include "report/draw.h"
+#include "report/chart.h"
 
 namespace mv::report {
 
@@ -93,62 +93,25 @@ void write_consistency_png(const ConsistencyResult& r, const std::string& path, 
   MV_CHECK(width >= 320 && height >= 200, "consistency plot: ", width, " x ", height,
            " is too small (at least 320 x 200)");
   MV_CHECK(!r.points.empty(), "consistency plot: no sweep points");
-  static constexpr Rgb grid{225, 225, 225};
-  static constexpr Rgb colors[5] = {
-      {31, 90, 200}, {215, 40, 40}, {30, 160, 60}, {240, 140, 0}, {120, 120, 120}};
-  static const char* names[5] = {"top-1", "top-2", "top-2 set", "Jaccard", "accuracy"};
-  const float scale = 1.5f;
-  RgbImage cv(width, height);  // white
-  const int left = 60, right = width - 130, top = 30, bottom = height - 50;
-  auto X = [&](size_t i) {
-    return r.points.size() == 1 ? 0.5f * float(left + right)
-                                : float(left) + float(right - left) * float(i) /
-                                                    float(r.points.size() - 1);
-  };
-  auto Y = [&](double v) { return float(bottom) - float(bottom - top) * float(v); };
-
-  // Grid and y ticks every 0.25, axes, x ticks at the sweep points.
-  char label[64];
-  for (int t = 0; t <= 4; ++t) {
-    const int y = int(Y(0.25 * t));
-    if (t > 0) fill_rect(cv, left, y, right, y + 1, grid);
-    std::snprintf(label, sizeof label, "%.2f", 0.25 * t);
-    draw_text(cv, float(left - 8 - text_width(label, scale)), float(y) - 5, label, kBlack, scale);
+  Chart c;
+  c.title = "routing agreement (mean over MoE layers)";
+  c.x_label = "sigma (noise on " + r.noise_on + ")";
+  char label[32];
+  for (const SigmaPoint& p : r.points) {
+    std::snprintf(label, sizeof label, "%g", p.sigma);
+    c.x_ticks.push_back(label);
   }
-  fill_rect(cv, left, top, left + 1, bottom + 1, kBlack);
-  fill_rect(cv, left, bottom, right, bottom + 1, kBlack);
-  for (size_t i = 0; i < r.points.size(); ++i) {
-    const int x = int(X(i));
-    fill_rect(cv, x, bottom, x + 1, bottom + 5, kBlack);
-    std::snprintf(label, sizeof label, "%g", r.points[i].sigma);
-    draw_text(cv, float(x - text_width(label, scale) / 2), float(bottom + 8), label, kBlack, scale);
+  // Top-1 first, so that it stays visible where curves coincide (Jaccard equals top-1 for k = 1).
+  c.series = {{"top-1", {31, 90, 200}, {}}, {"top-2", {215, 40, 40}, {}},
+              {"top-2 set", {30, 160, 60}, {}}, {"Jaccard", {240, 140, 0}, {}},
+              {"accuracy", {120, 120, 120}, {}, true}};
+  for (const SigmaPoint& p : r.points) {
+    const double values[5] = {p.mean.top1, p.mean.top2, p.mean.top2_set, p.mean.jaccard, p.accuracy};
+    for (size_t m = 0; m < 5; ++m) c.series[m].y.push_back(values[m]);
   }
-  const std::string xlabel = "sigma (noise on " + r.noise_on + ")";
-  draw_text(cv, 0.5f * float(left + right - text_width(xlabel, scale)), float(bottom + 28),
-            xlabel, kBlack, scale);
-  draw_text(cv, float(left), 8, "routing agreement (mean over MoE layers)", kBlack, scale);
-
-  // Curves with square markers, top-1 last so that it stays visible where curves coincide
-  // (Jaccard equals top-1 when k = 1).
-  for (int m = 4; m >= 0; --m) {
-    auto value = [&](const SigmaPoint& p) {
-      return m == 0 ? p.mean.top1 : m == 1 ? p.mean.top2 : m == 2 ? p.mean.top2_set
-                   : m == 3 ? p.mean.jaccard : p.accuracy;
-    };
-    for (size_t i = 0; i < r.points.size(); ++i) {
-      const float x = X(i), y = Y(value(r.points[i]));
-      if (i > 0) draw_line(cv, X(i - 1), Y(value(r.points[i - 1])), x, y, colors[m], m == 4);
-      fill_rect(cv, int(x) - 3, int(y) - 3, int(x) + 4, int(y) + 4, colors[m]);
-    }
-  }
-  // Legend: a swatch and a name per curve.
-  for (int m = 0; m < 5; ++m) {
-    const int y = top + 10 + 22 * m;
-    fill_rect(cv, right + 15, y, right + 35, y + 12, colors[m]);
-    draw_text(cv, float(right + 42), float(y), names[m], kBlack, scale);
-  }
-
-  write_png(path, cv.width, cv.height, cv.rgb);
+  RgbImage img(width, height);
+  draw_chart(img, 0, 0, width, height, c);
+  write_png(path, img.width, img.height, img.rgb);
 }
 
 void write_consistency_report(const ConsistencyResult& r, const std::string& dir) {

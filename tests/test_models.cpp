@@ -7,6 +7,7 @@
 #include "autograd/autograd.h"
 #include "engine/memory.h"
 #include "engine/safetensors.h"
+#include "models/ema.h"
 #include "models/optim.h"
 #include "models/vit.h"
 #include "ops/elementwise.h"
@@ -278,6 +279,61 @@ TEST_CASE("a run stopped by a signal in mid-epoch resumes at the next batch, bit
     c.prc = true;
     check_stop_and_resume(c);
   }
+  SUBCASE("with an average of the weights (--ema)") {
+    TrainConfig c = smoke_config();
+    c.ema = true;
+    check_stop_and_resume(c);
+  }
+}
+
+TEST_CASE("the weight average follows its formula, swaps in and out, and is what eval loads") {
+  ViT m(tiny_config(), 0);
+  const Tensor w = m.named_parameters().at(0).second;
+  const std::vector<float> w0 = w.to_vector<float>();
+  WeightAverage avg(m.named_parameters(), 0.5f);
+  // Two updates after the weights moved by +1: d_0 = min(0.5, 1/10), d_1 = min(0.5, 2/11).
+  for (auto& [n, p] : m.named_parameters()) p.copy_(ops::add(p, 1.f));
+  avg.update();
+  avg.update();
+  const double expected = 1.0 - 0.1 * (2.0 / 11.0);  // 1 - d_0 d_1 of the step of 1
+  avg.swap();
+  const std::vector<float> a = w.to_vector<float>();
+  for (size_t i = 0; i < a.size(); ++i) CHECK(a[i] - w0[i] == doctest::Approx(expected).epsilon(1e-5));
+  avg.swap();
+  const std::vector<float> back = w.to_vector<float>();
+  for (size_t i = 0; i < a.size(); ++i) CHECK(back[i] == doctest::Approx(w0[i] + 1.f));
+  // A checkpoint with averages: evaluation loads them, a plain one loads the weights.
+  const std::string path = "/tmp/moevit_test_ema.safetensors";
+  save_checkpoint(path, m, nullptr, {}, &avg);
+  ViT e(tiny_config(), 7);
+  CHECK(load_weights_for_evaluation(path, e));
+  CHECK(e.named_parameters().at(0).second.to_vector<float>() == a);
+  save_checkpoint(path, m, nullptr, {});
+  CHECK_FALSE(load_weights_for_evaluation(path, e));
+  CHECK(e.named_parameters().at(0).second.to_vector<float>() == back);
+  std::remove(path.c_str());
+  CHECK_THROWS_WITH_AS(WeightAverage(m.named_parameters(), 1.f), doctest::Contains("--ema-decay"), Error);
+}
+
+TEST_CASE("a time budget caps the epochs, and stops a run that reaches it with a checkpoint") {
+  namespace fs = std::filesystem;
+  const std::string dir = "/tmp/moevit_test_budget";
+  fs::remove_all(dir);
+  TrainConfig c = smoke_config();
+  c.time_budget_minutes = 10;  // far more than the 2 epochs need: --epochs caps them
+  CHECK(fit(c, dir, false, nullptr).epochs_done == 2);
+  CHECK(TrainConfig::from_json(read_checkpoint_metadata(run_checkpoint(dir)).at("config")).epochs == 2);
+  fs::remove_all(dir);
+  c.time_budget_minutes = 1e-5f;  // 0.6 ms: over after the first step
+  const TrainResult r = fit(c, dir, false, nullptr);
+  CHECK(r.epochs_done == 0);
+  CHECK(r.stop_signal == 0);
+  const Metadata meta = read_checkpoint_metadata(run_checkpoint(dir));
+  CHECK(meta.at("epoch_batches") == "1");
+  CHECK(std::stod(meta.at("wall_seconds")) > 0);
+  const auto line = nlohmann::json::parse(read_lines(dir + "/metrics.jsonl").at(0));
+  CHECK(line.at("stopped_by") == "time budget");
+  fs::remove_all(dir);
 }
 
 TEST_CASE("resume refuses checkpoint metadata that does not fit the run") {

@@ -1,19 +1,25 @@
 #include "train/checkpoint.h"
 
 #include <charconv>
+#include <cmath>
 #include <filesystem>
 
 namespace mv::train {
 
 void save_checkpoint(const std::string& path, const models::Module& model,
-                     const models::Optimizer* opt, const Metadata& meta) {
+                     const models::Optimizer* opt, const Metadata& meta,
+                     const models::WeightAverage* ema) {
   TensorMap all;
   for (auto& [n, p] : model.named_parameters()) all.emplace(n, p);
   if (opt) {
     for (auto& [n, t] : opt->state()) all.emplace(n, t);
   }
+  if (ema) {
+    for (auto& [n, t] : ema->state()) all.emplace(n, t);
+  }
   Metadata m = meta;
   if (opt) m["optimizer_steps"] = std::to_string(opt->steps());
+  if (ema) m["ema_updates"] = std::to_string(ema->updates());
   save_safetensors(path, all, m);
 }
 
@@ -26,10 +32,15 @@ static void copy_into(const std::string& path, const TensorMap& file, const std:
   dst.copy_(it->second);
 }
 
-Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt) {
+Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt,
+                         models::WeightAverage* ema) {
   Metadata meta;
   TensorMap file = load_safetensors(path, &meta);
   for (auto& [n, p] : model.named_parameters()) copy_into(path, file, n, p);
+  if (ema) {
+    for (auto& [n, t] : ema->state()) copy_into(path, file, n, t);
+    ema->set_updates(int64_t(metadata_uint(meta, "ema_updates", path, uint64_t(1) << 50)));
+  }
   if (opt) {
     for (auto& [n, t] : opt->state()) copy_into(path, file, n, t);
     opt->set_steps(int64_t(metadata_uint(meta, "optimizer_steps", path, uint64_t(1) << 50)));
@@ -47,6 +58,26 @@ uint64_t metadata_uint(const Metadata& meta, const std::string& key, const std::
   MV_CHECK(ec == std::errc() && end == s.data() + s.size() && v <= max, "checkpoint '", path,
            "': metadata '", key, "' is '", s, "', expected a whole number in 0..", max);
   return v;
+}
+
+double metadata_seconds(const Metadata& meta, const std::string& key, const std::string& path) {
+  auto it = meta.find(key);
+  if (it == meta.end()) return 0.0;
+  const std::string& s = it->second;
+  double v = -1;
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  MV_CHECK(ec == std::errc() && end == s.data() + s.size() && std::isfinite(v) && v >= 0,
+           "checkpoint '", path, "': metadata '", key, "' is '", s,
+           "', expected a number of seconds >= 0");
+  return v;
+}
+
+bool load_weights_for_evaluation(const std::string& path, models::Module& model) {
+  const TensorMap file = load_safetensors(path);
+  const bool averaged = file.count("ema." + model.named_parameters().at(0).first) > 0;
+  for (auto& [n, p] : model.named_parameters())
+    copy_into(path, file, averaged ? "ema." + n : n, p);
+  return averaged;
 }
 
 Metadata read_checkpoint_metadata(const std::string& path) {

@@ -6,22 +6,35 @@
 #include <string>
 
 #include "engine/safetensors.h"
+#include "models/ema.h"
 #include "models/module.h"
 #include "models/optim.h"
 #include "train/config.h"
 
 namespace mv::train {
 
+// With ema, also its averages ("ema.<name>") and their update count.
 void save_checkpoint(const std::string& path, const models::Module& model,
-                     const models::Optimizer* opt, const Metadata& meta);
+                     const models::Optimizer* opt, const Metadata& meta,
+                     const models::WeightAverage* ema = nullptr);
 
-// Copies the parameters (and optimizer buffers when opt is given) into the existing tensors.
-// Every expected tensor must be present with its exact shape; errors name the file and tensor.
-Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt);
+// Copies the parameters (and optimizer buffers when opt is given, the weight averages when ema
+// is) into the existing tensors. Every expected tensor must be present with its exact shape;
+// errors name the file and tensor.
+Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt,
+                         models::WeightAverage* ema = nullptr);
+
+// The weights to evaluate: the averaged ones of a run trained with --ema, else the parameters.
+// Returns whether they were the averages.
+bool load_weights_for_evaluation(const std::string& path, models::Module& model);
 
 // A whole non-negative integer of the metadata, at most `max`; errors name the file and key.
 uint64_t metadata_uint(const Metadata& meta, const std::string& key, const std::string& path,
                        uint64_t max);
+
+// A number of seconds of the metadata (finite, >= 0), or 0 when the key is absent (older
+// checkpoints); errors name the file and key.
+double metadata_seconds(const Metadata& meta, const std::string& key, const std::string& path);
 
 // Only the metadata, to rebuild the model before loading its weights.
 Metadata read_checkpoint_metadata(const std::string& path);

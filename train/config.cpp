@@ -57,6 +57,9 @@ void TrainConfig::validate() const {
            "--jaccard-sigma must be finite and > 0, got ", jaccard_sigma);
   MV_CHECK(jaccard_weight == 0 || vit.moe_placement != "none", "--jaccard-weight needs a model "
            "with MoE layers; model '", model, "' is dense");
+  MV_CHECK(ema_decay > 0 && ema_decay < 1, "--ema-decay must be in (0, 1), got ", ema_decay);
+  MV_CHECK(time_budget_minutes >= 0 && time_budget_minutes <= 1e6f,
+           "--time-budget must be in 0..1000000 minutes, got ", time_budget_minutes);
   if (device == "cpu") check_fits_memory(training_bytes(), "training with --batch " +
                                          std::to_string(batch) + (prc ? " (two views: --prc)" : "") +
                                          " and this model");
@@ -111,7 +114,8 @@ std::string TrainConfig::to_json() const {
       {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
       {"prc_reference_diagonal", prc_reference_diagonal}, {"prc_blocks", prc_blocks},
       {"prc_cls_pair", prc_cls_pair}, {"jaccard_weight", jaccard_weight},
-      {"jaccard_sigma", jaccard_sigma}};
+      {"jaccard_sigma", jaccard_sigma}, {"ema", ema}, {"ema_decay", ema_decay},
+      {"time_budget_minutes", time_budget_minutes}};
   if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
   return j.dump();
 }
@@ -140,6 +144,9 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.prc_cls_pair = j.value("prc_cls_pair", false);
     c.jaccard_weight = j.value("jaccard_weight", 0.f);  // ... and from before --jaccard-weight
     c.jaccard_sigma = j.value("jaccard_sigma", c.jaccard_sigma);
+    c.ema = j.value("ema", false);  // ... and from before --ema and --time-budget
+    c.ema_decay = j.value("ema_decay", c.ema_decay);
+    c.time_budget_minutes = j.value("time_budget_minutes", 0.f);
   } catch (const nlohmann::json::exception& e) {
     MV_FAIL("training configuration: ", e.what());
   }

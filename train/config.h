@@ -36,6 +36,14 @@ struct TrainConfig {
   // The noise-injection consistency loss (methods.md section 5; ViT::jaccard_loss): weight
   // (0: off) and the sigma of the Gaussian noise added to each MoE block's token input.
   float jaccard_weight = 0.f, jaccard_sigma = 0.5f;
+  // An average of the weights (models/ema.h), which the epochs' evaluations and the checkpoint's
+  // users (eval, viz) take instead of the last weights.
+  bool ema = false;
+  float ema_decay = 0.999f;
+  // A limit on the run's wall time, training and evaluation (0: none). After the first epoch
+  // fit sets `epochs` to as many as fit in it, so the learning-rate schedule ends in time; a run
+  // that still reaches the limit stops there with a checkpoint.
+  float time_budget_minutes = 0.f;
 
   // Throws naming the flag that is out of range, or the flags whose sizes exceed the memory.
   void validate() const;

@@ -1,12 +1,12 @@
 #include "train/loop.h"
 
 #include <algorithm>
-#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "datasets/loader.h"
@@ -82,22 +82,13 @@ std::unique_ptr<models::Optimizer> make_optimizer(const TrainConfig& cfg, models
   return std::make_unique<models::SGD>(model.named_parameters(), cfg.momentum, cfg.weight_decay);
 }
 
-// --resume: the parameters, optimizer state and routing-noise offset saved after the run's last
-// epoch. Returns the training seconds of the epochs before.
-double restore(const std::string& ckpt, const Metadata& meta, models::ViT& model,
-               models::Optimizer& opt) {
-  load_checkpoint(ckpt, model, &opt);
+// --resume: the parameters, optimizer state, weight averages and routing-noise offset saved
+// after the run's last step.
+void restore(const std::string& ckpt, const Metadata& meta, models::ViT& model,
+             models::Optimizer& opt, models::WeightAverage* ema) {
+  load_checkpoint(ckpt, model, &opt, ema);
   if (meta.count("route_noise_offset"))
     model.route_noise->offset = metadata_uint(meta, "route_noise_offset", ckpt, ~uint64_t(0));
-  // A resumed run's training time counts the epochs before the interruption too.
-  if (!meta.count("train_seconds")) return 0.0;
-  const std::string& text = meta.at("train_seconds");
-  double s = -1;
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), s);
-  MV_CHECK(ec == std::errc() && end == text.data() + text.size() && std::isfinite(s) && s >= 0,
-           "checkpoint '", ckpt, "': metadata 'train_seconds' is '", text,
-           "', expected a number of seconds >= 0");
-  return s;
 }
 
 // PRC's two views of each image, with patch pairs on the model's patch grid.
@@ -116,15 +107,24 @@ struct LrSchedule {
   float at(int64_t step) const { return models::lr_at(step, total, warmup, base, kind); }
 };
 
-// What fit sets up once and every epoch uses.
+// What fit sets up once and every epoch uses. With --time-budget, the first epoch's end
+// changes cfg.epochs, lr.total and end_epoch (fit_epochs_to_budget).
 struct Run {
-  const TrainConfig& cfg;
+  TrainConfig& cfg;
   models::ViT& model;
   models::Optimizer& opt;
-  const LrSchedule& lr;
+  models::WeightAverage* ema;  // with --ema, else null
+  LrSchedule& lr;
   const datasets::Dataset& test_set;
   const std::string& ckpt;
   FILE* log;
+  Clock::time_point started;  // of this call of fit: with the epochs since, the time left
+  double wall_before;         // seconds the run took in earlier calls (resumed runs)
+  int first_epoch, end_epoch;
+  double wall_seconds() const { return wall_before + since(started); }
+  bool out_of_time() const {
+    return cfg.time_budget_minutes > 0 && wall_seconds() >= 60.0 * cfg.time_budget_minutes;
+  }
 };
 
 // What the training steps of one epoch add up to.
@@ -134,7 +134,7 @@ struct EpochTotals {
   double prc_sum = 0, jaccard_sum = 0;  // the steps' PRC and noise-injection losses
   double compute_s = 0;                 // in the steps themselves
   double seconds = 0;                   // the whole epoch, waiting for batches included
-  int64_t next_batch = 0;               // where the epoch stopped: batches_per_epoch when whole
+  int64_t first_batch = 0, next_batch = 0;  // where the epoch began and stopped (whole: 0, per_epoch)
 };
 
 // metrics.jsonl, a line per epoch, rewritten whole by the checked writer after each line (it is
@@ -149,6 +149,17 @@ struct MetricsLog {
     text += line.dump() + "\n";
     write_file(path, text);
   }
+  // The best test accuracy of the lines so far (those of a resumed run's earlier epochs); 0 if none.
+  double best_test_accuracy() const {
+    double best = 0;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
+      const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_object() && j.contains("test_accuracy") && j["test_accuracy"].is_number())
+        best = std::max(best, j["test_accuracy"].get<double>());
+    }
+    return best;
+  }
 };
 
 // The training steps of epoch `epoch` from batch `first_batch`, with the progress line, until the
@@ -161,11 +172,12 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch, int
   Progress bar(run.log, epoch + 1, run.cfg.epochs, per_epoch);
   for (models::MoELayer* m : run.model.moe_layers()) m->stats.reset(m->config.router.experts, m->config.router.token_choice());
   loader.begin_epoch(epoch, first_batch);
-  t.next_batch = first_batch;
+  t.first_batch = t.next_batch = first_batch;
   for (datasets::Batch b; loader.next(b);) {
     const auto ts = Clock::now();
     const int64_t step = run.opt.steps();
     const StepResult r = train_step(run.model, run.opt, params, b, run.cfg, run.lr.at(step));
+    if (run.ema) run.ema->update();
     const float ce = r.ce.item();  // the classification loss is what the logs show
     if (r.prc.defined()) t.prc_sum += double(r.prc.item());
     if (r.jaccard.defined()) t.jaccard_sum += double(r.jaccard.item());
@@ -190,10 +202,10 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch, int
     t.steps++;
     const double el = since(t0);
     t.next_batch = b.batch_index + 1;
-    const double done = double(t.next_batch - first_batch);
+    const double done = double(t.next_batch - t.first_batch);
     bar.update(t.next_batch, t.loss_sum / t.seen, t.correct / t.seen, t.seen / el,
                el / done * double(per_epoch - t.next_batch));
-    if (stop_signal() != 0) break;
+    if (stop_signal() != 0 || run.out_of_time()) break;
   }
   t.seconds = since(t0);
   return t;
@@ -205,22 +217,47 @@ void save_run(const Run& run, int epochs, int64_t batches, double test_accuracy,
   Metadata meta{{"config", run.cfg.to_json()}, {"epoch", std::to_string(epochs)},
                 {"test_accuracy", std::to_string(test_accuracy)},
                 {"route_noise_offset", std::to_string(run.model.route_noise->offset)},
-                {"train_seconds", nlohmann::json(res.train_seconds).dump()}};
+                {"train_seconds", nlohmann::json(res.train_seconds).dump()},
+                {"wall_seconds", nlohmann::json(run.wall_seconds()).dump()}};
   if (batches > 0) meta["epoch_batches"] = std::to_string(batches);
-  save_checkpoint(run.ckpt, run.model, &run.opt, meta);
+  save_checkpoint(run.ckpt, run.model, &run.opt, meta, run.ema);
+}
+
+// --time-budget, after the first epoch: as many epochs as fit in the budget at this epoch's pace
+// (its steps per second and its evaluation), at least 1 and at most --epochs; the schedule is
+// stretched or cut to end with them. Saved in the configuration, so a resume keeps it.
+void fit_epochs_to_budget(Run& run, const EpochTotals& t, int64_t per_epoch, double eval_seconds) {
+  const double step_s = t.seconds / double(t.next_batch - t.first_batch);
+  const double epoch_s = step_s * double(per_epoch) + eval_seconds;
+  const double left = 60.0 * run.cfg.time_budget_minutes - run.wall_seconds();
+  const int epochs = int(std::clamp(1.0 + std::floor(left / epoch_s), 1.0, double(run.cfg.epochs)));
+  if (run.log)
+    std::fprintf(run.log, "time budget %s: an epoch takes about %s with its evaluation, so the run "
+                 "gets %d epochs (--epochs %d at most)\n",
+                 format_seconds(60.0 * run.cfg.time_budget_minutes).c_str(),
+                 format_seconds(epoch_s).c_str(), epochs, run.cfg.epochs);
+  run.end_epoch = std::min(run.end_epoch, epochs);
+  run.cfg.epochs = epochs;
+  run.lr.total = per_epoch * epochs;
 }
 
 // After an epoch: evaluation on the test set, the checkpoint, a line of metrics.jsonl and the
 // log's summary. res takes the epoch's results.
-void finish_epoch(const Run& run, int epoch, const EpochTotals& t, MetricsLog& metrics,
+void finish_epoch(Run& run, int epoch, const EpochTotals& t, MetricsLog& metrics,
                   TrainResult& res) {
   const TrainConfig& cfg = run.cfg;
   const nlohmann::ordered_json moe = moe_stats_json(run.model);  // of training, before evaluation
+  const auto t_eval = Clock::now();
+  if (run.ema) run.ema->swap();  // evaluates the averaged weights
   const EvalResult ev = evaluate(run.model, run.test_set, cfg.dataset, cfg.eval_batch);
+  if (run.ema) run.ema->swap();
+  if (epoch == 0 && cfg.time_budget_minutes > 0)
+    fit_epochs_to_budget(run, t, run.lr.total / cfg.epochs, since(t_eval));
   res.epochs_done = epoch + 1;
   res.train_loss = t.loss_sum / double(t.seen);
   res.test_accuracy = ev.accuracy;
   res.test_loss = ev.loss;
+  res.best_test_accuracy = std::max(res.best_test_accuracy, ev.accuracy);
   res.train_seconds += t.seconds;
   save_run(run, epoch + 1, 0, ev.accuracy, res);
 
@@ -230,15 +267,21 @@ void finish_epoch(const Run& run, int epoch, const EpochTotals& t, MetricsLog& m
       {"epoch", epoch + 1}, {"step", steps}, {"train_loss", res.train_loss},
       {"train_accuracy", t.correct / double(t.seen)}, {"test_loss", ev.loss},
       {"test_accuracy", ev.accuracy}, {"lr", run.lr.at(steps - 1)},
-      {"epoch_seconds", t.seconds}, {"images_per_second", res.images_per_second}};
+      {"epoch_seconds", t.seconds}, {"wall_seconds", run.wall_seconds()},
+      {"images_per_second", res.images_per_second}};
   if (!moe.empty()) line["moe"] = moe;
   if (cfg.prc) line["prc_loss"] = t.prc_sum / double(t.steps);  // weighted, summed over layers
   if (cfg.jaccard_weight > 0) line["jaccard_loss"] = t.jaccard_sum / double(t.steps);  // unweighted
   metrics.add(line);
   if (run.log) {
-    std::fprintf(run.log, "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",
-                 epoch + 1, cfg.epochs, res.train_loss, ev.loss, 100 * ev.accuracy,
-                 format_seconds(t.seconds).c_str());
+    // Time left: this call's wall time per epoch (evaluation included) times the epochs to go.
+    const double left = since(run.started) / double(epoch + 1 - run.first_epoch) *
+                        double(run.end_epoch - epoch - 1);
+    std::fprintf(run.log, "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.2f%% "
+                 "(best %.2f%%) (%s)%s%s\n", epoch + 1, cfg.epochs, res.train_loss, ev.loss,
+                 100 * ev.accuracy, 100 * res.best_test_accuracy, format_seconds(t.seconds).c_str(),
+                 epoch + 1 < run.end_epoch ? "; about " : "",
+                 epoch + 1 < run.end_epoch ? (format_seconds(left) + " left").c_str() : "");
     print_moe_stats(run.log, moe);
   }
 }
@@ -251,7 +294,8 @@ void stop_in_epoch(const Run& run, int epoch, const EpochTotals& t, MetricsLog& 
   save_run(run, epoch, t.next_batch, 0, res);
   const int64_t steps = run.opt.steps();
   nlohmann::ordered_json line = {{"epoch", epoch + 1}, {"step", steps},
-                                 {"stopped_by", signal_name(stop_signal())},
+                                 {"stopped_by", stop_signal() ? signal_name(stop_signal())
+                                                              : "time budget"},
                                  {"epoch_batches", t.next_batch}, {"epoch_seconds", t.seconds}};
   if (t.seen > 0) {
     line["train_loss"] = t.loss_sum / double(t.seen);
@@ -266,7 +310,7 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
                 int stop_after) {
   const std::string ckpt = run_checkpoint(out_dir);
   const Metadata meta = resume ? resume_metadata(ckpt) : Metadata{};
-  const TrainConfig cfg = resume ? config_from_metadata(meta, ckpt, "--resume") : given;
+  TrainConfig cfg = resume ? config_from_metadata(meta, ckpt, "--resume") : given;
   cfg.validate();
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
@@ -280,6 +324,8 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   ops::set_allow_tf32(cfg.tf32);
   model.to(cfg.device == "cuda" ? Device::CUDA : Device::CPU);
   const std::unique_ptr<models::Optimizer> opt = make_optimizer(cfg, model);
+  std::unique_ptr<models::WeightAverage> ema;
+  if (cfg.ema) ema = std::make_unique<models::WeightAverage>(model.named_parameters(), cfg.ema_decay);
 
   // With PRC the loader cuts two views per image (their own crops and flips) instead of the
   // usual augmentation.
@@ -294,7 +340,9 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   TrainResult res;
   const ResumePoint start = resume ? resume_point(ckpt, meta, cfg, per_epoch) : ResumePoint{};
   if (resume) {
-    res.train_seconds = restore(ckpt, meta, model, *opt);
+    restore(ckpt, meta, model, *opt, ema.get());
+    // A resumed run's times count the epochs before the interruption too.
+    res.train_seconds = metadata_seconds(meta, "train_seconds", ckpt);
     const int64_t step = start.epoch * per_epoch + start.batch;
     MV_CHECK(opt->steps() == step, "checkpoint '", ckpt, "': its optimizer took ", opt->steps(),
              " steps, but epoch ", start.epoch, " + batch ", start.batch, " of this data (",
@@ -308,29 +356,34 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
       std::fprintf(log, "resuming %s after epoch %d, batch %lld\n", ckpt.c_str(), start.epoch,
                    (long long)start.batch);
   }
-  const LrSchedule lr{per_epoch * cfg.epochs, int64_t(cfg.warmup_epochs * double(per_epoch)),
-                      cfg.lr, cfg.schedule == "cosine" ? models::Schedule::Cosine
-                                                       : models::Schedule::Linear};
-  const Run run{cfg, model, *opt, lr, data.test, ckpt, log};
+  LrSchedule lr{per_epoch * cfg.epochs, int64_t(cfg.warmup_epochs * double(per_epoch)), cfg.lr,
+                cfg.schedule == "cosine" ? models::Schedule::Cosine : models::Schedule::Linear};
+  const double wall_before = resume ? metadata_seconds(meta, "wall_seconds", ckpt) : 0;
+  Run run{cfg, model, *opt, ema.get(), lr, data.test, ckpt, log, Clock::now(), wall_before,
+          start.epoch, stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs};
 
   MetricsLog metrics(out_dir + "/metrics.jsonl", resume);
-  const int end_epoch = stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs;
+  res.best_test_accuracy = metrics.best_test_accuracy();
   // A stop signal ends the run after the step it arrived in (or, during an evaluation, after
   // that epoch's checkpoint).
-  for (int epoch = start.epoch; epoch < end_epoch; ++epoch) {
+  for (int epoch = start.epoch; epoch < run.end_epoch; ++epoch) {
     const EpochTotals t = train_epoch(run, loader, epoch, epoch == start.epoch ? start.batch : 0);
     if (t.next_batch < per_epoch) {
       stop_in_epoch(run, epoch, t, metrics, res);
       break;
     }
     finish_epoch(run, epoch, t, metrics, res);
-    if (stop_signal() != 0) break;
+    if (stop_signal() != 0 || (run.out_of_time() && epoch + 1 < run.end_epoch)) break;
   }
   res.stop_signal = stop_signal();
   if (res.stop_signal != 0 && log)
     std::fprintf(log, "stopped by %s after step %lld; checkpoint %s; continue with: train "
                  "--resume %s\n", signal_name(res.stop_signal), (long long)opt->steps(),
                  ckpt.c_str(), out_dir.c_str());
+  else if (run.out_of_time() && log)
+    std::fprintf(log, "stopped at the time budget of %s after step %lld; checkpoint %s\n",
+                 format_seconds(60.0 * cfg.time_budget_minutes).c_str(), (long long)opt->steps(),
+                 ckpt.c_str());
   return res;
 }
 

@@ -11,6 +11,7 @@ namespace mv::train {
 struct TrainResult {
   int epochs_done = 0;
   double test_accuracy = 0, test_loss = 0, train_loss = 0;
+  double best_test_accuracy = 0;  // over the run's epochs, those before a resume included
   double train_seconds = 0;      // training steps of all epochs, those before a resume included
   double images_per_second = 0;  // of the last epoch
   int stop_signal = 0;           // the signal that stopped the run early (train/stop.h), or 0

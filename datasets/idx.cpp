@@ -90,19 +90,24 @@ std::vector<uint8_t> read_idx_u8(const std::string& path, int ndims, std::vector
   MV_CHECK(read_some(f.get(), path, hdr.data(), hdr.size()) == hdr.size(), "read_idx: ", path,
            ": file is truncated inside the header (", ndims, " dimension sizes expected)");
   dims.assign(size_t(ndims), 0);
+  for (int d = 0; d < ndims; ++d) dims[size_t(d)] = be32(hdr.data() + 4 * d);
+  // The product is bounded before each step: 32-bit sizes multiply past int64 in a few dimensions.
+  constexpr int64_t kMaxTotal = int64_t(1) << 40;
   int64_t total = 1;
-  for (int d = 0; d < ndims; ++d) {
-    dims[size_t(d)] = be32(hdr.data() + 4 * d);
-    total *= dims[size_t(d)];
-    MV_CHECK(total <= (int64_t(1) << 40), "read_idx: ", path, ": implausible sizes in header");
+  for (int64_t d : dims) {
+    MV_CHECK(d == 0 || total <= kMaxTotal / d, "read_idx: ", path,
+             ": implausible sizes in header: ", dims_str(dims), " is more than 2^40 bytes of data");
+    total *= d;
   }
 
-  // Read in slices so a header that claims far more than the file holds fails as "truncated"
-  // instead of allocating what it claims.
+  // Read in slices that grow with what has arrived (1 MiB, then doubling up to 64 MiB), so a
+  // header that claims far more than the file holds fails as "truncated" having allocated at
+  // most twice what the file held, not what it claims.
   std::vector<uint8_t> data;
   int64_t got = 0;
   while (got < total) {
-    const int64_t want_now = std::min<int64_t>(total - got, int64_t(64) << 20);
+    const int64_t want_now =
+        std::min({total - got, std::max<int64_t>(got, int64_t(1) << 20), int64_t(64) << 20});
     data.resize(size_t(got + want_now));
     const size_t r = read_some(f.get(), path, data.data() + got, size_t(want_now));
     got += int64_t(r);

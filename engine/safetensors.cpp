@@ -92,9 +92,15 @@ TensorMap load_safetensors(const std::string& path, Metadata* meta) {
                  e["data_offsets"].is_array() && e["data_offsets"].size() == 2,
              where, ": expected {dtype, shape, data_offsets: [begin, end]}");
     Entry en{it.key(), parse_dtype(e["dtype"].get<std::string>(), where), {}, 0, 0};
+    // The element count is checked as it multiplies (zeros aside, which make the tensor empty):
+    // sizes such as 2^32 x 2^32 would overflow it, and the strides, past 2^63.
+    int64_t nonzero = 1;
     for (const auto& d : e["shape"]) {
-      MV_CHECK(d.is_number_unsigned(), where, ": shape entries must be non-negative integers");
+      MV_CHECK(d.is_number_unsigned() && d.get<uint64_t>() <= uint64_t(INT64_MAX), where,
+               ": shape entries must be integers in 0..2^63-1, got ", d.dump());
       en.shape.push_back(d.get<int64_t>());
+      MV_CHECK(en.shape.back() == 0 || !__builtin_mul_overflow(nonzero, en.shape.back(), &nonzero),
+               where, ": shape ", e["shape"].dump(), " has more than 2^63 elements");
     }
     MV_CHECK(e["data_offsets"][0].is_number_unsigned() && e["data_offsets"][1].is_number_unsigned(),
              where, ": data_offsets must be non-negative integers");
@@ -102,9 +108,12 @@ TensorMap load_safetensors(const std::string& path, Metadata* meta) {
     en.end = e["data_offsets"][1].get<uint64_t>();
     MV_CHECK(en.begin <= en.end && en.end <= data_size, where, ": data_offsets [", en.begin, ", ",
              en.end, "] fall outside the ", data_size, " data bytes");
-    const uint64_t want = uint64_t(shape_numel(en.shape)) * dtype_size(en.dtype);
-    MV_CHECK(en.end - en.begin == want, where, ": holds ", en.end - en.begin, " bytes but shape ",
-             shape_str(en.shape), " of ", dtype_name(en.dtype), " needs ", want);
+    const uint64_t numel = uint64_t(shape_numel(en.shape)), dsize = dtype_size(en.dtype);
+    MV_CHECK(numel <= UINT64_MAX / dsize, where, ": shape ", shape_str(en.shape), " of ",
+             dtype_name(en.dtype), " needs more than 2^64 bytes");
+    MV_CHECK(en.end - en.begin == numel * dsize, where, ": holds ", en.end - en.begin,
+             " bytes but shape ", shape_str(en.shape), " of ", dtype_name(en.dtype), " needs ",
+             numel * dsize);
     entries.push_back(std::move(en));
   }
   std::vector<const Entry*> by_offset;

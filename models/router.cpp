@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
-#include <sstream>
 
 #include "autograd/autograd.h"
 #include "models/layers.h"
@@ -18,10 +17,6 @@
 namespace mv::models {
 
 namespace {
-
-const std::vector<std::string> kTypes = {"topk",   "expert_choice",    "soft",
-                                         "cosine", "perturbed_cosine", "multi_centroid",
-                                         "attention_vote"};
 
 // Xavier (Glorot) scale of a (fan_in, fan_out) matrix, as Linear uses.
 float xavier(int64_t fan_in, int64_t fan_out) { return std::sqrt(2.0f / float(fan_in + fan_out)); }
@@ -306,49 +301,6 @@ class AttentionVoteRouter : public Router {
 };
 
 }  // namespace
-
-std::vector<std::string> router_types() { return kTypes; }
-
-bool RouterConfig::token_choice() const {
-  return type == "topk" || type == "cosine" || type == "perturbed_cosine" || type == "multi_centroid";
-}
-
-void RouterConfig::validate() const {
-  if (std::find(kTypes.begin(), kTypes.end(), type) == kTypes.end()) {
-    std::ostringstream known;
-    for (size_t i = 0; i < kTypes.size(); ++i) known << (i ? ", " : "") << kTypes[i];
-    MV_FAIL("router: unknown type '", type, "' (known: ", known.str(), ")");
-  }
-  // Upper bounds keep a mistyped number from asking for terabytes: they lie far above any
-  // published MoE (V-MoE: 32 experts, k <= 2, capacity factors <= 2).
-  MV_CHECK(experts >= 1 && experts <= 4096, "router: experts (--experts) = ", experts, ", expected 1..4096");
-  if (token_choice()) {
-    MV_CHECK(k >= 1, "router: k (--k) = ", k, ", expected at least 1");
-    MV_CHECK(k <= experts, "router: k (--k) = ", k, " is larger than experts = ", experts);
-  }
-  auto factor_ok = [](float c) { return std::isfinite(c) && c >= 0.f && c <= 64.f; };
-  MV_CHECK(factor_ok(capacity_train), "router: capacity_train (--capacity) = ", capacity_train,
-           ", expected a factor in (0, 64] (or 0: dropless)");
-  MV_CHECK(factor_ok(capacity_eval), "router: capacity_eval (--eval-capacity) = ", capacity_eval,
-           ", expected a factor in (0, 64] (or 0: dropless)");
-  MV_CHECK(factor_ok(ec_capacity) && ec_capacity > 0.f, "router: ec_capacity (--ec-capacity) = ", ec_capacity,
-           ", expected a factor in (0, 64]");
-  MV_CHECK(slots >= 1 && slots <= 4096, "router: slots (--slots) = ", slots, ", expected 1..4096");
-  MV_CHECK(soft_scale > 0.f && std::isfinite(soft_scale), "router: soft_scale (--soft-scale) = ", soft_scale,
-           ", expected a finite value > 0");
-  MV_CHECK(proj_dim >= 1 && proj_dim <= 65536, "router: proj_dim (--proj-dim) = ", proj_dim, ", expected 1..65536");
-  MV_CHECK(centroids >= 1 && centroids <= 1024, "router: centroids (--centroids) = ", centroids,
-           ", expected 1..1024");
-  MV_CHECK(vote_dim >= 1 && vote_dim <= 65536, "router: vote_dim (--vote-dim) = ", vote_dim, ", expected 1..65536");
-  MV_CHECK(tau1 >= 0.f && std::isfinite(tau1), "router: tau1 = ", tau1, ", expected >= 0");
-  MV_CHECK(tau2 >= 0.f && std::isfinite(tau2), "router: tau2 = ", tau2, ", expected >= 0");
-  MV_CHECK(std::isfinite(noise_std), "router: noise_std (--noise-std) = ", noise_std, ", expected a finite value");
-  MV_CHECK(importance_weight >= 0.f && std::isfinite(importance_weight) && load_weight >= 0.f &&
-               std::isfinite(load_weight) && separation_weight >= 0.f &&
-               std::isfinite(separation_weight),
-           "router: importance_weight (--importance-weight) = ", importance_weight, ", load_weight (--load-weight) = ", load_weight,
-           ", separation_weight (--separation-weight) = ", separation_weight, ": expected finite values >= 0");
-}
 
 std::shared_ptr<Router> make_router(const RouterConfig& c, int64_t dim, Generator& g) {
   c.validate();

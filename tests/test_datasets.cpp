@@ -214,6 +214,20 @@ TEST_CASE("IDX: broken files are rejected with the file name and the reason") {
                        Error);
 }
 
+// Found by fuzz/fuzz_idx (docs/reliability.md, "Fuzzing"): sizes whose product passes 2^63
+// overflowed the running product before the size check saw it (here 2^40 x (2^32 - 1) wrapped
+// to -2^40, which passed the check).
+TEST_CASE("IDX: header sizes whose product overflows are refused") {
+  const std::string dir = temp_dir("idx_overflow");
+  const std::string img = dir + "/images";
+  write_file(img, idx_bytes(0x803, {65536u, 16777216u, 0xFFFFFFFFu}, {}), false);
+  std::vector<int64_t> dims;
+  CHECK_THROWS_WITH_AS(read_idx_u8(img, 3, dims),
+                       has(img + ": implausible sizes in header: 65536x16777216x4294967295"),
+                       Error);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("IDX: a gzip stream cut short is reported, not read as data") {
   const std::string dir = temp_dir("idx_cut_gz");
   SmallIdx s;

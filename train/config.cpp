@@ -1,7 +1,9 @@
 #include "train/config.h"
 
 #include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <utility>
 
 #include "engine/memory.h"
 
@@ -84,19 +86,40 @@ static nlohmann::ordered_json moe_json(const models::ViTConfig& v) {
           {"vote_dim", r.vote_dim}, {"global_query", r.global_query}};
 }
 
+// A JSON integer in T's range, else an error naming the field: nlohmann's own conversion
+// truncates 1.5 to 1, wraps 4294967306 to 10 in an int, and is undefined for 1e30.
+template <class T>
+static T as_integer(const nlohmann::json& v, const std::string& name) {
+  const bool ok = v.is_number_unsigned()
+                      ? std::in_range<T>(v.get<uint64_t>())
+                      : v.is_number_integer() && std::in_range<T>(v.get<int64_t>());
+  MV_CHECK(ok, "training configuration: ", name, " = ", v.dump(), ", expected an integer in ",
+           +std::numeric_limits<T>::min(), "..", +std::numeric_limits<T>::max());
+  return v.get<T>();
+}
+
+// The integer field j[key]; `where` prefixes the name in messages ("moe.").
+template <class T>
+static T integer(const nlohmann::json& j, const std::string& key, const std::string& where = "") {
+  return as_integer<T>(j.at(key), where + key);
+}
+
 static void moe_from_json(const nlohmann::json& j, models::ViTConfig& v) {
   models::RouterConfig& r = v.moe.router;
-  v.moe_placement = j.at("placement"), v.moe_last_n = j.at("last_n");
-  v.moe.mlp_dim = j.at("mlp_dim"), v.moe.group_per_batch = j.at("group_per_batch");
-  r.type = j.at("router"), r.experts = j.at("experts"), r.k = j.at("k");
+  v.moe_placement = j.at("placement"), v.moe_last_n = integer<int>(j, "last_n", "moe.");
+  v.moe.mlp_dim = integer<int>(j, "mlp_dim", "moe.");
+  v.moe.group_per_batch = j.at("group_per_batch"), r.type = j.at("router");
+  r.experts = integer<int>(j, "experts", "moe."), r.k = integer<int>(j, "k", "moe.");
   r.capacity_train = j.at("capacity_train"), r.capacity_eval = j.at("capacity_eval");
   r.round_to_4 = j.at("round_to_4"), r.bpr = j.at("bpr"), r.renormalize = j.at("renormalize");
   r.noise_std = j.at("noise_std"), r.importance_weight = j.at("importance_weight");
   r.load_weight = j.at("load_weight"), r.ec_capacity = j.at("ec_capacity");
-  r.slots = j.at("slots"), r.proj_dim = j.at("proj_dim"), r.tau1 = j.at("tau1");
+  r.slots = integer<int>(j, "slots", "moe."), r.proj_dim = integer<int>(j, "proj_dim", "moe.");
+  r.tau1 = j.at("tau1");
   r.soft_scale = j.value("soft_scale", 1.f);  // checkpoints before the field had the method's 1
-  r.tau2 = j.at("tau2"), r.centroids = j.at("centroids");
-  r.separation_weight = j.at("separation_weight"), r.vote_dim = j.at("vote_dim");
+  r.tau2 = j.at("tau2"), r.centroids = integer<int>(j, "centroids", "moe.");
+  r.separation_weight = j.at("separation_weight");
+  r.vote_dim = integer<int>(j, "vote_dim", "moe.");
   r.global_query = j.at("global_query");
 }
 
@@ -125,22 +148,31 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   try {
     auto j = nlohmann::json::parse(text);
     c.dataset = j.at("dataset"), c.data_dir = j.at("data_dir"), c.model = j.at("model");
-    c.vit = {j.at("image_size"), j.at("channels"), j.at("patch"), j.at("dim"), j.at("depth"),
-             j.at("heads"), j.at("mlp_dim"), j.at("num_classes")};
+    c.vit = {integer<int>(j, "image_size"), integer<int>(j, "channels"), integer<int>(j, "patch"),
+             integer<int>(j, "dim"),        integer<int>(j, "depth"),    integer<int>(j, "heads"),
+             integer<int>(j, "mlp_dim"),    integer<int>(j, "num_classes")};
     if (j.contains("moe")) moe_from_json(j.at("moe"), c.vit);
-    c.epochs = j.at("epochs"), c.batch = j.at("batch"), c.eval_batch = j.at("eval_batch");
+    c.epochs = integer<int>(j, "epochs"), c.batch = integer<int>(j, "batch");
+    c.eval_batch = integer<int>(j, "eval_batch");
     c.optimizer = j.at("optimizer"), c.lr = j.at("lr"), c.weight_decay = j.at("weight_decay");
     c.momentum = j.at("momentum"), c.schedule = j.at("schedule");
     c.warmup_epochs = j.at("warmup_epochs"), c.label_smoothing = j.at("label_smoothing");
-    c.clip = j.at("clip"), c.augment = j.at("augment"), c.seed = j.at("seed");
-    c.limit_train = j.at("limit_train"), c.limit_test = j.at("limit_test");
+    c.clip = j.at("clip"), c.augment = j.at("augment"), c.seed = integer<uint64_t>(j, "seed");
+    c.limit_train = integer<int64_t>(j, "limit_train");
+    c.limit_test = integer<int64_t>(j, "limit_test");
     c.device = j.value("device", std::string("cpu"));  // checkpoints from before --device: CPU
     c.tf32 = j.value("tf32", false);                    // ... and from before --tf32
     c.prc = j.value("prc", false);                      // ... and from before --prc
     c.prc_diag_weight = j.value("prc_diag_weight", c.prc_diag_weight);
     c.prc_off_weight = j.value("prc_off_weight", c.prc_off_weight);
     c.prc_reference_diagonal = j.value("prc_reference_diagonal", false);
-    c.prc_blocks = j.value("prc_blocks", std::vector<int>{});
+    if (j.contains("prc_blocks")) {
+      const nlohmann::json& b = j.at("prc_blocks");
+      MV_CHECK(b.is_array(), "training configuration: prc_blocks = ", b.dump(),
+               ", expected an array of block numbers");
+      for (size_t i = 0; i < b.size(); ++i)
+        c.prc_blocks.push_back(as_integer<int>(b[i], "prc_blocks[" + std::to_string(i) + "]"));
+    }
     c.prc_cls_pair = j.value("prc_cls_pair", false);
     c.jaccard_weight = j.value("jaccard_weight", 0.f);  // ... and from before --jaccard-weight
     c.jaccard_sigma = j.value("jaccard_sigma", c.jaccard_sigma);

@@ -5,7 +5,6 @@
 namespace mv::cli {
 namespace {
 
-
 // The data set, the preset and its overrides.
 void add_model_flags(CLI::App& app, TrainFlags& f) {
   app.add_option("--dataset", f.cfg.dataset,
@@ -179,6 +178,8 @@ train::TrainConfig train_config(const CLI::App& app, const TrainFlags& f) {
   MV_CHECK(!given("--limit-test") || f.cfg.limit_test >= 1, "--limit-test must be at least 1 "
            "image, got ", f.cfg.limit_test);
   MV_CHECK(!given("--out") || !f.out.empty(), "--out must name a folder");
+  MV_CHECK(!given("--time-budget") || f.cfg.time_budget_minutes > 0, "--time-budget must be more "
+           "than 0 minutes, got ", f.cfg.time_budget_minutes);
   if (given("--resume")) {
     // The run's own settings are used; a flag that would silently be ignored is refused.
     for (const CLI::Option* o : app.get_options()) {

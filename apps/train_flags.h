@@ -1,6 +1,6 @@
 // train's command line: its flags, and the run configuration they make (the preset of --model
 // with each override given). Apart from main so that the flag parser can be tested and fuzzed
-// (fuzz/fuzz_cli.cpp) without running anything.
+// (fuzz/fuzz_flags.cpp) without running anything.
 #pragma once
 #include <CLI/CLI.hpp>
 #include <string>

@@ -87,7 +87,9 @@ for flags, message in [
     (["--schedule", "step"], "--schedule"), (["--augment", "mixup"], "--augment"),
     (["--device", "tpu"], "--device"), (["--dataset", "imagenet"], "imagenet"),
     (["--out", "/dev/null"], "/dev/null"), (["--epochs", "ten"], "--epochs"),
-    (["--no-such-flag", "1"], "no-such-flag"),
+    (["--no-such-flag", "1"], "no-such-flag"), (["--ema", "--ema-decay", "1"], "--ema-decay"),
+    (["--ema-decay", "nan"], "--ema-decay"), (["--time-budget", "0"], "--time-budget"),
+    (["--time-budget", "-5"], "--time-budget"), (["--time-budget", "inf"], "--time-budget"),
 ]:
     expect_error([train] + TINY + ["--out", os.path.join(work, "bad")] + flags, message)
 expect_error([train, "--resume", run_dir, "--epochs", "5"], "--epochs cannot be changed")

@@ -13,10 +13,12 @@ choice) pairs) and all experts run as one batched matmul over an (E, B*C, D) buf
 PyTorch is not a dependency of moevit; Debian's python3-torch serves (run it with /usr/bin/python3
 where another python3 comes first on PATH). With --device cuda the step runs on the GPU (the
 clock stops after torch.cuda.synchronize()), and --compile wraps the model in torch.compile, as a
-user would (PyTorch >= 2.0; the MoE layer's data-dependent indexing may split the graph). Usage:
+user would (PyTorch >= 2.0; the MoE layer's data-dependent indexing may split the graph), in the
+mode --mode names. Current PyTorch goes into a virtual environment (docs/benchmarks.md). Usage:
   python3 bench/reference/train_step.py --preset vit-tiny --batch 128 --threads 2 --steps 20
   python3 bench/reference/train_step.py --preset vmoe-tiny --threads 2
   python3 bench/reference/train_step.py --preset vmoe-tiny --device cuda --compile
+  venv/bin/python bench/reference/train_step.py --preset vmoe-tiny --compile --mode max-autotune
 """
 import argparse
 import math
@@ -160,6 +162,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile's mode")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -167,7 +171,7 @@ def main():
     model = ViT(*PRESETS[args.preset], moe=MOE.get(args.preset)).to(args.device)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    run = torch.compile(model) if args.compile else model
+    run = torch.compile(model, mode=args.mode) if args.compile else model
     x = torch.randn(args.batch, channels, image, image, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -188,7 +192,7 @@ def main():
             times.append(time.perf_counter() - t0)
     times.sort()
     med = times[len(times) // 2]
-    mode = f"{args.device}{', compiled' if args.compile else ''}"
+    mode = f"{args.device}{', compiled ' + args.mode if args.compile else ''}"
     print(f"pytorch {torch.__version__} {args.preset} ({mode}) batch {args.batch} threads {args.threads}: "
           f"median step {med * 1e3:.1f} ms over {args.steps} steps after {args.warmup} warm-up, "
           f"{args.batch / med:.0f} images/s; {params} parameters")

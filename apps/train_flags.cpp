@@ -95,6 +95,8 @@ void add_training_flags(CLI::App& app, TrainFlags& f) {
   app.add_flag("--tf32", f.cfg.tf32,
                "CUDA: let cuBLAS use TF32 tensor cores (faster GEMMs, ~1e-3 relative error)");
   app.add_option("--threads", f.threads, "CPU threads (default: all cores)");
+  app.add_option("--expert-parallel", f.expert_parallel, "under mpirun: split each MoE layer's "
+                 "experts over this many ranks (all of them; default 1: data parallel only)");
   app.add_option("--out", f.out, "output folder: checkpoint.safetensors, metrics.jsonl")
       ->capture_default_str();
   app.add_flag("--ema", f.cfg.ema, "keep an average of the weights (decay --ema-decay) and "
@@ -178,6 +180,8 @@ train::TrainConfig train_config(const CLI::App& app, const TrainFlags& f) {
   MV_CHECK(!given("--limit-test") || f.cfg.limit_test >= 1, "--limit-test must be at least 1 "
            "image, got ", f.cfg.limit_test);
   MV_CHECK(!given("--out") || !f.out.empty(), "--out must name a folder");
+  MV_CHECK(f.expert_parallel >= 1, "--expert-parallel must be at least 1 rank, got ",
+           f.expert_parallel);
   MV_CHECK(!given("--time-budget") || f.cfg.time_budget_minutes > 0, "--time-budget must be more "
            "than 0 minutes, got ", f.cfg.time_budget_minutes);
   if (given("--resume")) {
@@ -185,7 +189,7 @@ train::TrainConfig train_config(const CLI::App& app, const TrainFlags& f) {
     for (const CLI::Option* o : app.get_options()) {
       const std::string name = o->get_name();
       MV_CHECK(o->count() == 0 || name == "--resume" || name == "--threads" ||
-                   name == "--stop-after" || name == "--help",
+                   name == "--stop-after" || name == "--expert-parallel" || name == "--help",
                "--resume continues a run with the settings it saved; ", name, " cannot be changed "
                "(start a new run with --out instead)");
     }

@@ -16,6 +16,8 @@ struct TrainFlags {
   std::string group;
   std::string out = "runs/default", resume;
   int threads = 0, stop_after = 0;
+  int expert_parallel = 1;  // ranks the experts are split over (a property of the launch, not
+                            // of the run: a resumed run may change it)
 };
 
 void add_train_flags(CLI::App& app, TrainFlags& f);

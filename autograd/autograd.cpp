@@ -72,46 +72,67 @@ static void accumulate(std::shared_ptr<TensorImpl>& slot, const Tensor& g) {
   });
 }
 
+void backward(const Tensor& out, const Tensor& grad_output, const LeafDone& leaf_done) {
+  MV_CHECK(out.requires_grad(), "backward: ", out.str(), " does not require grad (no input of the "
+           "ops that made it requires grad, or it was made under NoGrad)");
+  Tensor g = grad_output;
+  if (!g.defined()) {
+    MV_CHECK(out.numel() == 1, "backward: an implicit gradient needs a one-element output, got ",
+             out.str(), "; pass grad_output");
+    g = Tensor::ones(out.shape(), DType::F32, out.device());
+  }
+  MV_CHECK(g.shape() == out.shape(), "backward: grad_output ", g.str(), " does not match output ",
+           out.str());
+  NoGrad no_grad;  // backward closures build no graph of their own
+  if (!out.grad_fn()) {
+    accumulate(out.impl().grad, g);
+    if (leaf_done) leaf_done(out);
+    return;
+  }
+  const std::vector<Node*> order = topological_order(out.grad_fn().get());
+  // With a hook: the position of the last node that feeds each leaf.
+  std::unordered_map<const TensorImpl*, size_t> last_use;
+  if (leaf_done)
+    for (size_t k = 0; k < order.size(); ++k)
+      for (const Tensor& in : order[k]->inputs)
+        if (in.defined() && in.requires_grad() && !in.grad_fn()) last_use[&in.impl()] = k;
+  std::unordered_map<Node*, std::shared_ptr<TensorImpl>> pending{{out.grad_fn().get(), g.impl_ptr()}};
+  for (size_t k = 0; k < order.size(); ++k) {
+    Node* node = order[k];
+    auto it = pending.find(node);
+    if (it != pending.end()) {
+      Tensor gy(std::move(it->second));
+      pending.erase(it);
+      std::vector<Tensor> grads = node->backward(gy);
+      MV_CHECK(grads.size() == node->inputs.size(), "backward of ", node->name, ": returned ",
+               grads.size(), " gradients for ", node->inputs.size(), " inputs");
+      for (size_t i = 0; i < grads.size(); ++i) {
+        const Tensor& in = node->inputs[i];
+        if (!grads[i].defined() || !in.defined() || !in.requires_grad()) continue;
+        MV_CHECK(grads[i].shape() == in.shape(), "backward of ", node->name, ": gradient ",
+                 grads[i].str(), " for input ", i, " does not match the input ", in.str());
+        if (in.grad_fn())
+          accumulate(pending[in.grad_fn().get()], grads[i]);
+        else
+          accumulate(in.impl().grad, grads[i]);
+      }
+    }
+    if (!leaf_done) continue;
+    for (const Tensor& in : node->inputs) {
+      if (!in.defined() || in.grad_fn()) continue;
+      auto u = last_use.find(&in.impl());
+      if (u != last_use.end() && u->second == k) {
+        last_use.erase(u);  // an input listed twice is reported once
+        leaf_done(in);
+      }
+    }
+  }
+}
+
 }  // namespace mv::autograd
 
 namespace mv {
 
-void Tensor::backward(const Tensor& grad_output) const {
-  using namespace autograd;
-  MV_CHECK(requires_grad(), "backward: ", str(), " does not require grad (no input of the ops "
-           "that made it requires grad, or it was made under NoGrad)");
-  Tensor g = grad_output;
-  if (!g.defined()) {
-    MV_CHECK(numel() == 1, "backward: an implicit gradient needs a one-element output, got ", str(),
-             "; pass grad_output");
-    g = Tensor::ones(shape(), DType::F32, device());
-  }
-  MV_CHECK(g.shape() == shape(), "backward: grad_output ", g.str(), " does not match output ", str());
-  NoGrad no_grad;  // backward closures build no graph of their own
-  if (!grad_fn()) {
-    accumulate(impl().grad, g);
-    return;
-  }
-  std::unordered_map<Node*, std::shared_ptr<TensorImpl>> pending{{grad_fn().get(), g.impl_ptr()}};
-  for (Node* node : topological_order(grad_fn().get())) {
-    auto it = pending.find(node);
-    if (it == pending.end()) continue;
-    Tensor gy(std::move(it->second));
-    pending.erase(it);
-    std::vector<Tensor> grads = node->backward(gy);
-    MV_CHECK(grads.size() == node->inputs.size(), "backward of ", node->name, ": returned ",
-             grads.size(), " gradients for ", node->inputs.size(), " inputs");
-    for (size_t i = 0; i < grads.size(); ++i) {
-      const Tensor& in = node->inputs[i];
-      if (!grads[i].defined() || !in.defined() || !in.requires_grad()) continue;
-      MV_CHECK(grads[i].shape() == in.shape(), "backward of ", node->name, ": gradient ",
-               grads[i].str(), " for input ", i, " does not match the input ", in.str());
-      if (in.grad_fn())
-        accumulate(pending[in.grad_fn().get()], grads[i]);
-      else
-        accumulate(in.impl().grad, grads[i]);
-    }
-  }
-}
+void Tensor::backward(const Tensor& grad_output) const { autograd::backward(*this, grad_output, {}); }
 
 }  // namespace mv

@@ -45,4 +45,10 @@ bool needs_graph(const std::vector<Tensor>& inputs);
 // Makes `out` the result of op `name` on `inputs`, if needs_graph(inputs). Returns `out`.
 Tensor record(const char* name, Tensor out, std::vector<Tensor> inputs, BackwardFn backward);
 
+// out.backward(grad_output), calling leaf_done(leaf) as soon as a leaf's gradient is final (no
+// node still to run feeds it), while the rest of the backward is still to come: data-parallel
+// training starts reducing those gradients early (dist/grad_sync.h). A leaf is reported once.
+using LeafDone = std::function<void(const Tensor& leaf)>;
+void backward(const Tensor& out, const Tensor& grad_output, const LeafDone& leaf_done);
+
 }  // namespace mv::autograd

@@ -23,13 +23,19 @@ void Dataset::validate() const {
 
 Dataset head(const Dataset& d, int64_t count) {
   MV_CHECK(count >= 0, "head: negative count ", count);
+  return rows(d, 0, std::min(count, d.n));
+}
+
+Dataset rows(const Dataset& d, int64_t begin, int64_t end) {
+  MV_CHECK(0 <= begin && begin <= end && end <= d.n, "rows: [", begin, ", ", end, ") is not a "
+           "range of the ", d.n, " images of ", d.name);
   Dataset r;
   r.name = d.name;
-  r.n = std::min(count, d.n);
+  r.n = end - begin;
   r.channels = d.channels, r.height = d.height, r.width = d.width;
   r.num_classes = d.num_classes;
-  r.pixels.assign(d.pixels.begin(), d.pixels.begin() + r.n * d.image_size());
-  r.labels.assign(d.labels.begin(), d.labels.begin() + r.n);
+  r.pixels.assign(d.image(begin), d.image(end));
+  r.labels.assign(d.labels.begin() + begin, d.labels.begin() + end);
   r.class_names = d.class_names;
   return r;
 }

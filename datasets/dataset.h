@@ -24,5 +24,7 @@ struct Dataset {
 
 // The first `count` images (all of them when count >= n), e.g. for quick runs and tests.
 Dataset head(const Dataset& d, int64_t count);
+// Images [begin, end) (a rank's share of a test set).
+Dataset rows(const Dataset& d, int64_t begin, int64_t end);
 
 }  // namespace mv::datasets

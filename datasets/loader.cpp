@@ -113,17 +113,42 @@ Batch Loader::build(int64_t k, const std::vector<int64_t>& order, Generator& g) 
   const int64_t C = data_.channels, H = data_.height, W = data_.width;
   const int oh = aug_.out_h(H), ow = aug_.out_w(W);
   b.boxes = aug_.sample(B, H, W, g);
-  b.images = Tensor::empty({B, C, oh, ow});
+  keep_share(b);
+  const int64_t n = b.labels.numel();
+  b.images = Tensor::empty({n, C, oh, ow});
   float* img = b.images.data<float>();
   const int64_t plane = int64_t(oh) * ow;  // crop, /255 and normalisation in one pass per image
   // Serial on purpose: this thread runs beside the training step's OpenMP team; a second team
   // here would fight it for the same cores.
-  for (int64_t i = 0; i < B; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const int64_t idx = b.indices[size_t(i)];
     float* dst = img + i * C * plane;
     crop_image_u8(data_.image(idx), C, H, W, b.boxes[size_t(i)], oh, ow, dst, norm_);
   }
   return b;
+}
+
+void Loader::set_share(int part, int parts) {
+  MV_CHECK(parts >= 1 && 0 <= part && part < parts, "Loader: share ", part, " of ", parts);
+  MV_CHECK(batch_size_ % parts == 0, "--batch ", batch_size_, " does not split evenly over ",
+           parts, " ranks; use a multiple of ", parts);
+  part_ = part, parts_ = parts;
+}
+
+// Cuts a batch (its crops already drawn, no pixels yet) to this loader's share of its rows.
+void Loader::keep_share(Batch& b) const {
+  if (parts_ == 1) return;
+  const int64_t B = b.labels.numel();
+  MV_CHECK(B % parts_ == 0, "Loader: a batch of ", B, " images does not split over ", parts_,
+           " ranks (the last, partial batch of an epoch needs drop_last)");
+  const int64_t lo = B / parts_ * part_, hi = lo + B / parts_;
+  auto cut = [&](auto& v) {
+    if (!v.empty()) v = std::vector(v.begin() + lo, v.begin() + hi);
+  };
+  cut(b.indices), cut(b.boxes), cut(b.boxes2);
+  Tensor labels = Tensor::empty({hi - lo}, DType::I64);
+  std::copy(b.labels.data<int64_t>() + lo, b.labels.data<int64_t>() + hi, labels.data<int64_t>());
+  b.labels = labels;
 }
 
 void Loader::set_two_view(std::optional<TwoViewConfig> cfg) {
@@ -145,11 +170,13 @@ Batch Loader::build_two_view(int64_t k, const std::vector<int64_t>& order, Gener
   TwoViewBoxes boxes = sample_two_views(B, H, W, cfg, g);
   b.boxes = std::move(boxes.view1);
   b.boxes2 = std::move(boxes.view2);
-  b.images = Tensor::empty({B, C, oh, ow});
-  b.images2 = Tensor::empty({B, C, oh, ow});
+  keep_share(b);
+  const int64_t n = b.labels.numel();
+  b.images = Tensor::empty({n, C, oh, ow});
+  b.images2 = Tensor::empty({n, C, oh, ow});
   float *img = b.images.data<float>(), *img2 = b.images2.data<float>();
   const int64_t plane = int64_t(oh) * ow;
-  for (int64_t i = 0; i < B; ++i) {  // serial, as in build()
+  for (int64_t i = 0; i < n; ++i) {  // serial, as in build()
     const uint8_t* src = data_.image(b.indices[size_t(i)]);
     crop_image_u8(src, C, H, W, b.boxes[size_t(i)], oh, ow, img + i * C * plane, norm_);
     crop_image_u8(src, C, H, W, b.boxes2[size_t(i)], oh, ow, img2 + i * C * plane, norm_);

@@ -74,6 +74,10 @@ class Loader {
   // on (seed, epoch, k) only. Throws here on a bad config.
   void set_two_view(std::optional<TwoViewConfig> cfg);
   const std::optional<TwoViewConfig>& two_view() const { return two_view_; }
+  // Data parallel (dist/): batches are still the global batches of batch_size images, with the
+  // order, crops and flips one process would get, but this loader builds only share `part` of
+  // `parts` of each: rows [part B / parts, (part + 1) B / parts). B must divide evenly.
+  void set_share(int part, int parts);
 
  private:
   void stop_worker();
@@ -81,12 +85,14 @@ class Loader {
             std::function<void(Batch&)> hook, std::optional<TwoViewConfig> two_view);
   Batch start_batch(int64_t k, const std::vector<int64_t>& order) const;
   Batch build(int64_t k, const std::vector<int64_t>& order, Generator& g) const;
+  void keep_share(Batch& b) const;
   Batch build_two_view(int64_t k, const std::vector<int64_t>& order, Generator& g,
                        const TwoViewConfig& cfg) const;
 
   const Dataset& data_;
   int batch_size_;
   bool shuffle_, drop_last_;
+  int part_ = 0, parts_ = 1;
   uint64_t seed_;
   Augment aug_;
   Normalize norm_;

@@ -12,11 +12,16 @@ struct Generator {
   uint64_t seed = 0;
   uint64_t offset = 0;  // next unused Philox block
 
+  // Data parallel (dist/): this process is part `part` of `parts`, each drawing for its equal
+  // share of a batch. A call reserves the blocks of all parts and reads its own share, so the
+  // parts' draws side by side are those one process drawing for the whole batch would read.
+  uint64_t part = 0, parts = 1;
+
   explicit Generator(uint64_t seed_ = 0) : seed(seed_) {}
-  // Reserves `blocks` blocks and returns the first one.
+  // Reserves `blocks` blocks (of every part) and returns the first one of this part's.
   uint64_t take(uint64_t blocks) {
-    uint64_t o = offset;
-    offset += blocks;
+    const uint64_t o = offset + part * blocks;
+    offset += parts * blocks;
     return o;
   }
 };

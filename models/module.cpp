@@ -10,6 +10,16 @@ Tensor Module::register_parameter(const std::string& name, Tensor t) {
   return t;
 }
 
+Tensor Module::replace_parameter(const std::string& name, Tensor t) {
+  for (auto& [n, p] : params_)
+    if (n == name) {
+      t.set_requires_grad(true);
+      p = t;
+      return t;
+    }
+  MV_FAIL("Module: no parameter '", name, "' to replace");
+}
+
 void Module::collect(const std::string& prefix,
                      std::vector<std::pair<std::string, Tensor>>& out) const {
   for (const auto& [n, p] : params_) out.emplace_back(prefix + n, p);

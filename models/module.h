@@ -29,6 +29,9 @@ class Module {
  protected:
   // Registers t (made a leaf that requires grad) under `name`; returns the stored handle.
   Tensor register_parameter(const std::string& name, Tensor t);
+  // Puts t in the place of the registered parameter `name` (before an optimizer holds it);
+  // returns the stored handle.
+  Tensor replace_parameter(const std::string& name, Tensor t);
   template <class M>
   std::shared_ptr<M> register_module(const std::string& name, std::shared_ptr<M> m) {
     children_.emplace_back(name, m);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "dist/experts.h"
 #include "ops/elementwise.h"
 #include "ops/moe.h"
 #include "ops/shape.h"
@@ -66,6 +67,36 @@ MoELayer::MoELayer(int64_t dim, const MoEConfig& c, Generator& init, Generator* 
   stats.reset(c.router.experts, c.router.token_choice());
 }
 
+void MoELayer::split_experts(int rank, int ranks) {
+  const int E = config.router.experts;
+  MV_CHECK(config.router.type != "soft", "--expert-parallel: the Soft MoE router mixes every "
+           "token into every expert's slots, which expert parallelism does not split; use a "
+           "token-routed router (topk, expert_choice, the cosine family, attention_vote)");
+  MV_CHECK(ranks >= 1 && E % ranks == 0, "--expert-parallel ", ranks, ": the ", E, " experts "
+           "of an MoE layer do not split evenly over ", ranks, " ranks");
+  MV_CHECK(expert_ranks_ == 1, "MoE layer: experts already split");
+  const int64_t El = E / ranks, lo = El * rank;
+  auto own = [&](const char* name, Tensor& t) {
+    t = replace_parameter(name, ops::slice(t.detach(), 0, lo, lo + El).clone());
+  };
+  own("w1", w1), own("b1", b1), own("w2", w2), own("b2", b2);
+  expert_ranks_ = ranks;
+}
+
+void MoELayer::hold_all_experts(bool on) {
+  if (on) {
+    if (expert_ranks_ == 1) return;
+    own_ = {w1, b1, w2, b2, expert_ranks_};
+    w1 = dist::gather_experts(w1.detach()), b1 = dist::gather_experts(b1.detach());
+    w2 = dist::gather_experts(w2.detach()), b2 = dist::gather_experts(b2.detach());
+    expert_ranks_ = 1;
+  } else if (own_.ranks > 1) {
+    w1 = own_.w1, b1 = own_.b1, w2 = own_.w2, b2 = own_.b2;
+    expert_ranks_ = own_.ranks;
+    own_ = {};
+  }
+}
+
 // x: (B, T, D) -> (G, N, D), one group per image or the whole batch as one.
 static Tensor groups(const Tensor& x, const MoEConfig& c) {
   MV_CHECK(x.ndim() == 3, "MoE layer: input ", x.str(), " must be (B, T, D)");
@@ -95,6 +126,10 @@ Tensor MoELayer::forward(const Tensor& x) {
     Tensor buf = ops::reshape(ops::soft_dispatch(xg, last.soft_logits, E), {E, G * C, D});
     Tensor y = ops::reshape(ops::expert_mlp(buf, w1, b1, w2, b2), {E, G, C, D});
     out = ops::soft_combine(y, last.soft_logits);
+  } else if (expert_ranks_ > 1) {
+    const dist::AtExperts at = dist::send_to_experts(ops::dispatch(xg, last.assign), last.assign.rows);
+    const Tensor y = ops::expert_mlp(at.buf, w1, b1, w2, b2, at.rows);
+    out = ops::combine(dist::return_to_tokens(y, at.route), last.assign);
   } else {
     out = ops::moe_mlp(xg, last.assign, w1, b1, w2, b2);
   }

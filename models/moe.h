@@ -59,6 +59,15 @@ class MoELayer : public FeedForward {
   // x: (B, T, D) -> (G, N, E) the router's clean probabilities for x, in the layer's groups,
   // without running the experts or touching `last` and `stats` (the noise-injection loss).
   Tensor router_probs(const Tensor& x);
+  // Expert parallel (dist/experts.h): keeps only this rank's E / ranks experts of the stacked
+  // weights (drawn in full first, so that every rank count starts from the same model). The
+  // forward then sends each token row to its expert's rank and back, so every rank must run
+  // forward together. Token-routed layers only (Soft MoE mixes every token into every slot).
+  void split_experts(int rank, int ranks);
+  int expert_ranks() const { return expert_ranks_; }
+  // With split experts, for an evaluation on each rank alone: on gathers every rank's experts
+  // (collective), so that forward runs as one process would; off returns to this rank's own.
+  void hold_all_experts(bool on);
 
   MoEConfig config;
   std::shared_ptr<Router> router;
@@ -68,6 +77,11 @@ class MoELayer : public FeedForward {
 
  private:
   Generator* noise_;
+  int expert_ranks_ = 1;
+  struct Own {
+    Tensor w1, b1, w2, b2;
+    int ranks = 1;
+  } own_;  // while hold_all_experts(true): this rank's experts
 };
 
 }  // namespace mv::models

@@ -89,14 +89,22 @@ NamedTensors SGD::state() const {
   return s;
 }
 
-ClipResult clip_scale(const std::vector<Tensor>& params, float max_norm) {
+double gradient_squares(const std::vector<Tensor>& params) {
   autograd::NoGrad no_grad;
   std::vector<Tensor> grads;
   for (const Tensor& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
-  const float norm = float(std::sqrt(ops::sum_of_squares(grads)));
+  return ops::sum_of_squares(grads);
+}
+
+ClipResult clip_scale_of_squares(double squares, float max_norm) {
+  const float norm = float(std::sqrt(squares));
   const float scale = (max_norm > 0 && norm > max_norm) ? max_norm / (norm + 1e-6f) : 1.f;
   return {norm, scale};
+}
+
+ClipResult clip_scale(const std::vector<Tensor>& params, float max_norm) {
+  return clip_scale_of_squares(gradient_squares(params), max_norm);
 }
 
 float lr_at(int64_t step, int64_t total, int64_t warmup, float base, Schedule kind) {

@@ -71,6 +71,10 @@ struct ClipResult {
   float norm, scale;
 };
 ClipResult clip_scale(const std::vector<Tensor>& params, float max_norm);
+// The same from the sum of the squares of the gradients (with experts split over ranks, the
+// squares of every rank's experts are added first).
+double gradient_squares(const std::vector<Tensor>& params);
+ClipResult clip_scale_of_squares(double squares, float max_norm);
 
 // Linear warmup from 0 to base over `warmup` steps, then cosine or linear decay to 0 at `total`.
 enum class Schedule { Cosine, Linear };

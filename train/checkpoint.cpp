@@ -4,11 +4,21 @@
 #include <cmath>
 #include <filesystem>
 
+#include "dist/experts.h"
+
 namespace mv::train {
+
+bool SplitParameters::covers(const std::string& name) const {
+  for (const std::string& n : names)
+    if (name == n || (name.size() > n.size() && name.compare(name.size() - n.size(), n.size(), n) == 0 &&
+                      name[name.size() - n.size() - 1] == '.'))
+      return true;
+  return false;
+}
 
 void save_checkpoint(const std::string& path, const models::Module& model,
                      const models::Optimizer* opt, const Metadata& meta,
-                     const models::WeightAverage* ema) {
+                     const models::WeightAverage* ema, const SplitParameters* split, bool write) {
   TensorMap all;
   for (auto& [n, p] : model.named_parameters()) all.emplace(n, p);
   if (opt) {
@@ -17,6 +27,10 @@ void save_checkpoint(const std::string& path, const models::Module& model,
   if (ema) {
     for (auto& [n, t] : ema->state()) all.emplace(n, t);
   }
+  if (split)  // in the map's (sorted) order, the same on every rank
+    for (auto& [n, t] : all)
+      if (split->covers(n)) t = dist::gather_experts(t);
+  if (!write) return;
   Metadata m = meta;
   if (opt) m["optimizer_steps"] = std::to_string(opt->steps());
   if (ema) m["ema_updates"] = std::to_string(ema->updates());
@@ -24,25 +38,31 @@ void save_checkpoint(const std::string& path, const models::Module& model,
 }
 
 static void copy_into(const std::string& path, const TensorMap& file, const std::string& name,
-                      Tensor& dst) {
+                      Tensor& dst, const SplitParameters* split = nullptr) {
   auto it = file.find(name);
   MV_CHECK(it != file.end(), "checkpoint '", path, "': tensor '", name, "' is missing");
-  MV_CHECK(it->second.shape() == dst.shape() && it->second.dtype() == dst.dtype(), "checkpoint '",
-           path, "': tensor '", name, "' is ", it->second.str(), " but the model expects ", dst.str());
-  dst.copy_(it->second);
+  Tensor src = it->second;
+  if (split && split->covers(name)) {
+    MV_CHECK(src.ndim() == dst.ndim() && src.dtype() == dst.dtype(), "checkpoint '", path,
+             "': tensor '", name, "' is ", src.str(), " but the model expects ", dst.str());
+    src = dist::own_experts(src);
+  }
+  MV_CHECK(src.shape() == dst.shape() && src.dtype() == dst.dtype(), "checkpoint '",
+           path, "': tensor '", name, "' is ", src.str(), " but the model expects ", dst.str());
+  dst.copy_(src);
 }
 
 Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt,
-                         models::WeightAverage* ema) {
+                         models::WeightAverage* ema, const SplitParameters* split) {
   Metadata meta;
   TensorMap file = load_safetensors(path, &meta);
-  for (auto& [n, p] : model.named_parameters()) copy_into(path, file, n, p);
+  for (auto& [n, p] : model.named_parameters()) copy_into(path, file, n, p, split);
   if (ema) {
-    for (auto& [n, t] : ema->state()) copy_into(path, file, n, t);
+    for (auto& [n, t] : ema->state()) copy_into(path, file, n, t, split);
     ema->set_updates(int64_t(metadata_uint(meta, "ema_updates", path, uint64_t(1) << 50)));
   }
   if (opt) {
-    for (auto& [n, t] : opt->state()) copy_into(path, file, n, t);
+    for (auto& [n, t] : opt->state()) copy_into(path, file, n, t, split);
     opt->set_steps(int64_t(metadata_uint(meta, "optimizer_steps", path, uint64_t(1) << 50)));
   }
   return meta;

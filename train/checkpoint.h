@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "engine/safetensors.h"
 #include "models/ema.h"
@@ -13,16 +14,29 @@
 
 namespace mv::train {
 
-// With ema, also its averages ("ema.<name>") and their update count.
+// Expert parallel (train/parallel.h): the parameters each rank holds only its rows of (axis 0),
+// by name. A checkpoint always holds the whole model: saving gathers these parameters, their
+// optimizer buffers and averages from every rank, and loading keeps this rank's rows, so a run
+// resumes on any number of ranks and a single-process eval reads it.
+struct SplitParameters {
+  std::vector<std::string> names;
+  // name is one of them, or a buffer of one ("<kind>.<name>").
+  bool covers(const std::string& name) const;
+};
+
+// With ema, also its averages ("ema.<name>") and their update count. With split parameters
+// every rank must call it (the gathering is collective); only those with `write` write.
 void save_checkpoint(const std::string& path, const models::Module& model,
                      const models::Optimizer* opt, const Metadata& meta,
-                     const models::WeightAverage* ema = nullptr);
+                     const models::WeightAverage* ema = nullptr,
+                     const SplitParameters* split = nullptr, bool write = true);
 
 // Copies the parameters (and optimizer buffers when opt is given, the weight averages when ema
 // is) into the existing tensors. Every expected tensor must be present with its exact shape;
 // errors name the file and tensor.
 Metadata load_checkpoint(const std::string& path, models::Module& model, models::Optimizer* opt,
-                         models::WeightAverage* ema = nullptr);
+                         models::WeightAverage* ema = nullptr,
+                         const SplitParameters* split = nullptr);
 
 // The weights to evaluate: the averaged ones of a run trained with --ema, else the parameters.
 // Returns whether they were the averages.

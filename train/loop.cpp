@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "datasets/loader.h"
+#include "dist/comm.h"
 #include "engine/file_write.h"
 #include "ops/matmul.h"
 #include "ops/reduce.h"
@@ -17,6 +18,7 @@
 #include "train/data.h"
 #include "train/evaluate.h"
 #include "train/moe_stats.h"
+#include "train/parallel.h"
 #include "train/progress.h"
 #include "train/step.h"
 #include "train/stop.h"
@@ -85,8 +87,8 @@ std::unique_ptr<models::Optimizer> make_optimizer(const TrainConfig& cfg, models
 // --resume: the parameters, optimizer state, weight averages and routing-noise offset saved
 // after the run's last step.
 void restore(const std::string& ckpt, const Metadata& meta, models::ViT& model,
-             models::Optimizer& opt, models::WeightAverage* ema) {
-  load_checkpoint(ckpt, model, &opt, ema);
+             models::Optimizer& opt, models::WeightAverage* ema, const SplitParameters* split) {
+  load_checkpoint(ckpt, model, &opt, ema, split);
   if (meta.count("route_noise_offset"))
     model.route_noise->offset = metadata_uint(meta, "route_noise_offset", ckpt, ~uint64_t(0));
 }
@@ -117,13 +119,21 @@ struct Run {
   LrSchedule& lr;
   const datasets::Dataset& test_set;
   const std::string& ckpt;
-  FILE* log;
+  FILE* log;                  // rank 0's; null on the others
+  const Ranks& ranks;
+  Replicas* replicas;         // on several ranks, else null
+  const SplitParameters* split;  // with split experts, else null
   Clock::time_point started;  // of this call of fit: with the epochs since, the time left
   double wall_before;         // seconds the run took in earlier calls (resumed runs)
   int first_epoch, end_epoch;
   double wall_seconds() const { return wall_before + since(started); }
   bool out_of_time() const {
     return cfg.time_budget_minutes > 0 && wall_seconds() >= 60.0 * cfg.time_budget_minutes;
+  }
+  // Whether to stop after this step for a signal or the time budget, agreed by every rank (all
+  // must leave the loop at the same step): 2 * signal + time, the largest over ranks.
+  int stop_now() const {
+    return int(agree_max(2.0 * (stop_signal() != 0) + double(out_of_time()), ranks));
   }
 };
 
@@ -141,13 +151,14 @@ struct EpochTotals {
 // a few KB), so that a full disk stops the run instead of silently dropping lines.
 struct MetricsLog {
   std::string path, text;
-  MetricsLog(std::string p, bool resume) : path(std::move(p)) {
+  bool write;  // rank 0 writes; the others keep the text only
+  MetricsLog(std::string p, bool resume, bool w) : path(std::move(p)), write(w) {
     std::ifstream in(path, std::ios::binary);
     if (resume && in) text.assign(std::istreambuf_iterator<char>(in), {});
   }
   void add(const nlohmann::ordered_json& line) {
     text += line.dump() + "\n";
-    write_file(path, text);
+    if (write) write_file(path, text);
   }
   // The best test accuracy of the lines so far (those of a resumed run's earlier epochs); 0 if none.
   double best_test_accuracy() const {
@@ -176,7 +187,8 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch, int
   for (datasets::Batch b; loader.next(b);) {
     const auto ts = Clock::now();
     const int64_t step = run.opt.steps();
-    const StepResult r = train_step(run.model, run.opt, params, b, run.cfg, run.lr.at(step));
+    const StepResult r = train_step(run.model, run.opt, params, b, run.cfg, run.lr.at(step),
+                                    run.replicas);
     if (run.ema) run.ema->update();
     const float ce = r.ce.item();  // the classification loss is what the logs show
     if (r.prc.defined()) t.prc_sum += double(r.prc.item());
@@ -205,9 +217,19 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch, int
     const double done = double(t.next_batch - t.first_batch);
     bar.update(t.next_batch, t.loss_sum / t.seen, t.correct / t.seen, t.seen / el,
                el / done * double(per_epoch - t.next_batch));
-    if (stop_signal() != 0 || run.out_of_time()) break;
+    if (run.stop_now() != 0) break;
   }
   t.seconds = since(t0);
+  return t;
+}
+
+// An epoch's totals over every rank's share of the batches (the times are this rank's).
+EpochTotals over_ranks(EpochTotals t, const Ranks& r) {
+  if (!r.many()) return t;
+  const std::vector<double> v =
+      dist::sum({t.loss_sum, t.correct, double(t.seen), t.prc_sum, t.jaccard_sum});
+  t.loss_sum = v[0], t.correct = v[1], t.seen = int64_t(v[2]);
+  t.prc_sum = v[3] / r.size, t.jaccard_sum = v[4] / r.size;  // per-step means of each rank's share
   return t;
 }
 
@@ -220,7 +242,7 @@ void save_run(const Run& run, int epochs, int64_t batches, double test_accuracy,
                 {"train_seconds", nlohmann::json(res.train_seconds).dump()},
                 {"wall_seconds", nlohmann::json(run.wall_seconds()).dump()}};
   if (batches > 0) meta["epoch_batches"] = std::to_string(batches);
-  save_checkpoint(run.ckpt, run.model, &run.opt, meta, run.ema);
+  save_checkpoint(run.ckpt, run.model, &run.opt, meta, run.ema, run.split, run.ranks.rank == 0);
 }
 
 // --time-budget, after the first epoch: as many epochs as fit in the budget at this epoch's pace
@@ -230,7 +252,9 @@ void fit_epochs_to_budget(Run& run, const EpochTotals& t, int64_t per_epoch, dou
   const double step_s = t.seconds / double(t.next_batch - t.first_batch);
   const double epoch_s = step_s * double(per_epoch) + eval_seconds;
   const double left = 60.0 * run.cfg.time_budget_minutes - run.wall_seconds();
-  const int epochs = int(std::clamp(1.0 + std::floor(left / epoch_s), 1.0, double(run.cfg.epochs)));
+  const int epochs = int(agree_max(  // rank 0's count on every rank
+      run.ranks.rank == 0 ? std::clamp(1.0 + std::floor(left / epoch_s), 1.0, double(run.cfg.epochs)) : 0,
+      run.ranks));
   if (run.log)
     std::fprintf(run.log, "time budget %s: an epoch takes about %s with its evaluation, so the run "
                  "gets %d epochs (--epochs %d at most)\n",
@@ -243,13 +267,15 @@ void fit_epochs_to_budget(Run& run, const EpochTotals& t, int64_t per_epoch, dou
 
 // After an epoch: evaluation on the test set, the checkpoint, a line of metrics.jsonl and the
 // log's summary. res takes the epoch's results.
-void finish_epoch(Run& run, int epoch, const EpochTotals& t, MetricsLog& metrics,
+void finish_epoch(Run& run, int epoch, const EpochTotals& share, MetricsLog& metrics,
                   TrainResult& res) {
   const TrainConfig& cfg = run.cfg;
+  const EpochTotals t = over_ranks(share, run.ranks);
   const nlohmann::ordered_json moe = moe_stats_json(run.model);  // of training, before evaluation
   const auto t_eval = Clock::now();
   if (run.ema) run.ema->swap();  // evaluates the averaged weights
-  const EvalResult ev = evaluate(run.model, run.test_set, cfg.dataset, cfg.eval_batch);
+  const EvalResult ev =
+      evaluate_on_ranks(run.model, run.test_set, cfg.dataset, cfg.eval_batch, run.ranks);
   if (run.ema) run.ema->swap();
   if (epoch == 0 && cfg.time_budget_minutes > 0)
     fit_epochs_to_budget(run, t, run.lr.total / cfg.epochs, since(t_eval));
@@ -288,8 +314,9 @@ void finish_epoch(Run& run, int epoch, const EpochTotals& t, MetricsLog& metrics
 
 // A stop signal in mid-epoch: the checkpoint of the steps taken so far (resume continues at
 // the next batch) and a metrics line of the partial epoch, without the test evaluation.
-void stop_in_epoch(const Run& run, int epoch, const EpochTotals& t, MetricsLog& metrics,
+void stop_in_epoch(const Run& run, int epoch, const EpochTotals& share, MetricsLog& metrics,
                    TrainResult& res) {
+  const EpochTotals t = over_ranks(share, run.ranks);
   res.train_seconds += t.seconds;
   save_run(run, epoch, t.next_batch, 0, res);
   const int64_t steps = run.opt.steps();
@@ -307,10 +334,15 @@ void stop_in_epoch(const Run& run, int epoch, const EpochTotals& t, MetricsLog& 
 }  // namespace
 
 TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resume, FILE* log,
-                int stop_after) {
+                int stop_after, int expert_parallel) {
+  const Ranks ranks = world_ranks(expert_parallel);
+  if (ranks.rank != 0) log = nullptr;
   const std::string ckpt = run_checkpoint(out_dir);
   const Metadata meta = resume ? resume_metadata(ckpt) : Metadata{};
   TrainConfig cfg = resume ? config_from_metadata(meta, ckpt, "--resume") : given;
+  check_ranks(cfg, ranks, cfg.to_json() + " --out " + out_dir + (resume ? " --resume" : "") +
+                              " --stop-after " + std::to_string(stop_after) +
+                              " --expert-parallel " + std::to_string(expert_parallel));
   cfg.validate();
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
@@ -320,6 +352,8 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   const RunData data = load_data(cfg);
 
   models::ViT model(cfg.vit, cfg.seed);
+  const SplitParameters split = split_model(model, ranks);
+  const SplitParameters* split_ptr = split.names.empty() ? nullptr : &split;
   if (cfg.jaccard_weight > 0) model.jaccard_sigma = cfg.jaccard_sigma;
   ops::set_allow_tf32(cfg.tf32);
   model.to(cfg.device == "cuda" ? Device::CUDA : Device::CPU);
@@ -333,6 +367,9 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
                           cfg.prc ? datasets::Augment::none() : augmentation(cfg.augment),
                           normalization(cfg.dataset));
   if (cfg.prc) loader.set_two_view(two_views(cfg));
+  loader.set_share(ranks.rank, ranks.size);
+  std::unique_ptr<Replicas> replicas;
+  if (ranks.many()) replicas = std::make_unique<Replicas>(model, ranks);
   const int64_t per_epoch = loader.batches_per_epoch();
   MV_CHECK(per_epoch > 0, "--batch ", cfg.batch, " is larger than the ", data.train.n,
            " training images");
@@ -340,7 +377,7 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   TrainResult res;
   const ResumePoint start = resume ? resume_point(ckpt, meta, cfg, per_epoch) : ResumePoint{};
   if (resume) {
-    restore(ckpt, meta, model, *opt, ema.get());
+    restore(ckpt, meta, model, *opt, ema.get(), split_ptr);
     // A resumed run's times count the epochs before the interruption too.
     res.train_seconds = metadata_seconds(meta, "train_seconds", ckpt);
     const int64_t step = start.epoch * per_epoch + start.batch;
@@ -359,10 +396,11 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   LrSchedule lr{per_epoch * cfg.epochs, int64_t(cfg.warmup_epochs * double(per_epoch)), cfg.lr,
                 cfg.schedule == "cosine" ? models::Schedule::Cosine : models::Schedule::Linear};
   const double wall_before = resume ? metadata_seconds(meta, "wall_seconds", ckpt) : 0;
-  Run run{cfg, model, *opt, ema.get(), lr, data.test, ckpt, log, Clock::now(), wall_before,
-          start.epoch, stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs};
+  Run run{cfg, model, *opt, ema.get(), lr, data.test, ckpt, log, ranks, replicas.get(), split_ptr,
+          Clock::now(), wall_before, start.epoch,
+          stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs};
 
-  MetricsLog metrics(out_dir + "/metrics.jsonl", resume);
+  MetricsLog metrics(out_dir + "/metrics.jsonl", resume, ranks.rank == 0);
   res.best_test_accuracy = metrics.best_test_accuracy();
   // A stop signal ends the run after the step it arrived in (or, during an evaluation, after
   // that epoch's checkpoint).
@@ -373,7 +411,8 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
       break;
     }
     finish_epoch(run, epoch, t, metrics, res);
-    if (stop_signal() != 0 || (run.out_of_time() && epoch + 1 < run.end_epoch)) break;
+    const int stop = run.stop_now();
+    if (stop >= 2 || (stop == 1 && epoch + 1 < run.end_epoch)) break;
   }
   res.stop_signal = stop_signal();
   if (res.stop_signal != 0 && log)

@@ -24,7 +24,9 @@ struct TrainResult {
 // (as an interruption would; resume continues). A stop signal (train/stop.h) ends the run after
 // the current step with a checkpoint from which resume continues at the next batch. A non-finite
 // loss stops with an error naming the step; the last checkpoint stays as it was.
+// Under mpirun every rank calls fit with the same arguments (train/parallel.h): data parallel,
+// and with expert_parallel = the rank count, the MoE layers' experts split over the ranks.
 TrainResult fit(const TrainConfig& cfg, const std::string& out_dir, bool resume, FILE* log,
-                int stop_after = 0);
+                int stop_after = 0, int expert_parallel = 1);
 
 }  // namespace mv::train

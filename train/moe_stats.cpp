@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include "dist/comm.h"
+
 namespace mv::train {
 
 nlohmann::ordered_json moe_stats_json(const models::ViT& model) {
@@ -12,14 +14,22 @@ nlohmann::ordered_json moe_stats_json(const models::ViT& model) {
     const models::MoELayer* m = model.blocks[b]->moe.get();
     if (!m) continue;
     const models::MoEStats::Totals s = m->stats.totals();
-    int64_t filled = 0;
-    for (int64_t l : s.load) filled += l;
+    // Over every rank's share of the batches (a world of one: this process's): the loads,
+    // choices and drops summed, the losses averaged.
+    std::vector<double> v(s.load.begin(), s.load.end());
+    v.insert(v.end(), {double(s.choices), double(s.dropped), s.importance_loss, s.load_loss,
+                       s.separation_loss});
+    v = dist::sum(v);
+    const size_t E = s.load.size();
+    const double ranks = dist::size();
+    double filled = 0;
+    for (size_t e = 0; e < E; ++e) filled += v[e];
     std::vector<double> share;
-    for (int64_t l : s.load) share.push_back(filled ? double(l) / double(filled) : 0.0);
+    for (size_t e = 0; e < E; ++e) share.push_back(filled > 0 ? v[e] / filled : 0.0);
     out.push_back({{"block", b}, {"router", m->config.router.type}, {"load", share},
-                   {"dropped", s.choices ? double(s.dropped) / double(s.choices) : 0.0},
-                   {"importance_loss", s.importance_loss}, {"load_loss", s.load_loss},
-                   {"separation_loss", s.separation_loss}});
+                   {"dropped", v[E] > 0 ? v[E + 1] / v[E] : 0.0},
+                   {"importance_loss", v[E + 2] / ranks}, {"load_loss", v[E + 3] / ranks},
+                   {"separation_loss", v[E + 4] / ranks}});
   }
   return out;
 }

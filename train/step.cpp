@@ -54,7 +54,8 @@ int nonfinite_router_block(const models::ViT& model) {
 }
 
 StepResult train_step(models::ViT& model, models::Optimizer& opt, const std::vector<Tensor>& params,
-                      const datasets::Batch& b, const TrainConfig& cfg, float lr) {
+                      const datasets::Batch& b, const TrainConfig& cfg, float lr,
+                      Replicas* replicas) {
   const Device dev = model.device();
   StepResult r;
   opt.zero_grad();
@@ -74,8 +75,13 @@ StepResult train_step(models::ViT& model, models::Optimizer& opt, const std::vec
     extra = extra.defined() ? extra + wj : wj;
   }
   r.loss = extra.defined() ? r.ce + extra : r.ce;
-  r.loss.backward();
-  opt.step(lr, models::clip_scale(params, cfg.clip).scale);
+  if (replicas) {
+    replicas->backward(r.loss);
+    opt.step(lr, replicas->clip_scale(cfg.clip));
+  } else {
+    r.loss.backward();
+    opt.step(lr, models::clip_scale(params, cfg.clip).scale);
+  }
   return r;
 }
 

@@ -6,6 +6,7 @@
 #include "models/optim.h"
 #include "models/vit.h"
 #include "train/config.h"
+#include "train/parallel.h"
 
 namespace mv::train {
 
@@ -30,7 +31,10 @@ struct StepResult {
 // elsewhere). Reads the probabilities back from the device, so it is for that failure only.
 int nonfinite_router_block(const models::ViT& model);
 
+// replicas: on several ranks (train/parallel.h), the backward that shares the gradients and
+// the global norm for the clip; null for one process.
 StepResult train_step(models::ViT& model, models::Optimizer& opt, const std::vector<Tensor>& params,
-                      const datasets::Batch& b, const TrainConfig& cfg, float lr);
+                      const datasets::Batch& b, const TrainConfig& cfg, float lr,
+                      Replicas* replicas = nullptr);
 
 }  // namespace mv::train

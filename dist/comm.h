@@ -1,0 +1,48 @@
+// The processes of one training run and the collectives training needs (Open MPI).
+//
+// A program started by mpirun (Open MPI sets OMPI_COMM_WORLD_SIZE) joins MPI_COMM_WORLD in
+// init(); any other process, and every process of a build without MPI (comm_single.cpp), is a
+// world of one rank, where each collective is a copy. Every rank must call the collectives in
+// the same order with the same sizes. Buffers live on the CPU.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mv::dist {
+
+void init(int& argc, char**& argv);  // once, before any other call; a no-op outside mpirun
+void finalize();                     // at a normal exit
+int rank();                          // 0 .. size()-1
+int size();
+bool built_with_mpi();
+// Ends every rank of the run with `code` (after an error on one rank, so that none waits in a
+// collective for it); exits this process in a world of one.
+[[noreturn]] void abort_all(int code);
+
+// rank 0's s, on every rank.
+std::string broadcast(const std::string& s);
+// send: n floats on every rank -> recv: size() * n floats, rank r's at r * n.
+void all_gather(const float* send, int64_t n, float* recv);
+// The elementwise sums over ranks, added in rank order, so every rank gets the same bits.
+std::vector<double> sum(const std::vector<double>& v);
+// send holds size() pieces of n floats, piece r for rank r; recv gets rank r's piece for this
+// rank at r * n.
+void all_to_all(const float* send, int64_t n, float* recv);
+// The same with a count per rank (in elements; pieces packed in rank order on both sides).
+void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
+                  const std::vector<int64_t>& recv_counts);
+void all_to_all_v(const int64_t* send, const std::vector<int64_t>& send_counts, int64_t* recv,
+                  const std::vector<int64_t>& recv_counts);
+
+// Nonblocking all_to_all and all_gather (the bucketed gradient reduction): start_* returns a
+// handle that wait() completes; the buffers must stay untouched until then.
+int start_all_to_all(const float* send, int64_t n, float* recv);
+int start_all_gather(const float* send, int64_t n, float* recv);
+void wait(int handle);
+
+// Seconds spent inside the collectives above since the last call (the benchmarks' split of a
+// step into computation and communication).
+double take_comm_seconds();
+
+}  // namespace mv::dist

@@ -1,0 +1,180 @@
+#include "dist/experts.h"
+
+#include <chrono>
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "autograd/autograd.h"
+#include "dist/comm.h"
+#include "engine/error.h"
+
+namespace mv::dist {
+
+namespace {
+
+double g_exchange_s = 0;
+
+// Adds its lifetime to g_exchange_s.
+struct Timed {
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  ~Timed() {
+    g_exchange_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+};
+
+// One side of an exchange: buffers of `rows` rows of width D, the first `used[b]` rows of buffer
+// b filled, and the blocks of rows in the order they travel, with the rows sent to (or
+// received from) each rank.
+struct Side {
+  int64_t buffers = 0, rows = 0;
+  std::vector<int64_t> used;                          // (buffers,)
+  std::vector<std::pair<int64_t, int64_t>> blocks;    // (first row, rows), flat over buffers
+  std::vector<int64_t> per_rank;                      // rows to or from each rank
+};
+
+// The token side: expert after expert, each one's rows in use, to the rank that holds it.
+Side token_side(const RowRoute& rt, int n) {
+  const int64_t El = rt.E / n;
+  Side s{rt.E, rt.R, rt.sent, {}, std::vector<int64_t>(size_t(n), 0)};
+  for (int64_t e = 0; e < rt.E; ++e) {
+    s.blocks.push_back({e * rt.R, rt.sent[size_t(e)]});
+    s.per_rank[size_t(e / El)] += rt.sent[size_t(e)];
+  }
+  return s;
+}
+
+// The expert side: from rank 0, its rows for local expert 0, 1, ...; then rank 1, ...; each
+// expert's rows packed rank after rank.
+Side expert_side(const RowRoute& rt, int n) {
+  const int64_t El = rt.E / n;
+  Side s{El, n * rt.R, std::vector<int64_t>(size_t(El), 0), {}, std::vector<int64_t>(size_t(n), 0)};
+  for (int r = 0; r < n; ++r)
+    for (int64_t l = 0; l < El; ++l) {
+      const int64_t k = rt.got[size_t(r * El + l)];
+      s.blocks.push_back({l * s.rows + s.used[size_t(l)], k});
+      s.used[size_t(l)] += k;
+      s.per_rank[size_t(r)] += k;
+    }
+  return s;
+}
+
+// src laid out as `from` -> a new tensor laid out as `to`: the blocks of `from` are packed, sent
+// (all-to-all), and what arrives is placed in the blocks of `to`; padding rows are zero. The
+// staging buffers come from the CPU pool, so a training step allocates nothing new.
+Tensor move_rows(const Tensor& src, const Side& from, const Side& to, int64_t D) {
+  Timed timed;
+  auto total = [](const std::vector<int64_t>& v) {
+    int64_t t = 0;
+    for (int64_t x : v) t += x;
+    return t;
+  };
+  Tensor send = Tensor::empty({std::max<int64_t>(1, total(from.per_rank) * D)});
+  Tensor recv = Tensor::empty({std::max<int64_t>(1, total(to.per_rank) * D)});
+  const Tensor sc = src.contiguous();
+  const float* in = sc.data<float>();
+  float* p = send.data<float>();
+  for (const auto& [first, k] : from.blocks) {
+    std::memcpy(p, in + first * D, size_t(k * D) * sizeof(float));
+    p += k * D;
+  }
+  std::vector<int64_t> send_counts, recv_counts;
+  for (int64_t r : from.per_rank) send_counts.push_back(r * D);
+  for (int64_t r : to.per_rank) recv_counts.push_back(r * D);
+  all_to_all_v(send.data<float>(), send_counts, recv.data<float>(), recv_counts);
+  Tensor out = Tensor::empty({to.buffers, to.rows, D});
+  float* o = out.data<float>();
+  const float* q = recv.data<float>();
+  for (const auto& [first, k] : to.blocks) {
+    std::memcpy(o + first * D, q, size_t(k * D) * sizeof(float));
+    q += k * D;
+  }
+  for (int64_t b = 0; b < to.buffers; ++b)
+    std::memset(o + (b * to.rows + to.used[size_t(b)]) * D, 0,
+                size_t((to.rows - to.used[size_t(b)]) * D) * sizeof(float));
+  return out;
+}
+
+// (E, R, D) -> (El, n R, D): the forward of send_to_experts and the backward of
+// return_to_tokens; to_tokens the other way.
+Tensor to_experts(const Tensor& buf, const RowRoute& rt) {
+  return move_rows(buf, token_side(rt, size()), expert_side(rt, size()), rt.D);
+}
+Tensor to_tokens(const Tensor& y, const RowRoute& rt) {
+  return move_rows(y, expert_side(rt, size()), token_side(rt, size()), rt.D);
+}
+
+void check_cpu_f32(const char* op, const Tensor& t) {
+  MV_CHECK(t.device() == Device::CPU && t.dtype() == DType::F32, op, ": ", t.str(), " must be F32 "
+           "on the CPU (expert parallelism on the GPU needs NCCL, which is not built yet)");
+}
+
+}  // namespace
+
+AtExperts send_to_experts(const Tensor& buf, const Tensor& rows) {
+  check_cpu_f32("send_to_experts", buf);
+  const int n = size();
+  MV_CHECK(buf.ndim() == 3 && rows.ndim() == 1 && rows.size(0) == buf.size(0) &&
+               rows.dtype() == DType::I64 && buf.size(0) % n == 0,
+           "send_to_experts: buffers ", buf.str(), " and rows ", rows.str(), ": expected (E, R, D) "
+           "and (E,) I64 with E a multiple of the ", n, " ranks");
+  auto rt = std::make_shared<RowRoute>();
+  rt->E = buf.size(0), rt->R = buf.size(1), rt->D = buf.size(2);
+  const int64_t El = rt->E / n;
+  rt->sent = rows.contiguous().to_vector<int64_t>();
+  rt->got.assign(size_t(n * El), 0);
+  const std::vector<int64_t> each(size_t(n), El);
+  {
+    Timed timed;
+    all_to_all_v(rt->sent.data(), each, rt->got.data(), each);  // the row counts first
+  }
+  AtExperts at;
+  at.rows = Tensor::zeros({El}, DType::I64);
+  for (int s = 0; s < n; ++s)
+    for (int64_t l = 0; l < El; ++l) at.rows.data<int64_t>()[l] += rt->got[size_t(s * El + l)];
+  at.route = rt;
+  at.buf = autograd::record("send_to_experts", to_experts(buf, *rt), {buf}, [rt](const Tensor& g) {
+    return std::vector<Tensor>{to_tokens(g, *rt)};
+  });
+  return at;
+}
+
+Tensor return_to_tokens(const Tensor& y, const std::shared_ptr<const RowRoute>& rt) {
+  check_cpu_f32("return_to_tokens", y);
+  MV_CHECK(y.ndim() == 3 && y.size(0) * size() == rt->E && y.size(1) == size() * rt->R &&
+               y.size(2) == rt->D,
+           "return_to_tokens: ", y.str(), " is not the (El, n R, D) layout of send_to_experts");
+  return autograd::record("return_to_tokens", to_tokens(y, *rt), {y}, [rt](const Tensor& g) {
+    return std::vector<Tensor>{to_experts(g, *rt)};
+  });
+}
+
+double take_exchange_seconds() {
+  const double s = g_exchange_s;
+  g_exchange_s = 0;
+  return s;
+}
+
+Tensor gather_experts(const Tensor& local) {
+  check_cpu_f32("gather_experts", local);
+  Shape shape = local.shape();
+  shape.at(0) *= size();
+  Tensor full = Tensor::empty(shape);
+  all_gather(local.contiguous().data<float>(), local.numel(), full.data<float>());
+  return full;
+}
+
+Tensor own_experts(const Tensor& full) {
+  const int n = size();
+  MV_CHECK(full.ndim() >= 1 && full.size(0) % n == 0, "own_experts: ", full.str(), " does not "
+           "split by its first axis over ", n, " ranks");
+  const int64_t El = full.size(0) / n, per = full.numel() / full.size(0);
+  Shape shape = full.shape();
+  shape[0] = El;
+  Tensor out = Tensor::empty(shape);
+  const Tensor f = full.contiguous();
+  std::memcpy(out.data<float>(), f.data<float>() + rank() * El * per, size_t(El * per) * sizeof(float));
+  return out;
+}
+
+}  // namespace mv::dist

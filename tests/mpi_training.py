@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Training over several processes (docs/distributed.md), run by mpirun with 2 ranks on however
+many cores there are: each check compares a 2-rank run with a 1-process run of the same global
+batch, or two 2-rank runs with each other, through their checkpoints and metrics.
+
+    tests/mpi_training.py BUILD_DIR      (the meson suite 'mpi'; skips, exit 77, without mpirun)
+
+Tolerances: after 8 SGD steps (16 for the resume) the parameters of 1 and 2 ranks differ by
+float summation order only (gradients added in another order, expert weight gradients in other
+blocks): at most 1e-5 absolute, train losses within 1e-5. Two 2-rank runs: bit-identical.
+"""
+import json, os, shutil, signal, struct, subprocess, sys, tempfile, time, array
+
+build = os.path.abspath(sys.argv[1])
+train, evalp = os.path.join(build, "apps", "train"), os.path.join(build, "apps", "eval")
+mpirun = shutil.which("mpirun")
+if mpirun is None:
+    print("SKIP: mpirun not found (scripts/setup installs openmpi-bin)")
+    sys.exit(77)
+# As root in a container, and 2 ranks on fewer cores than that: both need a flag.
+MPI = [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
+work = tempfile.mkdtemp(prefix="moevit_mpi_")
+env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+failures = []
+# SGD, not AdamW: AdamW's first steps move every weight by about lr * sign(gradient), so a
+# gradient within float noise of 0 can move either way and turn 1e-7 into 1e-3. Plain momentum
+# SGD keeps a difference of summation order the size it is.
+TINY = ["--dataset", "synthetic", "--epochs", "1", "--batch", "32", "--limit-train", "256",
+        "--limit-test", "64", "--threads", "1", "--optimizer", "sgd", "--lr", "0.05"]
+
+
+def run(args, ranks=0, timeout=180):
+    """ranks 0: one process without mpirun."""
+    cmd = (MPI + ["-np", str(ranks)] if ranks else []) + args
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=work)
+        return p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired:
+        return "hang", "", ""
+
+
+def load(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        a = array.array("f" if t["dtype"] == "F32" else "q")
+        a.frombytes(data[t["data_offsets"][0]:t["data_offsets"][1]])
+        out[name] = a
+    return out
+
+
+def losses(run_dir):
+    return [json.loads(l)["train_loss"] for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def train_run(name, flags, ranks=0):
+    out = os.path.join(work, name)
+    rc, _, err = run([train] + flags + ["--out", out], ranks)
+    if rc != 0:
+        failures.append(f"{name}: rc {rc}: {err[-600:]}")
+        return None
+    return out
+
+
+def compare(what, a, b, tol):
+    if a is None or b is None:
+        return
+    pa, pb = load(os.path.join(a, "checkpoint.safetensors")), load(os.path.join(b, "checkpoint.safetensors"))
+    if pa.keys() != pb.keys():
+        failures.append(f"{what}: the checkpoints hold different tensors")
+        return
+    worst, where = 0.0, ""
+    for k in pa:
+        d = max((abs(x - y) for x, y in zip(pa[k], pb[k])), default=0.0)
+        if d > worst:
+            worst, where = d, k
+    la, lb = losses(a), losses(b)
+    dl = max(abs(x - y) for x, y in zip(la, lb))
+    print(f"{what}: largest parameter difference {worst:.3g} ({where}), train losses {la} / {lb}")
+    if worst > tol or dl > (1e-5 if tol > 0 else 0):
+        failures.append(f"{what}: parameters differ by {worst} at {where} (tolerance {tol}), "
+                        f"losses by {dl}")
+
+
+# --- data parallel: 2 ranks = 1 process with the same global batch ---------------------------
+for model in ["vmoe-tiny", "vit-tiny"]:
+    one = train_run(f"{model}-1", ["--model", model] + TINY)
+    two = train_run(f"{model}-2", ["--model", model] + TINY, ranks=2)
+    compare(f"data parallel {model}: 2 ranks vs 1", one, two, 1e-5)
+again = train_run("vmoe-tiny-2-again", ["--model", "vmoe-tiny"] + TINY, ranks=2)
+compare("data parallel: two 2-rank runs", os.path.join(work, "vmoe-tiny-2"), again, 0.0)
+
+# --- expert parallel: 2 ranks with 4 experts each = 1 process with 8 -------------------------
+for model in ["vmoe-tiny", "ec-tiny"]:
+    one = os.path.join(work, "vmoe-tiny-1") if model == "vmoe-tiny" else \
+        train_run(f"{model}-1", ["--model", model] + TINY)
+    ep = train_run(f"{model}-ep2", ["--model", model, "--expert-parallel", "2"] + TINY, ranks=2)
+    compare(f"expert parallel {model}: 2 ranks x 4 experts vs 1 x 8", one, ep, 1e-5)
+
+# The checkpoint of an expert-parallel run holds every expert: a single-process eval reads it
+# and finds the test accuracy the run logged.
+ep = os.path.join(work, "vmoe-tiny-ep2")
+rc, out, err = run([evalp, ep, "--limit", "64"])
+logged = json.loads(open(os.path.join(ep, "metrics.jsonl")).readline())["test_accuracy"]
+if rc != 0 or f"{100 * logged:.2f}%" not in out:
+    failures.append(f"eval of the expert-parallel checkpoint: rc {rc}, expected accuracy "
+                    f"{100 * logged:.2f}% in: {out[-300:]} {err[-300:]}")
+
+# Resume on another rank count: 2 epochs on 2 ranks (experts split) stopped after the first,
+# finished by 1 process, against 2 epochs in 1 process.
+two_epochs = TINY + ["--epochs", "2"]  # the last --epochs counts
+whole = train_run("resume-whole", ["--model", "vmoe-tiny"] + two_epochs)
+half = train_run("resume-half", ["--model", "vmoe-tiny", "--expert-parallel", "2", "--stop-after", "1"]
+                 + two_epochs, ranks=2)
+if half:
+    rc, _, err = run([train, "--resume", half, "--threads", "1"])
+    if rc != 0:
+        failures.append(f"resume of a 2-rank run by 1 process: rc {rc}: {err[-400:]}")
+    else:
+        compare("2 ranks then 1 (resume) vs 1 throughout", whole, half, 1e-5)
+
+
+# --- bad input: a clear error from the rank that sees it, a non-zero exit, never a hang -------
+def expect_error(what, args, ranks, message, timeout=60):
+    rc, out, err = run(args, ranks, timeout)
+    ok = isinstance(rc, int) and rc != 0 and message in (err + out)
+    print(f"{what}: rc {rc}{'' if ok else ' (wrong)'}")
+    if not ok:
+        failures.append(f"{what}: rc {rc}, expected a non-zero exit and {message!r} in: {err[-500:]}")
+
+
+bad = os.path.join(work, "bad")
+expect_error("batch not divisible", [train, "--model", "vmoe-tiny"] + TINY + ["--batch", "33", "--out", bad],
+             2, "does not split evenly over the 2 ranks")
+expect_error("experts not divisible", [train, "--model", "vmoe-tiny", "--experts", "6",
+             "--expert-parallel", "4"] + TINY + ["--out", bad], 4, "do not split evenly over 4 ranks")
+expect_error("expert-parallel without mpirun", [train, "--model", "vmoe-tiny", "--expert-parallel", "2"]
+             + TINY + ["--out", bad], 0, "mpirun started 1")
+expect_error("expert-parallel on part of the ranks", [train, "--model", "vmoe-tiny",
+             "--expert-parallel", "2", "--batch", "32"] + TINY + ["--out", bad], 4, "all ranks or none")
+expect_error("Soft MoE split", [train, "--model", "soft-tiny", "--expert-parallel", "2"] + TINY +
+             ["--out", bad], 2, "Soft MoE")
+expect_error("GPU on several ranks", [train, "--model", "vit-tiny", "--device", "cuda"] + TINY +
+             ["--out", bad], 2, "NCCL")
+expect_error("group per batch", [train, "--model", "vmoe-tiny", "--group", "batch"] + TINY +
+             ["--out", bad], 2, "one group per rank")
+# Ranks given different flags (mpirun's MPMD form: one command per rank).
+cmd = [train, "--model", "vmoe-tiny"] + TINY + ["--out", bad]
+try:
+    p = subprocess.run(MPI + ["-np", "1"] + cmd + [":", "-np", "1"] + cmd[:-2] + ["--lr", "0.01", "--out", bad],
+                       capture_output=True, text=True, timeout=60, env=env, cwd=work)
+    rc, err = p.returncode, p.stderr + p.stdout
+except subprocess.TimeoutExpired:
+    rc, err = "hang", ""
+print(f"mismatched flags: rc {rc}")
+if not (isinstance(rc, int) and rc != 0 and "other flags than rank 0" in err):
+    failures.append(f"mismatched flags: rc {rc}, expected an error naming the ranks: {err[-500:]}")
+
+# A rank killed in the middle of a run: the other must not wait for it forever.
+long_run = [train, "--model", "vmoe-tiny", "--dataset", "synthetic", "--epochs", "50", "--batch", "32",
+            "--limit-train", "2048", "--limit-test", "64", "--threads", "1", "--out", bad]
+script = ('if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then exec timeout -s KILL 4 "$@"; else exec "$@"; fi')
+t0 = time.time()
+rc, out, err = run(["sh", "-c", script, "sh"] + long_run, ranks=2, timeout=120)
+print(f"rank 1 killed after 4 s: mpirun rc {rc} after {time.time() - t0:.0f} s")
+if not (isinstance(rc, int) and rc != 0):
+    failures.append(f"a rank killed mid-run: mpirun gave rc {rc} (expected a non-zero exit, no hang)")
+
+shutil.rmtree(work, ignore_errors=True)
+if failures:
+    print(f"{len(failures)} failures:")
+    for f in failures:
+        print(" -", f)
+    sys.exit(1)
+print("all multi-process checks passed")

@@ -1,0 +1,117 @@
+#include "train/parallel.h"
+
+#include <algorithm>
+
+#include "autograd/autograd.h"
+#include "dist/comm.h"
+#include "ops/elementwise.h"
+
+namespace mv::train {
+
+Ranks world_ranks(int expert_parallel) {
+  Ranks r;
+  r.rank = dist::rank();
+  r.size = dist::size();
+  r.expert_parallel = expert_parallel;
+  return r;
+}
+
+void check_ranks(const TrainConfig& cfg, const Ranks& r, const std::string& run) {
+  MV_CHECK(r.expert_parallel == 1 || r.expert_parallel == r.size, "--expert-parallel ",
+           r.expert_parallel, ": the experts split over all ranks or none, and mpirun started ",
+           r.size, (r.size == 1 ? " (start the run with mpirun -np N)" : ""));
+  if (!r.many()) return;
+  MV_CHECK(cfg.device == "cpu", "--device ", cfg.device, ": training over several ranks runs on "
+           "the CPU (the GPU path needs NCCL, which is not built yet)");
+  MV_CHECK(cfg.batch % r.size == 0, "--batch ", cfg.batch, " does not split evenly over the ",
+           r.size, " ranks; use a multiple of ", r.size);
+  MV_CHECK(cfg.vit.moe_placement == "none" || !cfg.vit.moe.group_per_batch, "--group batch routes "
+           "the whole batch as one group, which training over ", r.size, " ranks would cut into "
+           "one group per rank; route per image");
+  // Every rank must run the same steps: rank 0's flags are the run's.
+  const std::string root = dist::broadcast(run);
+  MV_CHECK(root == run, "rank ", r.rank, " was given other flags than rank 0 (every rank of "
+           "mpirun must run the same command):\n  rank 0: ", root, "\n  rank ", r.rank, ": ", run);
+}
+
+SplitParameters split_model(models::ViT& model, const Ranks& r) {
+  model.route_noise->part = uint64_t(r.rank);
+  model.route_noise->parts = uint64_t(r.size);
+  SplitParameters split;
+  if (!r.split_experts()) return split;
+  std::vector<Tensor> before;
+  for (models::MoELayer* m : model.moe_layers()) {
+    before.insert(before.end(), {m->w1, m->b1, m->w2, m->b2});
+    m->split_experts(r.rank, r.expert_parallel);
+  }
+  // The names of the replaced parameters, found by their new handles.
+  for (const auto& [name, p] : model.named_parameters())
+    for (models::MoELayer* m : model.moe_layers())
+      for (const Tensor* t : {&m->w1, &m->b1, &m->w2, &m->b2})
+        if (&t->impl() == &p.impl()) split.names.push_back(name);
+  return split;
+}
+
+namespace {
+
+// The parameters every rank holds alike, and the experts this rank holds alone.
+std::vector<Tensor> shared_parameters(const models::ViT& model, const Ranks& r, bool shared) {
+  std::vector<const TensorImpl*> experts;
+  if (r.split_experts())
+    for (models::MoELayer* m : model.moe_layers())
+      for (const Tensor* t : {&m->w1, &m->b1, &m->w2, &m->b2}) experts.push_back(&t->impl());
+  std::vector<Tensor> out;
+  for (const Tensor& p : model.parameters())
+    if ((std::find(experts.begin(), experts.end(), &p.impl()) == experts.end()) == shared)
+      out.push_back(p);
+  return out;
+}
+
+}  // namespace
+
+Replicas::Replicas(models::ViT& model, const Ranks& r)
+    : ranks_(r), shared_(shared_parameters(model, r, true)), own_(shared_parameters(model, r, false)),
+      sync_(shared_) {}
+
+void Replicas::backward(const Tensor& loss) {
+  autograd::backward(loss, Tensor(), [this](const Tensor& leaf) { sync_.ready(leaf); });
+  sync_.finish();
+  autograd::NoGrad no_grad;
+  for (Tensor& p : own_)
+    if (p.grad().defined()) p.set_grad(ops::mul(p.grad(), 1.f / float(ranks_.size)));
+}
+
+float Replicas::clip_scale(float max_norm) const {
+  double squares = models::gradient_squares(shared_);
+  if (!own_.empty()) squares += dist::sum({models::gradient_squares(own_)})[0];
+  return models::clip_scale_of_squares(squares, max_norm).scale;
+}
+
+EvalResult evaluate_on_ranks(models::ViT& model, const datasets::Dataset& data,
+                             const std::string& dataset, int batch, const Ranks& r) {
+  if (!r.many()) return evaluate(model, data, dataset, batch);
+  for (models::MoELayer* m : model.moe_layers()) m->hold_all_experts(true);
+  const int64_t lo = data.n * r.rank / r.size, hi = data.n * (r.rank + 1) / r.size;
+  EvalResult e = evaluate(model, datasets::rows(data, lo, hi), dataset, batch);
+  for (models::MoELayer* m : model.moe_layers()) m->hold_all_experts(false);
+  // Sums of this rank's share: loss, right answers, images, the confusion matrix.
+  std::vector<double> v{e.loss * double(e.n), e.accuracy * double(e.n), double(e.n)};
+  v.insert(v.end(), e.confusion.begin(), e.confusion.end());
+  v = dist::sum(v);
+  EvalResult all;
+  all.n = int64_t(v[2]);
+  all.loss = v[0] / std::max(v[2], 1.0);
+  all.accuracy = v[1] / std::max(v[2], 1.0);
+  for (size_t i = 3; i < v.size(); ++i) all.confusion.push_back(int64_t(v[i]));
+  return all;
+}
+
+double agree_max(double v, const Ranks& r) {
+  if (!r.many()) return v;
+  std::vector<double> all(size_t(r.size), 0.0);
+  all[size_t(r.rank)] = v;
+  all = dist::sum(all);
+  return *std::max_element(all.begin(), all.end());
+}
+
+}  // namespace mv::train

@@ -26,11 +26,15 @@ struct Timed {
 // One side of an exchange: buffers of `rows` rows of width D, the first `used[b]` rows of buffer
 // b filled, and the blocks of rows in the order they travel, with the rows sent to (or
 // received from) each rank.
+struct Block {
+  int64_t first, rows;  // flat over the buffers
+  int rank;             // the rank it goes to or comes from
+};
 struct Side {
   int64_t buffers = 0, rows = 0;
-  std::vector<int64_t> used;                          // (buffers,)
-  std::vector<std::pair<int64_t, int64_t>> blocks;    // (first row, rows), flat over buffers
-  std::vector<int64_t> per_rank;                      // rows to or from each rank
+  std::vector<int64_t> used;      // (buffers,)
+  std::vector<Block> blocks;      // in the order they travel
+  std::vector<int64_t> per_rank;  // rows to or from each rank
 };
 
 // The token side: expert after expert, each one's rows in use, to the rank that holds it.
@@ -38,7 +42,7 @@ Side token_side(const RowRoute& rt, int n) {
   const int64_t El = rt.E / n;
   Side s{rt.E, rt.R, rt.sent, {}, std::vector<int64_t>(size_t(n), 0)};
   for (int64_t e = 0; e < rt.E; ++e) {
-    s.blocks.push_back({e * rt.R, rt.sent[size_t(e)]});
+    s.blocks.push_back({e * rt.R, rt.sent[size_t(e)], int(e / El)});
     s.per_rank[size_t(e / El)] += rt.sent[size_t(e)];
   }
   return s;
@@ -52,7 +56,7 @@ Side expert_side(const RowRoute& rt, int n) {
   for (int r = 0; r < n; ++r)
     for (int64_t l = 0; l < El; ++l) {
       const int64_t k = rt.got[size_t(r * El + l)];
-      s.blocks.push_back({l * s.rows + s.used[size_t(l)], k});
+      s.blocks.push_back({l * s.rows + s.used[size_t(l)], k, r});
       s.used[size_t(l)] += k;
       s.per_rank[size_t(r)] += k;
     }
@@ -61,33 +65,47 @@ Side expert_side(const RowRoute& rt, int n) {
 
 // src laid out as `from` -> a new tensor laid out as `to`: the blocks of `from` are packed, sent
 // (all-to-all), and what arrives is placed in the blocks of `to`; padding rows are zero. The
-// staging buffers come from the CPU pool, so a training step allocates nothing new.
+// rows that stay on this rank skip MPI: its blocks on both sides come in the same order, and are
+// copied straight across. The staging buffers come from the CPU pool, so a training step
+// allocates nothing new.
 Tensor move_rows(const Tensor& src, const Side& from, const Side& to, int64_t D) {
   Timed timed;
-  auto total = [](const std::vector<int64_t>& v) {
-    int64_t t = 0;
-    for (int64_t x : v) t += x;
-    return t;
-  };
-  Tensor send = Tensor::empty({std::max<int64_t>(1, total(from.per_rank) * D)});
-  Tensor recv = Tensor::empty({std::max<int64_t>(1, total(to.per_rank) * D)});
+  const int me = rank();
+  std::vector<int64_t> send_counts, recv_counts;
+  int64_t send_rows = 0, recv_rows = 0;
+  for (size_t r = 0; r < from.per_rank.size(); ++r) {
+    const bool other = int(r) != me;
+    send_counts.push_back(other ? from.per_rank[r] * D : 0);
+    recv_counts.push_back(other ? to.per_rank[r] * D : 0);
+    send_rows += other ? from.per_rank[r] : 0;
+    recv_rows += other ? to.per_rank[r] : 0;
+  }
+  Tensor send = Tensor::empty({std::max<int64_t>(1, send_rows * D)});
+  Tensor recv = Tensor::empty({std::max<int64_t>(1, recv_rows * D)});
   const Tensor sc = src.contiguous();
   const float* in = sc.data<float>();
-  float* p = send.data<float>();
-  for (const auto& [first, k] : from.blocks) {
-    std::memcpy(p, in + first * D, size_t(k * D) * sizeof(float));
-    p += k * D;
-  }
-  std::vector<int64_t> send_counts, recv_counts;
-  for (int64_t r : from.per_rank) send_counts.push_back(r * D);
-  for (int64_t r : to.per_rank) recv_counts.push_back(r * D);
-  all_to_all_v(send.data<float>(), send_counts, recv.data<float>(), recv_counts);
   Tensor out = Tensor::empty({to.buffers, to.rows, D});
   float* o = out.data<float>();
+  float* p = send.data<float>();
+  std::vector<const Block*> staying;
+  for (const Block& b : from.blocks) {
+    if (b.rank == me) {
+      staying.push_back(&b);
+      continue;
+    }
+    std::memcpy(p, in + b.first * D, size_t(b.rows * D) * sizeof(float));
+    p += b.rows * D;
+  }
+  all_to_all_v(send.data<float>(), send_counts, recv.data<float>(), recv_counts);
   const float* q = recv.data<float>();
-  for (const auto& [first, k] : to.blocks) {
-    std::memcpy(o + first * D, q, size_t(k * D) * sizeof(float));
-    q += k * D;
+  size_t k = 0;
+  for (const Block& b : to.blocks) {
+    if (b.rank == me) {
+      std::memcpy(o + b.first * D, in + staying[k++]->first * D, size_t(b.rows * D) * sizeof(float));
+      continue;
+    }
+    std::memcpy(o + b.first * D, q, size_t(b.rows * D) * sizeof(float));
+    q += b.rows * D;
   }
   for (int64_t b = 0; b < to.buffers; ++b)
     std::memset(o + (b * to.rows + to.used[size_t(b)]) * D, 0,

@@ -91,6 +91,16 @@ for model in ["vmoe-tiny", "vit-tiny"]:
     one = train_run(f"{model}-1", ["--model", model] + TINY)
     two = train_run(f"{model}-2", ["--model", model] + TINY, ranks=2)
     compare(f"data parallel {model}: 2 ranks vs 1", one, two, 1e-5)
+# PRC trains on 2 ranks, with the experts split too. Its cross-correlation C is a statistic of
+# the batch, taken per rank over the rank's share (as BatchNorm without synchronisation), so
+# the loss is not the one-process loss and only its value is checked.
+for name, extra in [("prc-dp", []), ("prc-ep", ["--expert-parallel", "2"])]:
+    d = train_run(name, ["--model", "vmoe-tiny", "--prc"] + extra + TINY, ranks=2)
+    line = json.loads(open(os.path.join(d, "metrics.jsonl")).readline()) if d else {}
+    ok = 0 < line.get("prc_loss", -1) < 1 and line.get("train_loss", 99) < 3
+    print(f"PRC on 2 ranks ({name}): train loss {line.get('train_loss')}, PRC loss {line.get('prc_loss')}")
+    if not ok:
+        failures.append(f"PRC on 2 ranks ({name}): unexpected metrics {line}")
 again = train_run("vmoe-tiny-2-again", ["--model", "vmoe-tiny"] + TINY, ranks=2)
 compare("data parallel: two 2-rank runs", os.path.join(work, "vmoe-tiny-2"), again, 0.0)
 
@@ -169,6 +179,30 @@ rc, out, err = run(["sh", "-c", script, "sh"] + long_run, ranks=2, timeout=120)
 print(f"rank 1 killed after 4 s: mpirun rc {rc} after {time.time() - t0:.0f} s")
 if not (isinstance(rc, int) and rc != 0):
     failures.append(f"a rank killed mid-run: mpirun gave rc {rc} (expected a non-zero exit, no hang)")
+
+# SIGTERM to mpirun: it passes the signal to the ranks, which agree to stop after the same step;
+# rank 0 writes the checkpoint, from which one process continues.
+stopped = os.path.join(work, "stopped")
+p = subprocess.Popen(MPI + ["-np", "2"] + long_run[:-1] + [stopped], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE, text=True, env=env, cwd=work)
+time.sleep(4)
+p.send_signal(signal.SIGTERM)
+try:
+    _, err = p.communicate(timeout=60)
+    lines = open(os.path.join(stopped, "metrics.jsonl")).read().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    print(f"SIGTERM to mpirun: rc {p.returncode}, last metrics line {last}")
+    if last.get("stopped_by") != "SIGTERM":
+        failures.append(f"SIGTERM to mpirun: no stopped_by SIGTERM line in metrics.jsonl: {last}; {err[-300:]}")
+    else:
+        rc, _, err = run([train, "--resume", stopped, "--threads", "1", "--stop-after", "4"])
+        if rc != 0:
+            failures.append(f"resume after SIGTERM: rc {rc}: {err[-300:]}")
+except subprocess.TimeoutExpired:
+    p.kill()
+    failures.append("SIGTERM to mpirun: the ranks did not stop within 60 s")
+except OSError as e:
+    failures.append(f"SIGTERM to mpirun: {e}")
 
 shutil.rmtree(work, ignore_errors=True)
 if failures:

@@ -215,7 +215,8 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch, int
     const double el = since(t0);
     t.next_batch = b.batch_index + 1;
     const double done = double(t.next_batch - t.first_batch);
-    bar.update(t.next_batch, t.loss_sum / t.seen, t.correct / t.seen, t.seen / el,
+    bar.update(t.next_batch, t.loss_sum / t.seen, t.correct / t.seen,  // this rank's share
+               double(run.ranks.size) * double(t.seen) / el,            // every rank's images
                el / done * double(per_epoch - t.next_batch));
     if (run.stop_now() != 0) break;
   }

@@ -8,11 +8,15 @@
 //    sum(out * g) + aux on each rank's share of the batch's tokens: the layer's time and the part
 //    of it spent exchanging rows (packing, all-to-all, unpacking; forward and backward).
 //
+// With --device cuda the model is on the GPU and the gradients are reduced by NCCL, also at one
+// rank (then NCCL's calls run, with one rank, and their time is what the step spends in them).
+//
 // Medians over the timed steps; rank 0 prints. Run with 1 thread per rank on a 2-core machine:
 //
 //   mpirun -np 1 bench_distributed --preset vmoe-tiny --threads 1
 //   mpirun -np 2 --oversubscribe bench_distributed --preset vmoe-tiny --threads 1
 //   mpirun -np 2 --oversubscribe bench_distributed --preset vmoe-tiny --threads 1 --expert-parallel 2
+//   bench_distributed --preset vmoe-tiny --device cuda              (one GPU, NCCL at one rank)
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -20,6 +24,8 @@
 
 #include "dist/comm.h"
 #include "dist/experts.h"
+#include "dist/device_comm.h"
+#include "engine/memory.h"
 #include "engine/parallel.h"
 #include "engine/random.h"
 #include "models/optim.h"
@@ -56,6 +62,8 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "untimed steps first")->capture_default_str();
   app.add_option("--expert-parallel", expert_parallel, "split the experts over this many ranks "
                  "(1 or all)")->capture_default_str();
+  std::string device = "cpu";
+  app.add_option("--device", device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
   try {
     dist::init(argc, argv);
@@ -65,13 +73,20 @@ int main(int argc, char** argv) {
     cfg.model = preset;
     cfg.vit = models::vit_preset(preset);
     cfg.batch = batch;
+    cfg.device = device;
+    const bool gpu = device == "cuda";
     train::check_ranks(cfg, ranks, preset + " " + std::to_string(batch) + " " +
                                        std::to_string(expert_parallel));
+    if (gpu) {
+      MV_CHECK(cuda_available() && dist::nccl_built(), "--device cuda needs a GPU and NCCL");
+      if (ranks.many()) dist::use_local_gpu();
+    }
     models::ViT model(cfg.vit, 0);
     train::split_model(model, ranks);
+    if (gpu) model.to(Device::CUDA);
     models::AdamW opt(model.named_parameters(), 0.05f);
     std::unique_ptr<train::Replicas> replicas;
-    if (ranks.many()) replicas = std::make_unique<train::Replicas>(model, ranks);
+    if (ranks.many() || gpu) replicas = std::make_unique<train::Replicas>(model, ranks);
     const models::ViTConfig& c = cfg.vit;
     const int share = batch / ranks.size;
     Generator g(1 + uint64_t(ranks.rank));
@@ -87,6 +102,7 @@ int main(int argc, char** argv) {
       dist::take_comm_seconds();
       const auto t0 = Clock::now();
       const train::StepResult r = train::train_step(model, opt, params, b, cfg, 1e-3f, replicas.get());
+      if (gpu) r.loss.item();  // waits for the step's kernels and NCCL's
       if (s < warmup) continue;
       step_s.push_back(seconds_since(t0));
       comm_s.push_back(dist::take_comm_seconds());
@@ -95,9 +111,9 @@ int main(int argc, char** argv) {
     const double step = train::agree_max(median(step_s), ranks);
     const double comm = train::agree_max(median(comm_s), ranks);
     if (ranks.rank == 0)
-      std::printf("moevit %s, %d rank%s x %d thread%s, global batch %d%s: median step %.1f ms, "
+      std::printf("moevit %s (%s), %d rank%s x %d thread%s, global batch %d%s: median step %.1f ms, "
                   "%.0f images/s; inside MPI %.1f ms per step (%.0f%%; the slowest rank's medians)\n",
-                  preset.c_str(), ranks.size, ranks.size > 1 ? "s" : "", threads,
+                  preset.c_str(), device.c_str(), ranks.size, ranks.size > 1 ? "s" : "", threads,
                   threads > 1 ? "s" : "", batch,
                   ranks.split_experts() ? ", experts split over the ranks" : "", 1e3 * step,
                   batch / step, 1e3 * comm, 100 * comm / step);
@@ -110,8 +126,9 @@ int main(int argc, char** argv) {
     // 2. One MoE layer alone, on this rank's share of the batch's tokens.
     models::MoELayer& layer = *moe.front();
     const int64_t T = (c.image_size / c.patch) * (c.image_size / c.patch) + 1;
-    const Tensor x = randn({share, T, c.dim}, g).set_requires_grad(true);
-    const Tensor go = randn({share, T, c.dim}, g);
+    const Device dev = gpu ? Device::CUDA : Device::CPU;
+    const Tensor x = randn({share, T, c.dim}, g).to(dev).set_requires_grad(true);
+    const Tensor go = randn({share, T, c.dim}, g).to(dev);
     std::vector<double> layer_s, exchange_s, mpi_s;
     for (int s = 0; s < warmup + steps; ++s) {
       dist::take_exchange_seconds();
@@ -121,6 +138,7 @@ int main(int argc, char** argv) {
       Tensor loss = ops::sum(ops::mul(out, go));
       if (layer.last.aux_loss.defined()) loss = loss + layer.last.aux_loss;
       loss.backward();
+      if (gpu) loss.item();
       for (const Tensor& p : layer.parameters()) Tensor(p).zero_grad();
       if (s < warmup) continue;
       layer_s.push_back(seconds_since(t0));

@@ -7,7 +7,9 @@
 
 #include "autograd/autograd.h"
 #include "dist/comm.h"
+#include "dist/device_comm.h"
 #include "engine/error.h"
+#include "engine/memory.h"
 
 namespace mv::dist {
 
@@ -71,6 +73,12 @@ Side expert_side(const RowRoute& rt, int n) {
 Tensor move_rows(const Tensor& src, const Side& from, const Side& to, int64_t D) {
   Timed timed;
   const int me = rank();
+  const Device dev = src.device();
+  const bool gpu = dev == Device::CUDA;
+  auto copy = [gpu](float* dst, const float* from_, int64_t floats) {
+    if (gpu) cuda_hooks()->copy_d2d(dst, from_, size_t(floats) * sizeof(float));
+    else std::memcpy(dst, from_, size_t(floats) * sizeof(float));
+  };
   std::vector<int64_t> send_counts, recv_counts;
   int64_t send_rows = 0, recv_rows = 0;
   for (size_t r = 0; r < from.per_rank.size(); ++r) {
@@ -80,11 +88,11 @@ Tensor move_rows(const Tensor& src, const Side& from, const Side& to, int64_t D)
     send_rows += other ? from.per_rank[r] : 0;
     recv_rows += other ? to.per_rank[r] : 0;
   }
-  Tensor send = Tensor::empty({std::max<int64_t>(1, send_rows * D)});
-  Tensor recv = Tensor::empty({std::max<int64_t>(1, recv_rows * D)});
+  Tensor send = Tensor::empty({std::max<int64_t>(1, send_rows * D)}, DType::F32, dev);
+  Tensor recv = Tensor::empty({std::max<int64_t>(1, recv_rows * D)}, DType::F32, dev);
   const Tensor sc = src.contiguous();
   const float* in = sc.data<float>();
-  Tensor out = Tensor::empty({to.buffers, to.rows, D});
+  Tensor out = Tensor::empty({to.buffers, to.rows, D}, DType::F32, dev);
   float* o = out.data<float>();
   float* p = send.data<float>();
   std::vector<const Block*> staying;
@@ -93,23 +101,29 @@ Tensor move_rows(const Tensor& src, const Side& from, const Side& to, int64_t D)
       staying.push_back(&b);
       continue;
     }
-    std::memcpy(p, in + b.first * D, size_t(b.rows * D) * sizeof(float));
+    copy(p, in + b.first * D, b.rows * D);
     p += b.rows * D;
   }
-  all_to_all_v(send.data<float>(), send_counts, recv.data<float>(), recv_counts);
+  if (gpu)
+    device_all_to_all_v(send.data<float>(), send_counts, recv.data<float>(), recv_counts);
+  else
+    all_to_all_v(send.data<float>(), send_counts, recv.data<float>(), recv_counts);
   const float* q = recv.data<float>();
   size_t k = 0;
   for (const Block& b : to.blocks) {
     if (b.rank == me) {
-      std::memcpy(o + b.first * D, in + staying[k++]->first * D, size_t(b.rows * D) * sizeof(float));
+      copy(o + b.first * D, in + staying[k++]->first * D, b.rows * D);
       continue;
     }
-    std::memcpy(o + b.first * D, q, size_t(b.rows * D) * sizeof(float));
+    copy(o + b.first * D, q, b.rows * D);
     q += b.rows * D;
   }
-  for (int64_t b = 0; b < to.buffers; ++b)
-    std::memset(o + (b * to.rows + to.used[size_t(b)]) * D, 0,
-                size_t((to.rows - to.used[size_t(b)]) * D) * sizeof(float));
+  for (int64_t b = 0; b < to.buffers; ++b) {
+    float* pad = o + (b * to.rows + to.used[size_t(b)]) * D;
+    const size_t bytes = size_t((to.rows - to.used[size_t(b)]) * D) * sizeof(float);
+    if (gpu) cuda_hooks()->zero(pad, bytes);
+    else std::memset(pad, 0, bytes);
+  }
   return out;
 }
 
@@ -122,15 +136,16 @@ Tensor to_tokens(const Tensor& y, const RowRoute& rt) {
   return move_rows(y, expert_side(rt, size()), token_side(rt, size()), rt.D);
 }
 
-void check_cpu_f32(const char* op, const Tensor& t) {
-  MV_CHECK(t.device() == Device::CPU && t.dtype() == DType::F32, op, ": ", t.str(), " must be F32 "
-           "on the CPU (expert parallelism on the GPU needs NCCL, which is not built yet)");
+void check_f32(const char* op, const Tensor& t) {
+  MV_CHECK(t.dtype() == DType::F32, op, ": ", t.str(), " must be F32");
+  MV_CHECK(t.device() == Device::CPU || nccl_built(), op, ": ", t.str(), " is on the GPU, and "
+           "moving GPU rows between ranks needs NCCL, which this build did not find");
 }
 
 }  // namespace
 
 AtExperts send_to_experts(const Tensor& buf, const Tensor& rows) {
-  check_cpu_f32("send_to_experts", buf);
+  check_f32("send_to_experts", buf);
   const int n = size();
   MV_CHECK(buf.ndim() == 3 && rows.ndim() == 1 && rows.size(0) == buf.size(0) &&
                rows.dtype() == DType::I64 && buf.size(0) % n == 0,
@@ -139,7 +154,7 @@ AtExperts send_to_experts(const Tensor& buf, const Tensor& rows) {
   auto rt = std::make_shared<RowRoute>();
   rt->E = buf.size(0), rt->R = buf.size(1), rt->D = buf.size(2);
   const int64_t El = rt->E / n;
-  rt->sent = rows.contiguous().to_vector<int64_t>();
+  rt->sent = rows.to(Device::CPU).contiguous().to_vector<int64_t>();
   rt->got.assign(size_t(n * El), 0);
   const std::vector<int64_t> each(size_t(n), El);
   {
@@ -150,6 +165,7 @@ AtExperts send_to_experts(const Tensor& buf, const Tensor& rows) {
   at.rows = Tensor::zeros({El}, DType::I64);
   for (int s = 0; s < n; ++s)
     for (int64_t l = 0; l < El; ++l) at.rows.data<int64_t>()[l] += rt->got[size_t(s * El + l)];
+  at.rows = at.rows.to(buf.device());
   at.route = rt;
   at.buf = autograd::record("send_to_experts", to_experts(buf, *rt), {buf}, [rt](const Tensor& g) {
     return std::vector<Tensor>{to_tokens(g, *rt)};
@@ -158,7 +174,7 @@ AtExperts send_to_experts(const Tensor& buf, const Tensor& rows) {
 }
 
 Tensor return_to_tokens(const Tensor& y, const std::shared_ptr<const RowRoute>& rt) {
-  check_cpu_f32("return_to_tokens", y);
+  check_f32("return_to_tokens", y);
   MV_CHECK(y.ndim() == 3 && y.size(0) * size() == rt->E && y.size(1) == size() * rt->R &&
                y.size(2) == rt->D,
            "return_to_tokens: ", y.str(), " is not the (El, n R, D) layout of send_to_experts");
@@ -174,12 +190,13 @@ double take_exchange_seconds() {
 }
 
 Tensor gather_experts(const Tensor& local) {
-  check_cpu_f32("gather_experts", local);
+  MV_CHECK(local.dtype() == DType::F32, "gather_experts: ", local.str(), " must be F32");
+  const Tensor host = local.to(Device::CPU).contiguous();  // checkpoints and evaluation: rare
   Shape shape = local.shape();
   shape.at(0) *= size();
   Tensor full = Tensor::empty(shape);
-  all_gather(local.contiguous().data<float>(), local.numel(), full.data<float>());
-  return full;
+  all_gather(host.data<float>(), host.numel(), full.data<float>());
+  return full.to(local.device());
 }
 
 Tensor own_experts(const Tensor& full) {

@@ -9,7 +9,9 @@
 //   1. all-to-all: rank r receives piece r of the bucket from every rank;
 //   2. it adds the pieces in rank order 0, 1, ..., n-1 and divides by n;
 //   3. all-gather: every rank receives every reduced piece.
-// Each rank sends and receives 2 (n-1)/n of the bucket, as a ring all-reduce does.
+// Each rank sends and receives 2 (n-1)/n of the bucket, as a ring all-reduce does. On GPUs
+// (dist/device_comm.h) a bucket is packed on the device and NCCL's all-reduce sums it (NCCL's
+// order of addition, fixed for a given rank count and topology), queued on the backend's stream.
 #pragma once
 #include <cstdint>
 #include <unordered_map>
@@ -21,7 +23,8 @@ namespace mv::dist {
 
 class GradientSync {
  public:
-  // params: CPU F32 leaves, identical on every rank (same shapes, same order).
+  // params: F32 leaves, identical on every rank (same shapes, same order), all on the CPU or
+  // all on the GPU (with NCCL).
   explicit GradientSync(const std::vector<Tensor>& params, int64_t bucket_floats = 1 << 18);
   // The backward hook: `leaf`'s gradient is final. Starts its bucket once the bucket is complete;
   // other leaves are ignored.
@@ -39,10 +42,13 @@ class GradientSync {
     size_t waiting = 0;             // gradients backward has not finished yet
     bool started = false;
     int handle = -1;
-    std::vector<float> flat, pieces, gathered;  // n * piece floats each
-    std::vector<float> reduced;                 // piece floats
+    std::vector<float> flat, pieces, gathered;  // CPU: n * piece floats each
+    std::vector<float> reduced;                 // CPU: piece floats
+    Tensor device_flat;                         // GPU: the floats above, summed in place
   };
   void start(Bucket& b);
+  void finish_on_device(Bucket& b);
+  Device device_ = Device::CPU;
   std::vector<Bucket> buckets_;
   std::unordered_map<const TensorImpl*, size_t> bucket_of_;
 };

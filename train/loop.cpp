@@ -11,6 +11,7 @@
 
 #include "datasets/loader.h"
 #include "dist/comm.h"
+#include "dist/device_comm.h"
 #include "engine/file_write.h"
 #include "ops/matmul.h"
 #include "ops/reduce.h"
@@ -352,6 +353,7 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   remove_stale_temps(ckpt);  // of a run killed while it wrote its checkpoint
   const RunData data = load_data(cfg);
 
+  if (ranks.many() && cfg.device == "cuda") dist::use_local_gpu();  // before any CUDA memory
   models::ViT model(cfg.vit, cfg.seed);
   const SplitParameters split = split_model(model, ranks);
   const SplitParameters* split_ptr = split.names.empty() ? nullptr : &split;

@@ -4,6 +4,7 @@
 
 #include "autograd/autograd.h"
 #include "dist/comm.h"
+#include "dist/device_comm.h"
 #include "ops/elementwise.h"
 
 namespace mv::train {
@@ -21,8 +22,8 @@ void check_ranks(const TrainConfig& cfg, const Ranks& r, const std::string& run)
            r.expert_parallel, ": the experts split over all ranks or none, and mpirun started ",
            r.size, (r.size == 1 ? " (start the run with mpirun -np N)" : ""));
   if (!r.many()) return;
-  MV_CHECK(cfg.device == "cpu", "--device ", cfg.device, ": training over several ranks runs on "
-           "the CPU (the GPU path needs NCCL, which is not built yet)");
+  MV_CHECK(cfg.device == "cpu" || dist::nccl_built(), "--device ", cfg.device, ": training "
+           "GPUs over several ranks needs NCCL, which this build did not find (nccl.h, libnccl)");
   MV_CHECK(cfg.batch % r.size == 0, "--batch ", cfg.batch, " does not split evenly over the ",
            r.size, " ranks; use a multiple of ", r.size);
   MV_CHECK(cfg.vit.moe_placement == "none" || !cfg.vit.moe.group_per_batch, "--group batch routes "

@@ -1,0 +1,68 @@
+// Multi-process training's GPU collectives (dist/device_comm.h, NCCL) in a world of one rank:
+// the gradient reduction and the expert row exchange on CUDA tensors against the CPU path. The
+// NCCL calls are the ones n ranks make, with one rank. Part of moevit_cuda_tests (skips without
+// a device); each case also skips, saying so, in a build without NCCL.
+#include <doctest/doctest.h>
+
+#include <cstdio>
+
+#include "autograd/autograd.h"
+#include "dist/device_comm.h"
+#include "dist/experts.h"
+#include "dist/grad_sync.h"
+#include "ops/elementwise.h"
+#include "ops/moe.h"
+#include "ops/reduce.h"
+#include "ops/softmax.h"
+#include "tests/cuda_parity.h"
+
+using namespace mv;
+using namespace mv::test;
+
+namespace {
+bool have_nccl() {
+  if (!dist::nccl_built()) std::printf("test_cuda_dist: built without NCCL, case skipped\n");
+  return dist::nccl_built();
+}
+}  // namespace
+
+TEST_CASE("cuda GradientSync (NCCL, one rank): each gradient the CPU's, bucket by bucket") {
+  if (!have_nccl()) return;
+  const Tensor a0 = rnd({5, 7}, 1), b0 = rnd({300}, 2);
+  std::vector<std::vector<float>> got;
+  for (Device dev : {Device::CPU, Device::CUDA}) {
+    Tensor a = a0.to(dev).set_requires_grad(true), b = b0.to(dev).set_requires_grad(true);
+    Tensor unused = rnd({4}, 3).to(dev).set_requires_grad(true);
+    dist::GradientSync sync({a, b, unused}, /*bucket_floats=*/4);
+    autograd::backward(ops::sum(ops::mul(ops::sum(a), b)), Tensor(),
+                       [&](const Tensor& leaf) { sync.ready(leaf); });
+    sync.finish();
+    CHECK(!unused.grad().defined());
+    CHECK(a.grad().device() == dev);
+    got.push_back(a.grad().to_vector<float>());
+    got.push_back(b.grad().to_vector<float>());
+  }
+  CHECK(got[0] == got[2]);  // a sum of 1 rank's bits is those bits
+  CHECK(got[1] == got[3]);
+}
+
+TEST_CASE("cuda send_to_experts / return_to_tokens (NCCL, one rank): forward and gradients against the CPU") {
+  if (!have_nccl()) return;
+  const int64_t G = 4, N = 9, D = 8, E = 4, H = 6;
+  const Tensor gates = ops::softmax(rnd({G, N, E}, 6, 2.f));
+  ops::TopKOptions o;
+  o.k = 2;
+  o.capacity_factor = 1.f;
+  const ops::Assignment a_cpu = ops::topk_route(gates, o).assign;
+  const ops::Assignment a_gpu = ops::topk_route(gates.to(Device::CUDA), o).assign;
+  const Fn layer = [&](const std::vector<Tensor>& in) {
+    const ops::Assignment& a = in[0].device() == Device::CUDA ? a_gpu : a_cpu;
+    const dist::AtExperts at = dist::send_to_experts(ops::dispatch(in[0], a), a.rows);
+    const Tensor y = ops::expert_mlp(at.buf, in[1], in[2], in[3], in[4], at.rows);
+    return ops::combine(dist::return_to_tokens(y, at.route), a);
+  };
+  parity("exchange", layer,
+         {rnd({G, N, D}, 1), rnd({E, D, H}, 2, 0.5f), rnd({E, H}, 3, 0.1f), rnd({E, H, D}, 4, 0.5f),
+          rnd({E, D}, 5, 0.1f)},
+         1e-4);
+}

@@ -26,17 +26,17 @@ std::string broadcast(const std::string& s);
 void all_gather(const float* send, int64_t n, float* recv);
 // The elementwise sums over ranks, added in rank order, so every rank gets the same bits.
 std::vector<double> sum(const std::vector<double>& v);
-// send holds size() pieces of n floats, piece r for rank r; recv gets rank r's piece for this
-// rank at r * n.
-void all_to_all(const float* send, int64_t n, float* recv);
-// The same with a count per rank (in elements; pieces packed in rank order on both sides).
+// send holds a piece for each rank, send_counts[r] elements for rank r, packed in rank order;
+// recv gets rank r's piece for this rank, recv_counts[r] elements, packed in rank order.
 void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
                   const std::vector<int64_t>& recv_counts);
 void all_to_all_v(const int64_t* send, const std::vector<int64_t>& send_counts, int64_t* recv,
                   const std::vector<int64_t>& recv_counts);
 
-// Nonblocking all_to_all and all_gather (the bucketed gradient reduction): start_* returns a
-// handle that wait() completes; the buffers must stay untouched until then.
+// Nonblocking all-to-all of equal pieces (send: size() pieces of n floats, piece r for rank r;
+// recv: rank r's piece for this rank at r * n) and all_gather, for the bucketed gradient
+// reduction: start_* returns a handle that wait() completes; the buffers must stay untouched
+// until then.
 int start_all_to_all(const float* send, int64_t n, float* recv);
 int start_all_gather(const float* send, int64_t n, float* recv);
 void wait(int handle);

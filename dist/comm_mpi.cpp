@@ -131,13 +131,6 @@ std::vector<double> sum(const std::vector<double>& v) {
   return out;
 }
 
-void all_to_all(const float* send, int64_t n, float* recv) {
-  if (!g_mpi) return copy(send, n, recv);
-  Timed t;
-  check(MPI_Alltoall(send, count(n, "all_to_all"), MPI_FLOAT, recv, count(n, "all_to_all"),
-                     MPI_FLOAT, MPI_COMM_WORLD), "all_to_all");
-}
-
 template <class T>
 static void alltoallv(const T* send, const std::vector<int64_t>& sc, T* recv,
                       const std::vector<int64_t>& rc, MPI_Datatype type) {

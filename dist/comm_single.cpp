@@ -24,7 +24,6 @@ void all_gather(const float* send, int64_t n, float* recv) {
   std::memcpy(recv, send, size_t(n) * sizeof(float));
 }
 std::vector<double> sum(const std::vector<double>& v) { return v; }
-void all_to_all(const float* send, int64_t n, float* recv) { all_gather(send, n, recv); }
 void all_to_all_v(const float* send, const std::vector<int64_t>& sc, float* recv,
                   const std::vector<int64_t>&) {
   std::memcpy(recv, send, size_t(sc.at(0)) * sizeof(float));

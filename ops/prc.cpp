@@ -45,6 +45,33 @@ PrcIn prc_in(const char* op, const Tensor& p, const Tensor& q, const Tensor& pai
   return in;
 }
 
+// From C (E x E): L_off, and the paper form's L_diag.
+struct PaperTerms {
+  double l_diag = 0, l_off = 0;
+};
+PaperTerms paper_terms(const std::vector<double>& C, int64_t E) {
+  double off = 0, diag = 0;
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j) {
+      const double c = C[size_t(i * E + j)];
+      if (i != j) off += c * c;
+      else diag += (c - 1) * (c - 1);
+    }
+  return {diag / double(E), E > 1 ? off / double(E * (E - 1)) : 0.0};
+}
+
+// G = (E / M) dL/dC (the diagonal's part only in the paper form) into g (E x E); see below.
+void fill_g(const std::vector<double>& C, int64_t E, int64_t M, const ops::PrcOptions& opt,
+            float* g) {
+  const double scale = double(E) / double(M), wd = opt.diag_weight, wo = opt.off_weight;
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j) {
+      const double c = C[size_t(i * E + j)];
+      if (i != j) g[i * E + j] = float(scale * (E > 1 ? wo * 2 * c / double(E * (E - 1)) : 0.0));
+      else g[i * E + j] = opt.reference_diagonal ? 0.f : float(scale * wd * 2 * (c - 1) / double(E));
+    }
+}
+
 struct PrcStats {
   std::vector<double> C;  // (E, E), already scaled by E / M
   std::vector<double> D;  // (T, E), reference form only, scaled by E / M
@@ -79,17 +106,10 @@ PrcStats stats_of(const PrcIn& in, bool reference) {
     for (int64_t k = 0; k < E * E; ++k) st.C[size_t(k)] += part[size_t(b * E * E + k)];
   for (double& c : st.C) c *= scale;
 
-  double off = 0, diag = 0;
-  for (int64_t i = 0; i < E; ++i)
-    for (int64_t j = 0; j < E; ++j) {
-      const double c = st.C[size_t(i * E + j)];
-      if (i != j) off += c * c;
-      else diag += (c - 1) * (c - 1);
-    }
-  st.l_off = E > 1 ? off / double(E * (E - 1)) : 0.0;
-
+  const PaperTerms pt = paper_terms(st.C, E);
+  st.l_off = pt.l_off;
   if (!reference) {
-    st.l_diag = diag / double(E);
+    st.l_diag = pt.l_diag;
     return st;
   }
   // D[t, e]: each position sums over the batch (no race: threads own positions).
@@ -133,13 +153,8 @@ ops::PrcOut prc_forward(const char* op, const Tensor& p, const Tensor& q, const 
   float *pc = o.C.data<float>(), *pg = o.G.data<float>();
   for (int64_t k = 0; k < E * E; ++k) pc[k] = float(st.C[size_t(k)]);
   if (in.M == 0) return o;  // no pairs: the loss is constant 0, and so are G and H
+  fill_g(st.C, E, in.M, opt, pg);
   const double scale = double(E) / double(in.M);
-  for (int64_t i = 0; i < E; ++i)
-    for (int64_t j = 0; j < E; ++j) {
-      const double c = st.C[size_t(i * E + j)];
-      if (i != j) pg[i * E + j] = float(scale * (E > 1 ? wo * 2 * c / double(E * (E - 1)) : 0.0));
-      else if (!ref) pg[i * E + j] = float(scale * wd * 2 * (c - 1) / double(E));
-    }
   if (ref) {
     float* ph = o.H.data<float>();
     for (int64_t k = 0; k < T * E; ++k) ph[k] = float(scale * wd * 2 * (st.D[size_t(k)] - 1) / double(T * E));
@@ -285,6 +300,41 @@ Tensor prc_loss(const Tensor& p, const Tensor& q, const Tensor& pairs, const Prc
   return autograd::record("prc_loss", f.loss, {p, q},
                           [dev, pd = p.detach(), qd = q.detach(), pairs, G = f.G, H = f.H, gp, gq](const Tensor& g) {
                             PairGrads d = MV_KERNEL(prc_backward)(dev, g, pd, qd, pairs, G, H, gp, gq);
+                            return std::vector<Tensor>{d.da, d.db};
+                          });
+}
+
+int64_t prc_pair_count(const Tensor& pairs) {
+  const std::vector<int64_t> v = pairs.to(Device::CPU).contiguous().to_vector<int64_t>();
+  int64_t m = 0;
+  for (int64_t x : v) m += x >= 0;
+  return m;
+}
+
+Tensor prc_loss_of_total(const Tensor& p, const Tensor& q, const Tensor& pairs, const Tensor& C_total,
+                         int64_t M_total, const PrcOptions& opt, float grad_scale) {
+  const char* op = "prc_loss_of_total";
+  const OpDevice dev = check_prc(op, p, q, pairs);
+  const int64_t E = p.size(2);
+  MV_CHECK(!opt.reference_diagonal, op, ": the reference form's diagonal is per position and is "
+           "not summed over batches; use the paper form");
+  MV_CHECK(C_total.shape() == (Shape{E, E}) && C_total.dtype() == DType::F32 && M_total >= 0, op,
+           ": C_total ", C_total.str(), " must be (", E, ", ", E, ") F32, M_total ", M_total, " >= 0");
+  const std::vector<float> cf = C_total.to(Device::CPU).contiguous().to_vector<float>();
+  const std::vector<double> C(cf.begin(), cf.end());
+  const cpu::PaperTerms t = cpu::paper_terms(C, E);
+  Tensor G = Tensor::zeros({E, E});
+  if (M_total > 0) {
+    cpu::fill_g(C, E, M_total, opt, G.data<float>());
+    float* g = G.data<float>();
+    for (int64_t k = 0; k < E * E; ++k) g[k] *= grad_scale;
+  }
+  const float loss = M_total > 0 ? float(opt.diag_weight * t.l_diag + opt.off_weight * t.l_off) : 0.f;
+  G = G.to(p.device());
+  const bool gp = p.requires_grad(), gq = q.requires_grad();
+  return autograd::record("prc_loss", Tensor::scalar(loss).to(p.device()), {p, q},
+                          [dev, pd = p.detach(), qd = q.detach(), pairs, G, gp, gq](const Tensor& g) {
+                            PairGrads d = MV_KERNEL(prc_backward)(dev, g, pd, qd, pairs, G, Tensor(), gp, gq);
                             return std::vector<Tensor>{d.da, d.db};
                           });
 }

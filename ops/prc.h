@@ -35,6 +35,17 @@ std::pair<double, double> prc_terms(const Tensor& p, const Tensor& q, const Tens
 // All zeros when M = 0.
 Tensor prc_matrix(const Tensor& p, const Tensor& q, const Tensor& pairs);
 
+// PRC over more than this batch (data-parallel ranks, train/parallel.h), paper form only. The
+// caller adds up, over all the batches, each one's prc_matrix times its pair count
+// (prc_pair_count) and the counts: C_total = that sum / M_total. The loss is L of C_total; the
+// backward sends grad_scale * (E / M_total) dL/dC_total through this batch's own pairs, its
+// share of the total's gradient (grad_scale: the factor the caller's averaging over batches
+// takes back). C_total: (E, E) F32 on the CPU.
+Tensor prc_loss_of_total(const Tensor& p, const Tensor& q, const Tensor& pairs, const Tensor& C_total,
+                         int64_t M_total, const PrcOptions& opt, float grad_scale);
+// pairs: (B, T) I64 -> M, the count of valid pairs (entries >= 0).
+int64_t prc_pair_count(const Tensor& pairs);
+
 // s, s2: (..., E) router probabilities of the clean and the perturbed input, same shape ->
 // () mean over tokens of 1 - sum_i min(s_i, s2_i) / sum_i max(s_i, s2_i) (soft Jaccard loss).
 // Gradients flow to s and s2; at ties s_i == s2_i each side gets half of the derivative (see

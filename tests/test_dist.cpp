@@ -15,6 +15,7 @@
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
 #include "ops/moe.h"
+#include "ops/prc.h"
 #include "ops/reduce.h"
 #include "ops/shape.h"
 #include "ops/softmax.h"
@@ -188,4 +189,49 @@ TEST_CASE("datasets::rows: a range of images, checked") {
   CHECK(std::equal(r.pixels.begin(), r.pixels.end(), d.image(3)));
   CHECK(r.labels == std::vector<int64_t>(d.labels.begin() + 3, d.labels.begin() + 7));
   CHECK_THROWS_WITH_AS(datasets::rows(d, 5, 11), doctest::Contains("is not a range of the 10"), Error);
+}
+
+TEST_CASE("prc_loss_of_total: two ranks' halves with summed correlations are the whole batch's PRC") {
+  const int64_t B = 6, T = 5, E = 4;
+  Generator g(3);
+  const Tensor p0 = ops::softmax(randn({B, T, E}, g)), q0 = ops::softmax(randn({B, T, E}, g));
+  std::vector<int64_t> pr;
+  for (int64_t i = 0; i < B * T; ++i) pr.push_back(i % 4 == 3 ? -1 : (i * 7 + 2) % T);
+  const Tensor pairs = Tensor::from_i64(pr, {B, T});
+  ops::PrcOptions opt;
+  opt.diag_weight = 0.3f, opt.off_weight = 0.7f;  // both terms matter
+  Tensor p = p0.clone().set_requires_grad(true), q = q0.clone().set_requires_grad(true);
+  const Tensor whole = ops::prc_loss(p, q, pairs, opt);
+  whole.backward();
+  // Each half as a rank sees it: its own C and pair count, summed as Replicas::prc_loss does.
+  std::vector<Tensor> hp, hq, hpairs;
+  std::vector<double> sum(size_t(E * E), 0.0);
+  int64_t M = 0;
+  for (int h = 0; h < 2; ++h) {
+    hp.push_back(ops::slice(p0, 0, 3 * h, 3 * h + 3).clone().set_requires_grad(true));
+    hq.push_back(ops::slice(q0, 0, 3 * h, 3 * h + 3).clone().set_requires_grad(true));
+    hpairs.push_back(ops::slice(pairs, 0, 3 * h, 3 * h + 3).contiguous());
+    const int64_t m = ops::prc_pair_count(hpairs.back());
+    const std::vector<float> c = ops::prc_matrix(hp.back(), hq.back(), hpairs.back()).to_vector<float>();
+    for (size_t k = 0; k < c.size(); ++k) sum[k] += double(m) * c[k];
+    M += m;
+  }
+  CHECK(M == ops::prc_pair_count(pairs));
+  std::vector<float> C;
+  for (double s : sum) C.push_back(float(s / double(M)));
+  std::vector<float> gp, gq;
+  for (int h = 0; h < 2; ++h) {
+    const Tensor l = ops::prc_loss_of_total(hp[size_t(h)], hq[size_t(h)], hpairs[size_t(h)],
+                                            Tensor::from(C, {E, E}), M, opt, 2.f);
+    CHECK(l.item() == doctest::Approx(whole.item()).epsilon(1e-5));
+    l.backward();
+    // The data-parallel mean of the two ranks' gradients (each 1/2 of its own).
+    for (float v : ops::mul(hp[size_t(h)].grad(), 0.5f).to_vector<float>()) gp.push_back(v);
+    for (float v : ops::mul(hq[size_t(h)].grad(), 0.5f).to_vector<float>()) gq.push_back(v);
+  }
+  test::check_close(Tensor::from(gp, {B, T, E}), p.grad().to_vector<float>(), 1e-6f, 1e-4f);
+  test::check_close(Tensor::from(gq, {B, T, E}), q.grad().to_vector<float>(), 1e-6f, 1e-4f);
+  opt.reference_diagonal = true;
+  CHECK_THROWS_WITH_AS(ops::prc_loss_of_total(hp[0], hq[0], hpairs[0], Tensor::from(C, {E, E}), M, opt, 1.f),
+                       doctest::Contains("paper form"), Error);
 }

@@ -26,6 +26,9 @@ void check_ranks(const TrainConfig& cfg, const Ranks& r, const std::string& run)
            "GPUs over several ranks needs NCCL, which this build did not find (nccl.h, libnccl)");
   MV_CHECK(cfg.batch % r.size == 0, "--batch ", cfg.batch, " does not split evenly over the ",
            r.size, " ranks; use a multiple of ", r.size);
+  MV_CHECK(!cfg.prc || !cfg.prc_reference_diagonal, "--prc-reference-diagonal: that form's "
+           "diagonal is taken per token position of the batch and is not summed over ranks; train "
+           "it in one process, or use the paper form (the default) on ", r.size, " ranks");
   MV_CHECK(cfg.vit.moe_placement == "none" || !cfg.vit.moe.group_per_batch, "--group batch routes "
            "the whole batch as one group, which training over ", r.size, " ranks would cut into "
            "one group per rank; route per image");
@@ -86,6 +89,23 @@ float Replicas::clip_scale(float max_norm) const {
   double squares = models::gradient_squares(shared_);
   if (!own_.empty()) squares += dist::sum({models::gradient_squares(own_)})[0];
   return models::clip_scale_of_squares(squares, max_norm).scale;
+}
+
+Tensor Replicas::prc_loss(const Tensor& p, const Tensor& q, const Tensor& pairs,
+                          const ops::PrcOptions& opt) const {
+  const int64_t E = p.size(2), M = ops::prc_pair_count(pairs);
+  const std::vector<float> c = ops::prc_matrix(p.detach(), q.detach(), pairs).to(Device::CPU)
+                                   .to_vector<float>();
+  std::vector<double> v(c.begin(), c.end());
+  for (double& x : v) x *= double(M);  // C = (E / M) sum p q^T: M C sums over ranks
+  v.push_back(double(M));
+  v = dist::sum(v);
+  const double total = v.back();
+  std::vector<float> C(size_t(E * E), 0.f);
+  if (total > 0)
+    for (size_t k = 0; k < C.size(); ++k) C[k] = float(v[k] / total);
+  return ops::prc_loss_of_total(p, q, pairs, Tensor::from(C, {E, E}), int64_t(total), opt,
+                                float(ranks_.size));
 }
 
 EvalResult evaluate_on_ranks(models::ViT& model, const datasets::Dataset& data,

@@ -9,6 +9,7 @@
 //     whole batch would, up to the order of float additions;
 //   - after backward, the mean over ranks of the shared parameters' gradients (dist/grad_sync.h);
 //     a split expert's gradient already holds every rank's tokens, and is divided by n;
+//   - PRC's cross-correlation summed over ranks before its loss (Replicas::prc_loss);
 //   - its share of the test set; the figures are summed over ranks;
 //   - rank 0 alone prints, and writes metrics.jsonl and the checkpoint (the whole model).
 #pragma once
@@ -18,6 +19,7 @@
 
 #include "dist/grad_sync.h"
 #include "models/vit.h"
+#include "ops/prc.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/evaluate.h"
@@ -52,6 +54,11 @@ class Replicas {
   void backward(const Tensor& loss);
   // The clip scale of the global gradient norm (split experts' squares summed over ranks).
   float clip_scale(float max_norm) const;
+  // ops::prc_loss with its cross-correlation C taken over every rank's pairs, as one process
+  // taking the whole batch: the ranks' C, weighted by their pair counts, are summed (an E x E
+  // all-reduce) before the loss, and each rank's gradient is its share of the total's.
+  Tensor prc_loss(const Tensor& p, const Tensor& q, const Tensor& pairs,
+                  const ops::PrcOptions& opt) const;
 
  private:
   Ranks ranks_;

@@ -23,9 +23,10 @@ std::vector<models::MoELayer*> prc_layers(const models::ViT& model, const TrainC
 }
 
 // PRC (methods.md section 4) of every MoE layer of the last forward, whose batch held view 1 of
-// B images then view 2 of the same images; pairs: (B, T). Summed over the layers.
+// B images then view 2 of the same images; pairs: (B, T). Summed over the layers. On several
+// ranks, each layer's correlation is taken over every rank's pairs.
 Tensor prc_loss(const std::vector<models::MoELayer*>& layers, const Tensor& pairs,
-                const TrainConfig& cfg) {
+                const TrainConfig& cfg, const Replicas* replicas) {
   ops::PrcOptions opt;
   opt.reference_diagonal = cfg.prc_reference_diagonal;
   opt.diag_weight = cfg.prc_diag_weight;
@@ -35,7 +36,8 @@ Tensor prc_loss(const std::vector<models::MoELayer*>& layers, const Tensor& pair
   for (models::MoELayer* m : layers) {
     const Tensor& probs = m->last.probs;  // (G, N, E) with G * N = 2B * T, images in order
     const Tensor p = ops::reshape(probs, {2 * B, T, probs.size(2)});
-    const Tensor l = ops::prc_loss(ops::slice(p, 0, 0, B), ops::slice(p, 0, B, 2 * B), pairs, opt);
+    const Tensor p1 = ops::slice(p, 0, 0, B), p2 = ops::slice(p, 0, B, 2 * B);
+    const Tensor l = replicas ? replicas->prc_loss(p1, p2, pairs, opt) : ops::prc_loss(p1, p2, pairs, opt);
     sum = sum.defined() ? sum + l : l;
   }
   return sum;
@@ -66,7 +68,7 @@ StepResult train_step(models::ViT& model, models::Optimizer& opt, const std::vec
   r.ce = ops::cross_entropy(r.logits, r.labels, cfg.label_smoothing);
   Tensor extra = model.aux_loss();  // MoE routers' weighted losses; undefined if none
   if (cfg.prc) {
-    r.prc = prc_loss(prc_layers(model, cfg), b.pairs.to(dev), cfg);
+    r.prc = prc_loss(prc_layers(model, cfg), b.pairs.to(dev), cfg, replicas);
     extra = extra.defined() ? extra + r.prc : r.prc;
   }
   if (cfg.jaccard_weight > 0) {

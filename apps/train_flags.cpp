@@ -96,7 +96,8 @@ void add_training_flags(CLI::App& app, TrainFlags& f) {
                "CUDA: let cuBLAS use TF32 tensor cores (faster GEMMs, ~1e-3 relative error)");
   app.add_option("--threads", f.threads, "CPU threads (default: all cores)");
   app.add_option("--expert-parallel", f.expert_parallel, "under mpirun: split each MoE layer's "
-                 "experts over this many ranks (all of them; default 1: data parallel only)");
+                 "experts over groups of this many consecutive ranks (a divisor of the rank "
+                 "count; default 1: data parallel only)");
   app.add_option("--out", f.out, "output folder: checkpoint.safetensors, metrics.jsonl")
       ->capture_default_str();
   app.add_flag("--ema", f.cfg.ema, "keep an average of the weights (decay --ema-decay) and "

@@ -60,8 +60,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "per rank")->capture_default_str();
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
   app.add_option("--warmup", warmup, "untimed steps first")->capture_default_str();
-  app.add_option("--expert-parallel", expert_parallel, "split the experts over this many ranks "
-                 "(1 or all)")->capture_default_str();
+  app.add_option("--expert-parallel", expert_parallel, "split the experts over groups of this "
+                 "many ranks")->capture_default_str();
   std::string device = "cpu";
   app.add_option("--device", device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);

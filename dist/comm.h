@@ -11,10 +11,18 @@
 
 namespace mv::dist {
 
+// Who takes part in a collective: every rank; the ranks of this rank's expert group (the
+// --expert-parallel ranks that share out each MoE layer's experts); or the ranks that hold the
+// same experts as this one, one in each expert group. Until make_expert_groups, an expert group
+// is the whole world (and the replicas this rank alone).
+enum class Group { World, Experts, Replicas };
+
 void init(int& argc, char**& argv);  // once, before any other call; a no-op outside mpirun
 void finalize();                     // at a normal exit
-int rank();                          // 0 .. size()-1
-int size();
+int rank(Group g = Group::World);    // 0 .. size(g)-1
+int size(Group g = Group::World);
+// Cuts the world into expert groups of n consecutive ranks (n divides size()); collective.
+void make_expert_groups(int n);
 bool built_with_mpi();
 // Ends every rank of the run with `code` (after an error on one rank, so that none waits in a
 // collective for it); exits this process in a world of one.
@@ -22,23 +30,23 @@ bool built_with_mpi();
 
 // rank 0's s, on every rank.
 std::string broadcast(const std::string& s);
-// send: n floats on every rank -> recv: size() * n floats, rank r's at r * n.
-void all_gather(const float* send, int64_t n, float* recv);
-// The elementwise sums over ranks, added in rank order, so every rank gets the same bits.
-std::vector<double> sum(const std::vector<double>& v);
-// send holds a piece for each rank, send_counts[r] elements for rank r, packed in rank order;
-// recv gets rank r's piece for this rank, recv_counts[r] elements, packed in rank order.
+// send: n floats on every rank of g -> recv: size(g) * n floats, rank r's at r * n.
+void all_gather(const float* send, int64_t n, float* recv, Group g = Group::World);
+// The elementwise sums over the ranks of g, added in rank order, so each gets the same bits.
+std::vector<double> sum(const std::vector<double>& v, Group g = Group::World);
+// send holds a piece for each rank of g, send_counts[r] elements for rank r, packed in rank
+// order; recv gets rank r's piece for this rank, recv_counts[r] elements, packed in rank order.
 void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
-                  const std::vector<int64_t>& recv_counts);
+                  const std::vector<int64_t>& recv_counts, Group g = Group::World);
 void all_to_all_v(const int64_t* send, const std::vector<int64_t>& send_counts, int64_t* recv,
-                  const std::vector<int64_t>& recv_counts);
+                  const std::vector<int64_t>& recv_counts, Group g = Group::World);
 
-// Nonblocking all-to-all of equal pieces (send: size() pieces of n floats, piece r for rank r;
+// Nonblocking all-to-all of equal pieces (send: size(g) pieces of n floats, piece r for rank r;
 // recv: rank r's piece for this rank at r * n) and all_gather, for the bucketed gradient
 // reduction: start_* returns a handle that wait() completes; the buffers must stay untouched
 // until then.
-int start_all_to_all(const float* send, int64_t n, float* recv);
-int start_all_gather(const float* send, int64_t n, float* recv);
+int start_all_to_all(const float* send, int64_t n, float* recv, Group g = Group::World);
+int start_all_gather(const float* send, int64_t n, float* recv, Group g = Group::World);
 void wait(int handle);
 
 // Seconds spent inside the collectives above since the last call (the benchmarks' split of a

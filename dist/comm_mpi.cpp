@@ -17,6 +17,14 @@ namespace {
 
 bool g_mpi = false;  // MPI_Init ran (we were started by mpirun)
 int g_rank = 0, g_size = 1;
+// The expert groups and the replica groups of make_expert_groups (else the world and this rank).
+MPI_Comm g_experts = MPI_COMM_NULL, g_replicas = MPI_COMM_NULL;
+
+MPI_Comm comm(Group g) {
+  if (g == Group::Experts && g_experts != MPI_COMM_NULL) return g_experts;
+  if (g == Group::Replicas && g_replicas != MPI_COMM_NULL) return g_replicas;
+  return g == Group::Replicas ? MPI_COMM_SELF : MPI_COMM_WORLD;
+}
 double g_comm_s = 0;
 std::vector<MPI_Request> g_requests;  // of start_*; a handle is an index, reused once waited
 
@@ -42,11 +50,11 @@ void check(int rc, const char* what) {
   MV_FAIL("MPI ", what, " failed on rank ", g_rank, ": ", std::string(msg, size_t(len)));
 }
 
-// Counts and displacements (in elements) of a packed all-to-all.
+// Counts and displacements (in elements) of a packed all-to-all over n ranks.
 struct Layout {
   std::vector<int> counts, displs;
-  explicit Layout(const std::vector<int64_t>& c) {
-    MV_CHECK(int(c.size()) == g_size, "MPI all_to_all_v: ", c.size(), " counts for ", g_size, " ranks");
+  Layout(const std::vector<int64_t>& c, int n) {
+    MV_CHECK(int(c.size()) == n, "MPI all_to_all_v: ", c.size(), " counts for ", n, " ranks");
     int64_t at = 0;
     for (int64_t n : c) {
       counts.push_back(count(n, "all_to_all_v"));
@@ -88,12 +96,30 @@ void init(int& argc, char**& argv) {
 }
 
 void finalize() {
+  for (MPI_Comm* c : {&g_experts, &g_replicas})
+    if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
   if (g_mpi) MPI_Finalize();
   g_mpi = false;
 }
 
-int rank() { return g_rank; }
-int size() { return g_size; }
+int rank(Group g) {
+  int r = 0;
+  if (g_mpi) MPI_Comm_rank(comm(g), &r);
+  return r;
+}
+int size(Group g) {
+  int n = 1;
+  if (g_mpi) MPI_Comm_size(comm(g), &n);
+  return n;
+}
+
+void make_expert_groups(int n) {
+  MV_CHECK(n >= 1 && g_size % n == 0, "expert groups of ", n, " ranks do not divide the ", g_size,
+           " ranks");
+  if (!g_mpi) return;
+  check(MPI_Comm_split(MPI_COMM_WORLD, g_rank / n, g_rank, &g_experts), "make_expert_groups");
+  check(MPI_Comm_split(MPI_COMM_WORLD, g_rank % n, g_rank, &g_replicas), "make_expert_groups");
+}
 bool built_with_mpi() { return true; }
 
 void abort_all(int code) {
@@ -112,58 +138,59 @@ std::string broadcast(const std::string& s) {
   return out;
 }
 
-void all_gather(const float* send, int64_t n, float* recv) {
+void all_gather(const float* send, int64_t n, float* recv, Group g) {
   if (!g_mpi) return copy(send, n, recv);
   Timed t;
   check(MPI_Allgather(send, count(n, "all_gather"), MPI_FLOAT, recv, count(n, "all_gather"),
-                      MPI_FLOAT, MPI_COMM_WORLD), "all_gather");
+                      MPI_FLOAT, comm(g)), "all_gather");
 }
 
-std::vector<double> sum(const std::vector<double>& v) {
-  if (g_size == 1) return v;
+std::vector<double> sum(const std::vector<double>& v, Group g) {
+  const int ranks = size(g);
+  if (ranks == 1) return v;
   Timed t;
   const int n = count(int64_t(v.size()), "sum");
-  std::vector<double> all(v.size() * size_t(g_size));
-  check(MPI_Allgather(v.data(), n, MPI_DOUBLE, all.data(), n, MPI_DOUBLE, MPI_COMM_WORLD), "sum");
+  std::vector<double> all(v.size() * size_t(ranks));
+  check(MPI_Allgather(v.data(), n, MPI_DOUBLE, all.data(), n, MPI_DOUBLE, comm(g)), "sum");
   std::vector<double> out(v.size(), 0.0);
-  for (int r = 0; r < g_size; ++r)
+  for (int r = 0; r < ranks; ++r)
     for (size_t i = 0; i < v.size(); ++i) out[i] += all[size_t(r) * v.size() + i];
   return out;
 }
 
 template <class T>
 static void alltoallv(const T* send, const std::vector<int64_t>& sc, T* recv,
-                      const std::vector<int64_t>& rc, MPI_Datatype type) {
+                      const std::vector<int64_t>& rc, MPI_Datatype type, Group g) {
   if (!g_mpi) return copy(send, sc.at(0), recv);
   Timed t;
-  const Layout s(sc), r(rc);
+  const Layout s(sc, size(g)), r(rc, size(g));
   check(MPI_Alltoallv(send, s.counts.data(), s.displs.data(), type, recv, r.counts.data(),
-                      r.displs.data(), type, MPI_COMM_WORLD), "all_to_all_v");
+                      r.displs.data(), type, comm(g)), "all_to_all_v");
 }
 void all_to_all_v(const float* send, const std::vector<int64_t>& sc, float* recv,
-                  const std::vector<int64_t>& rc) {
-  alltoallv(send, sc, recv, rc, MPI_FLOAT);
+                  const std::vector<int64_t>& rc, Group g) {
+  alltoallv(send, sc, recv, rc, MPI_FLOAT, g);
 }
 void all_to_all_v(const int64_t* send, const std::vector<int64_t>& sc, int64_t* recv,
-                  const std::vector<int64_t>& rc) {
-  alltoallv(send, sc, recv, rc, MPI_INT64_T);
+                  const std::vector<int64_t>& rc, Group g) {
+  alltoallv(send, sc, recv, rc, MPI_INT64_T, g);
 }
 
-int start_all_to_all(const float* send, int64_t n, float* recv) {
+int start_all_to_all(const float* send, int64_t n, float* recv, Group g) {
   if (!g_mpi) return copy(send, n, recv), -1;
   Timed t;
   MPI_Request r;
   check(MPI_Ialltoall(send, count(n, "all_to_all"), MPI_FLOAT, recv, count(n, "all_to_all"),
-                      MPI_FLOAT, MPI_COMM_WORLD, &r), "start_all_to_all");
+                      MPI_FLOAT, comm(g), &r), "start_all_to_all");
   return start(r);
 }
 
-int start_all_gather(const float* send, int64_t n, float* recv) {
+int start_all_gather(const float* send, int64_t n, float* recv, Group g) {
   if (!g_mpi) return copy(send, n, recv), -1;
   Timed t;
   MPI_Request r;
   check(MPI_Iallgather(send, count(n, "all_gather"), MPI_FLOAT, recv, count(n, "all_gather"),
-                       MPI_FLOAT, MPI_COMM_WORLD, &r), "start_all_gather");
+                       MPI_FLOAT, comm(g), &r), "start_all_gather");
   return start(r);
 }
 

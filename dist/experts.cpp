@@ -72,7 +72,7 @@ Side expert_side(const RowRoute& rt, int n) {
 // allocates nothing new.
 Tensor move_rows(const Tensor& src, const Side& from, const Side& to, int64_t D) {
   Timed timed;
-  const int me = rank();
+  const int me = rank(Group::Experts);
   const Device dev = src.device();
   const bool gpu = dev == Device::CUDA;
   auto copy = [gpu](float* dst, const float* from_, int64_t floats) {
@@ -107,7 +107,7 @@ Tensor move_rows(const Tensor& src, const Side& from, const Side& to, int64_t D)
   if (gpu)
     device_all_to_all_v(send.data<float>(), send_counts, recv.data<float>(), recv_counts);
   else
-    all_to_all_v(send.data<float>(), send_counts, recv.data<float>(), recv_counts);
+    all_to_all_v(send.data<float>(), send_counts, recv.data<float>(), recv_counts, Group::Experts);
   const float* q = recv.data<float>();
   size_t k = 0;
   for (const Block& b : to.blocks) {
@@ -130,10 +130,12 @@ Tensor move_rows(const Tensor& src, const Side& from, const Side& to, int64_t D)
 // (E, R, D) -> (El, n R, D): the forward of send_to_experts and the backward of
 // return_to_tokens; to_tokens the other way.
 Tensor to_experts(const Tensor& buf, const RowRoute& rt) {
-  return move_rows(buf, token_side(rt, size()), expert_side(rt, size()), rt.D);
+  const int n = size(Group::Experts);
+  return move_rows(buf, token_side(rt, n), expert_side(rt, n), rt.D);
 }
 Tensor to_tokens(const Tensor& y, const RowRoute& rt) {
-  return move_rows(y, expert_side(rt, size()), token_side(rt, size()), rt.D);
+  const int n = size(Group::Experts);
+  return move_rows(y, expert_side(rt, n), token_side(rt, n), rt.D);
 }
 
 void check_f32(const char* op, const Tensor& t) {
@@ -146,7 +148,7 @@ void check_f32(const char* op, const Tensor& t) {
 
 AtExperts send_to_experts(const Tensor& buf, const Tensor& rows) {
   check_f32("send_to_experts", buf);
-  const int n = size();
+  const int n = size(Group::Experts);
   MV_CHECK(buf.ndim() == 3 && rows.ndim() == 1 && rows.size(0) == buf.size(0) &&
                rows.dtype() == DType::I64 && buf.size(0) % n == 0,
            "send_to_experts: buffers ", buf.str(), " and rows ", rows.str(), ": expected (E, R, D) "
@@ -159,7 +161,7 @@ AtExperts send_to_experts(const Tensor& buf, const Tensor& rows) {
   const std::vector<int64_t> each(size_t(n), El);
   {
     Timed timed;
-    all_to_all_v(rt->sent.data(), each, rt->got.data(), each);  // the row counts first
+    all_to_all_v(rt->sent.data(), each, rt->got.data(), each, Group::Experts);  // counts first
   }
   AtExperts at;
   at.rows = Tensor::zeros({El}, DType::I64);
@@ -175,8 +177,8 @@ AtExperts send_to_experts(const Tensor& buf, const Tensor& rows) {
 
 Tensor return_to_tokens(const Tensor& y, const std::shared_ptr<const RowRoute>& rt) {
   check_f32("return_to_tokens", y);
-  MV_CHECK(y.ndim() == 3 && y.size(0) * size() == rt->E && y.size(1) == size() * rt->R &&
-               y.size(2) == rt->D,
+  const int n = size(Group::Experts);
+  MV_CHECK(y.ndim() == 3 && y.size(0) * n == rt->E && y.size(1) == n * rt->R && y.size(2) == rt->D,
            "return_to_tokens: ", y.str(), " is not the (El, n R, D) layout of send_to_experts");
   return autograd::record("return_to_tokens", to_tokens(y, *rt), {y}, [rt](const Tensor& g) {
     return std::vector<Tensor>{to_experts(g, *rt)};
@@ -193,14 +195,14 @@ Tensor gather_experts(const Tensor& local) {
   MV_CHECK(local.dtype() == DType::F32, "gather_experts: ", local.str(), " must be F32");
   const Tensor host = local.to(Device::CPU).contiguous();  // checkpoints and evaluation: rare
   Shape shape = local.shape();
-  shape.at(0) *= size();
+  shape.at(0) *= size(Group::Experts);
   Tensor full = Tensor::empty(shape);
-  all_gather(host.data<float>(), host.numel(), full.data<float>());
+  all_gather(host.data<float>(), host.numel(), full.data<float>(), Group::Experts);
   return full.to(local.device());
 }
 
 Tensor own_experts(const Tensor& full) {
-  const int n = size();
+  const int n = size(Group::Experts);
   MV_CHECK(full.ndim() >= 1 && full.size(0) % n == 0, "own_experts: ", full.str(), " does not "
            "split by its first axis over ", n, " ranks");
   const int64_t El = full.size(0) / n, per = full.numel() / full.size(0);
@@ -208,7 +210,8 @@ Tensor own_experts(const Tensor& full) {
   shape[0] = El;
   Tensor out = Tensor::empty(shape);
   const Tensor f = full.contiguous();
-  std::memcpy(out.data<float>(), f.data<float>() + rank() * El * per, size_t(El * per) * sizeof(float));
+  const float* mine = f.data<float>() + rank(Group::Experts) * El * per;
+  std::memcpy(out.data<float>(), mine, size_t(El * per) * sizeof(float));
   return out;
 }
 

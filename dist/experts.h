@@ -1,6 +1,7 @@
-// Expert parallel: the experts of each MoE layer split across the ranks, rank r holding the
-// E / n experts [r E / n, (r + 1) E / n) (their weights are the rows of the stacked (E, ...)
-// expert tensors), while every rank routes its own share of the batch. Between dispatch and
+// Expert parallel: the experts of each MoE layer split across the n ranks of an expert group
+// (dist::Group::Experts: the whole world, or groups of consecutive ranks), rank r of the group
+// holding the E / n experts [r E / n, (r + 1) E / n) (their weights are the rows of the stacked
+// (E, ...) expert tensors), while every rank routes its own share of the batch. Between dispatch and
 // combine the token rows travel to the rank of their expert and back (all-to-all):
 //
 //   dispatch(x, a)      (E, R, d)     this rank's tokens, packed per expert (ops/moe.h)
@@ -48,10 +49,10 @@ Tensor return_to_tokens(const Tensor& y, const std::shared_ptr<const RowRoute>& 
 // the last call: what expert parallelism adds to an MoE layer (bench/distributed).
 double take_exchange_seconds();
 
-// local: (El, ...) this rank's rows of a tensor split by expert -> (E, ...), every rank's rows
-// in rank order, on every rank (checkpoints, evaluation).
+// local: (El, ...) this rank's rows of a tensor split by expert -> (E, ...), the expert group's
+// rows in rank order, on every rank (checkpoints, evaluation).
 Tensor gather_experts(const Tensor& local);
-// full: (E, ...) -> (El, ...) this rank's rows.
+// full: (E, ...) CPU -> (El, ...) this rank's rows.
 Tensor own_experts(const Tensor& full);
 
 }  // namespace mv::dist

@@ -11,11 +11,14 @@
 
 namespace mv::dist {
 
-GradientSync::GradientSync(const std::vector<Tensor>& params, int64_t bucket_floats) {
-  const int64_t n = size();
+GradientSync::GradientSync(const std::vector<Tensor>& params, int64_t bucket_floats, Group group)
+    : group_(group) {
+  const int64_t n = size(group);
   if (!params.empty()) device_ = params.front().device();
   MV_CHECK(device_ == Device::CPU || nccl_built(), "data parallel on the GPU needs NCCL, which "
            "this build did not find");
+  MV_CHECK(device_ == Device::CPU || n == 1 || n == size(), "data parallel on the GPU reduces "
+           "over the whole world only");
   for (auto it = params.rbegin(); it != params.rend(); ++it) {
     const Tensor& p = *it;
     MV_CHECK(p.device() == device_ && p.dtype() == DType::F32, "data parallel: parameter ",
@@ -66,16 +69,17 @@ void GradientSync::start(Bucket& b) {
   b.started = true;
   if (gpu) {
     cuda_hooks()->copy_h2d(f, flags.data(), flags.size() * sizeof(float));
-    device_all_reduce_sum(b.device_flat.data<float>(), b.floats);
+    // NCCL's communicator is the world's (one rank outside mpirun); a group of one has no sum.
+    if (size(group_) == size()) device_all_reduce_sum(b.device_flat.data<float>(), b.floats);
     return;
   }
   std::copy(flags.begin(), flags.end(), f);
-  b.handle = start_all_to_all(b.flat.data(), b.piece, b.pieces.data());
+  b.handle = start_all_to_all(b.flat.data(), b.piece, b.pieces.data(), group_);
 }
 
 // The GPU bucket after NCCL's sum: the mean, each parameter's slice as its gradient.
 void GradientSync::finish_on_device(Bucket& b) {
-  const Tensor mean = ops::mul(b.device_flat, 1.f / float(size()));
+  const Tensor mean = ops::mul(b.device_flat, 1.f / float(size(group_)));
   std::vector<float> used(b.params.size());
   const float* f = mean.data<float>();
   cuda_hooks()->copy_d2h(used.data(), f + (b.floats - int64_t(used.size())),
@@ -94,7 +98,7 @@ void GradientSync::finish_on_device(Bucket& b) {
 }
 
 void GradientSync::finish() {
-  const int n = size();
+  const int n = size(group_);
   const float inv = 1.f / float(n);
   for (Bucket& b : buckets_)
     if (!b.started) start(b);
@@ -114,7 +118,7 @@ void GradientSync::finish() {
       for (int r = 0; r < n; ++r) s += b.pieces[size_t(r * b.piece + i)];
       b.reduced[size_t(i)] = s * inv;
     }
-    b.handle = start_all_gather(b.reduced.data(), b.piece, b.gathered.data());
+    b.handle = start_all_gather(b.reduced.data(), b.piece, b.gathered.data(), group_);
   }
   for (Bucket& b : buckets_) {
     wait(b.handle);

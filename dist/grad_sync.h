@@ -1,5 +1,6 @@
 // Data parallel: after each backward, every rank holds the mean over ranks of the gradients of
-// the parameters all ranks share, the same bits everywhere and from run to run.
+// the parameters all ranks share (or, for split experts, all the ranks holding the same ones),
+// the same bits everywhere and from run to run.
 //
 // The parameters are cut into buckets (about 1 MB of gradients each, in the reverse of their
 // order, which is roughly the order backward finishes them). A bucket starts its reduction as
@@ -17,15 +18,17 @@
 #include <unordered_map>
 #include <vector>
 
+#include "dist/comm.h"
 #include "engine/tensor.h"
 
 namespace mv::dist {
 
 class GradientSync {
  public:
-  // params: F32 leaves, identical on every rank (same shapes, same order), all on the CPU or
-  // all on the GPU (with NCCL).
-  explicit GradientSync(const std::vector<Tensor>& params, int64_t bucket_floats = 1 << 18);
+  // params: F32 leaves, identical on every rank of `group` (same shapes, same order), all on
+  // the CPU or all on the GPU (with NCCL, the whole world only).
+  explicit GradientSync(const std::vector<Tensor>& params, int64_t bucket_floats = 1 << 18,
+                        Group group = Group::World);
   // The backward hook: `leaf`'s gradient is final. Starts its bucket once the bucket is complete;
   // other leaves are ignored.
   void ready(const Tensor& leaf);
@@ -48,6 +51,7 @@ class GradientSync {
   };
   void start(Bucket& b);
   void finish_on_device(Bucket& b);
+  Group group_;
   Device device_ = Device::CPU;
   std::vector<Bucket> buckets_;
   std::unordered_map<const TensorImpl*, size_t> bucket_of_;

@@ -112,6 +112,11 @@ for model in ["vmoe-tiny", "ec-tiny", "cosine-tiny", "pcosine-tiny", "mcentroid-
     ep = train_run(f"{model}-ep2", ["--model", model, "--expert-parallel", "2"] + TINY, ranks=2)
     compare(f"expert parallel {model}: 2 ranks x 4 experts vs 1 x 8", one, ep, 1e-5)
 
+# 4 ranks in 2 expert groups of 2 (each group splits the experts; each expert has a copy in each
+# group, whose gradients are averaged) = 1 process.
+compare("expert groups: 4 ranks, 2 groups of 2 x 4 experts, vs 1 x 8", os.path.join(work, "vmoe-tiny-1"),
+        train_run("vmoe-tiny-4-ep2", ["--model", "vmoe-tiny", "--expert-parallel", "2"] + TINY, ranks=4), 1e-5)
+
 # The checkpoint of an expert-parallel run holds every expert: a single-process eval reads it
 # and finds the test accuracy the run logged.
 ep = os.path.join(work, "vmoe-tiny-ep2")
@@ -150,9 +155,9 @@ expect_error("batch not divisible", [train, "--model", "vmoe-tiny"] + TINY + ["-
 expect_error("experts not divisible", [train, "--model", "vmoe-tiny", "--experts", "6",
              "--expert-parallel", "4"] + TINY + ["--out", bad], 4, "do not split evenly over 4 ranks")
 expect_error("expert-parallel without mpirun", [train, "--model", "vmoe-tiny", "--expert-parallel", "2"]
-             + TINY + ["--out", bad], 0, "mpirun started 1")
-expect_error("expert-parallel on part of the ranks", [train, "--model", "vmoe-tiny",
-             "--expert-parallel", "2", "--batch", "32"] + TINY + ["--out", bad], 4, "all ranks or none")
+             + TINY + ["--out", bad], 0, "start the run with mpirun -np N")
+expect_error("expert groups that do not divide the ranks", [train, "--model", "vmoe-tiny",
+             "--expert-parallel", "3"] + TINY + ["--out", bad], 4, "do not divide the 4 ranks")
 expect_error("Soft MoE split", [train, "--model", "soft-tiny", "--expert-parallel", "2"] + TINY +
              ["--out", bad], 2, "Soft MoE")
 # Without a GPU, --device cuda on several ranks ends on every rank with an error, whether the

@@ -18,12 +18,16 @@ Ranks world_ranks(int expert_parallel) {
 }
 
 void check_ranks(const TrainConfig& cfg, const Ranks& r, const std::string& run) {
-  MV_CHECK(r.expert_parallel == 1 || r.expert_parallel == r.size, "--expert-parallel ",
-           r.expert_parallel, ": the experts split over all ranks or none, and mpirun started ",
-           r.size, (r.size == 1 ? " (start the run with mpirun -np N)" : ""));
+  MV_CHECK(r.expert_parallel == 1 || r.many(), "--expert-parallel ", r.expert_parallel, ": this "
+           "process is not one of several ranks; start the run with mpirun -np N");
+  MV_CHECK(r.size % r.expert_parallel == 0, "--expert-parallel ", r.expert_parallel, ": expert "
+           "groups of that many ranks do not divide the ", r.size, " ranks mpirun started");
   if (!r.many()) return;
   MV_CHECK(cfg.device == "cpu" || dist::nccl_built(), "--device ", cfg.device, ": training "
            "GPUs over several ranks needs NCCL, which this build did not find (nccl.h, libnccl)");
+  MV_CHECK(cfg.device == "cpu" || r.expert_parallel == 1 || r.expert_parallel == r.size,
+           "--expert-parallel ", r.expert_parallel, " with --device cuda: on GPUs the experts split "
+           "over all ", r.size, " ranks or none (NCCL's communicator is the world's)");
   MV_CHECK(cfg.batch % r.size == 0, "--batch ", cfg.batch, " does not split evenly over the ",
            r.size, " ranks; use a multiple of ", r.size);
   MV_CHECK(!cfg.prc || !cfg.prc_reference_diagonal, "--prc-reference-diagonal: that form's "
@@ -43,11 +47,9 @@ SplitParameters split_model(models::ViT& model, const Ranks& r) {
   model.route_noise->parts = uint64_t(r.size);
   SplitParameters split;
   if (!r.split_experts()) return split;
-  std::vector<Tensor> before;
-  for (models::MoELayer* m : model.moe_layers()) {
-    before.insert(before.end(), {m->w1, m->b1, m->w2, m->b2});
-    m->split_experts(r.rank, r.expert_parallel);
-  }
+  dist::make_expert_groups(r.expert_parallel);
+  for (models::MoELayer* m : model.moe_layers())
+    m->split_experts(dist::rank(dist::Group::Experts), r.expert_parallel);
   // The names of the replaced parameters, found by their new handles.
   for (const auto& [name, p] : model.named_parameters())
     for (models::MoELayer* m : model.moe_layers())
@@ -75,19 +77,24 @@ std::vector<Tensor> shared_parameters(const models::ViT& model, const Ranks& r, 
 
 Replicas::Replicas(models::ViT& model, const Ranks& r)
     : ranks_(r), shared_(shared_parameters(model, r, true)), own_(shared_parameters(model, r, false)),
-      sync_(shared_) {}
+      sync_(shared_), own_sync_(own_, 1 << 18, dist::Group::Replicas) {}
 
 void Replicas::backward(const Tensor& loss) {
-  autograd::backward(loss, Tensor(), [this](const Tensor& leaf) { sync_.ready(leaf); });
+  autograd::backward(loss, Tensor(), [this](const Tensor& leaf) {
+    sync_.ready(leaf);
+    own_sync_.ready(leaf);
+  });
   sync_.finish();
+  own_sync_.finish();
   autograd::NoGrad no_grad;
   for (Tensor& p : own_)
-    if (p.grad().defined()) p.set_grad(ops::mul(p.grad(), 1.f / float(ranks_.size)));
+    if (p.grad().defined()) p.set_grad(ops::mul(p.grad(), 1.f / float(ranks_.expert_parallel)));
 }
 
 float Replicas::clip_scale(float max_norm) const {
   double squares = models::gradient_squares(shared_);
-  if (!own_.empty()) squares += dist::sum({models::gradient_squares(own_)})[0];
+  // Every expert once: the groups hold the same expert gradients after their reduction.
+  if (!own_.empty()) squares += dist::sum({models::gradient_squares(own_)}, dist::Group::Experts)[0];
   return models::clip_scale_of_squares(squares, max_norm).scale;
 }
 

@@ -3,12 +3,14 @@
 // over the ranks. One process is the case of one rank, with nothing of this in its way.
 //
 // What each rank holds and does:
-//   - the same model from the same seed; with split experts only its E / n experts of each layer;
+//   - the same model from the same seed; with split experts (--expert-parallel m) only its
+//     E / m experts of each layer, the world cut into expert groups of m consecutive ranks;
 //   - rows [r B / n, (r + 1) B / n) of each global batch (datasets::Loader::set_share), and its
 //     share of the routing noise (Generator::part), so that n ranks train as one process on the
 //     whole batch would, up to the order of float additions;
 //   - after backward, the mean over ranks of the shared parameters' gradients (dist/grad_sync.h);
-//     a split expert's gradient already holds every rank's tokens, and is divided by n;
+//     a split expert's gradient already holds its group's tokens: it is averaged over the groups'
+//     copies of that expert, then divided by m;
 //   - PRC's cross-correlation summed over ranks before its loss (Replicas::prc_loss);
 //   - its share of the test set; the figures are summed over ranks;
 //   - rank 0 alone prints, and writes metrics.jsonl and the checkpoint (the whole model).
@@ -28,7 +30,8 @@ namespace mv::train {
 
 struct Ranks {
   int rank = 0, size = 1;
-  int expert_parallel = 1;  // 1, or size: the experts split over every rank
+  int expert_parallel = 1;  // ranks of an expert group, which split the experts (1: none); the
+                            // groups are consecutive ranks, size / expert_parallel of them
   bool many() const { return size > 1; }
   bool split_experts() const { return expert_parallel > 1; }
 };
@@ -50,7 +53,8 @@ class Replicas {
  public:
   Replicas(models::ViT& model, const Ranks& r);
   // loss.backward(), every shared gradient then the mean over ranks, every split expert's the
-  // sum over ranks' tokens divided by n (each rank's loss is a mean over its share).
+  // mean over expert groups of its group's sum, divided by the group's size (each rank's loss is
+  // a mean over its share).
   void backward(const Tensor& loss);
   // The clip scale of the global gradient norm (split experts' squares summed over ranks).
   float clip_scale(float max_norm) const;
@@ -63,7 +67,7 @@ class Replicas {
  private:
   Ranks ranks_;
   std::vector<Tensor> shared_, own_;
-  dist::GradientSync sync_;
+  dist::GradientSync sync_, own_sync_;  // over the world; over the replicas of this rank's experts
 };
 
 // evaluate() over the ranks: each takes its share of `data` (with split experts, every rank

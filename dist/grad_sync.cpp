@@ -19,6 +19,9 @@ GradientSync::GradientSync(const std::vector<Tensor>& params, int64_t bucket_flo
            "this build did not find");
   MV_CHECK(device_ == Device::CPU || n == 1 || n == size(), "data parallel on the GPU reduces "
            "over the whole world only");
+  // A group of one inside a larger world (the replicas of experts split over all ranks) has
+  // nothing to reduce. A world of one still runs the whole path (its tests; NCCL at one rank).
+  alone_ = n == 1 && size() > 1;
   for (auto it = params.rbegin(); it != params.rend(); ++it) {
     const Tensor& p = *it;
     MV_CHECK(p.device() == device_ && p.dtype() == DType::F32, "data parallel: parameter ",
@@ -44,6 +47,7 @@ GradientSync::GradientSync(const std::vector<Tensor>& params, int64_t bucket_flo
 }
 
 void GradientSync::ready(const Tensor& leaf) {
+  if (alone_) return;
   auto it = bucket_of_.find(&leaf.impl());
   if (it == bucket_of_.end()) return;
   Bucket& b = buckets_[it->second];
@@ -69,8 +73,7 @@ void GradientSync::start(Bucket& b) {
   b.started = true;
   if (gpu) {
     cuda_hooks()->copy_h2d(f, flags.data(), flags.size() * sizeof(float));
-    // NCCL's communicator is the world's (one rank outside mpirun); a group of one has no sum.
-    if (size(group_) == size()) device_all_reduce_sum(b.device_flat.data<float>(), b.floats);
+    device_all_reduce_sum(b.device_flat.data<float>(), b.floats);  // the world's communicator
     return;
   }
   std::copy(flags.begin(), flags.end(), f);
@@ -98,6 +101,7 @@ void GradientSync::finish_on_device(Bucket& b) {
 }
 
 void GradientSync::finish() {
+  if (alone_) return;
   const int n = size(group_);
   const float inv = 1.f / float(n);
   for (Bucket& b : buckets_)

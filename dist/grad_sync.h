@@ -53,6 +53,7 @@ class GradientSync {
   void finish_on_device(Bucket& b);
   Group group_;
   Device device_ = Device::CPU;
+  bool alone_ = false;  // a group of one in a larger world: the gradients stay as they are
   std::vector<Bucket> buckets_;
   std::unordered_map<const TensorImpl*, size_t> bucket_of_;
 };

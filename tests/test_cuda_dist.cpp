@@ -1,7 +1,8 @@
-// Multi-process training's GPU collectives (dist/device_comm.h, NCCL) in a world of one rank:
-// the gradient reduction and the expert row exchange on CUDA tensors against the CPU path. The
-// NCCL calls are the ones n ranks make, with one rank. Part of moevit_cuda_tests (skips without
-// a device); each case also skips, saying so, in a build without NCCL.
+// Multi-process training's GPU paths (dist/device_comm.h, NCCL) in a world of one rank: the
+// gradient reduction (NCCL's all-reduce, at one rank) and the expert row exchange (the device
+// packing and placing; at one rank every row stays, so NCCL's sends and receives need 2 GPUs)
+// on CUDA tensors against the CPU path. Part of moevit_cuda_tests (skips without a device); each
+// case also skips, saying so, in a build without NCCL.
 #include <doctest/doctest.h>
 
 #include <cstdio>

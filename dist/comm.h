@@ -23,7 +23,6 @@ int rank(Group g = Group::World);    // 0 .. size(g)-1
 int size(Group g = Group::World);
 // Cuts the world into expert groups of n consecutive ranks (n divides size()); collective.
 void make_expert_groups(int n);
-bool built_with_mpi();
 // Ends every rank of the run with `code` (after an error on one rank, so that none waits in a
 // collective for it); exits this process in a world of one.
 [[noreturn]] void abort_all(int code);

@@ -120,7 +120,6 @@ void make_expert_groups(int n) {
   check(MPI_Comm_split(MPI_COMM_WORLD, g_rank / n, g_rank, &g_experts), "make_expert_groups");
   check(MPI_Comm_split(MPI_COMM_WORLD, g_rank % n, g_rank, &g_replicas), "make_expert_groups");
 }
-bool built_with_mpi() { return true; }
 
 void abort_all(int code) {
   if (g_mpi && g_size > 1) MPI_Abort(MPI_COMM_WORLD, code);

@@ -19,7 +19,6 @@ int size(Group) { return 1; }
 void make_expert_groups(int n) {
   MV_CHECK(n == 1, "expert groups of ", n, " ranks in a world of one");
 }
-bool built_with_mpi() { return false; }
 void abort_all(int code) { std::exit(code); }
 
 std::string broadcast(const std::string& s) { return s; }

@@ -64,7 +64,6 @@ class MoELayer : public FeedForward {
   // forward then sends each token row to its expert's rank and back, so every rank must run
   // forward together. Token-routed layers only (Soft MoE mixes every token into every slot).
   void split_experts(int rank, int ranks);
-  int expert_ranks() const { return expert_ranks_; }
   // With split experts, for an evaluation on each rank alone: on gathers every rank's experts
   // (collective), so that forward runs as one process would; off returns to this rank's own.
   void hold_all_experts(bool on);

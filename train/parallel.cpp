@@ -42,6 +42,22 @@ void check_ranks(const TrainConfig& cfg, const Ranks& r, const std::string& run)
            "mpirun must run the same command):\n  rank 0: ", root, "\n  rank ", r.rank, ": ", run);
 }
 
+namespace {
+
+// The stacked expert weights of every MoE layer, by identity.
+std::vector<const TensorImpl*> expert_weights(const models::ViT& model) {
+  std::vector<const TensorImpl*> out;
+  for (models::MoELayer* m : model.moe_layers())
+    for (const Tensor* t : {&m->w1, &m->b1, &m->w2, &m->b2}) out.push_back(&t->impl());
+  return out;
+}
+
+bool holds(const std::vector<const TensorImpl*>& set, const Tensor& t) {
+  return std::find(set.begin(), set.end(), &t.impl()) != set.end();
+}
+
+}  // namespace
+
 SplitParameters split_model(models::ViT& model, const Ranks& r) {
   model.route_noise->part = uint64_t(r.rank);
   model.route_noise->parts = uint64_t(r.size);
@@ -51,10 +67,9 @@ SplitParameters split_model(models::ViT& model, const Ranks& r) {
   for (models::MoELayer* m : model.moe_layers())
     m->split_experts(dist::rank(dist::Group::Experts), r.expert_parallel);
   // The names of the replaced parameters, found by their new handles.
+  const std::vector<const TensorImpl*> experts = expert_weights(model);
   for (const auto& [name, p] : model.named_parameters())
-    for (models::MoELayer* m : model.moe_layers())
-      for (const Tensor* t : {&m->w1, &m->b1, &m->w2, &m->b2})
-        if (&t->impl() == &p.impl()) split.names.push_back(name);
+    if (holds(experts, p)) split.names.push_back(name);
   return split;
 }
 
@@ -62,14 +77,11 @@ namespace {
 
 // The parameters every rank holds alike, and the experts this rank holds alone.
 std::vector<Tensor> shared_parameters(const models::ViT& model, const Ranks& r, bool shared) {
-  std::vector<const TensorImpl*> experts;
-  if (r.split_experts())
-    for (models::MoELayer* m : model.moe_layers())
-      for (const Tensor* t : {&m->w1, &m->b1, &m->w2, &m->b2}) experts.push_back(&t->impl());
+  const std::vector<const TensorImpl*> experts =
+      r.split_experts() ? expert_weights(model) : std::vector<const TensorImpl*>{};
   std::vector<Tensor> out;
   for (const Tensor& p : model.parameters())
-    if ((std::find(experts.begin(), experts.end(), &p.impl()) == experts.end()) == shared)
-      out.push_back(p);
+    if (holds(experts, p) != shared) out.push_back(p);
   return out;
 }
 

@@ -1,7 +1,8 @@
 // Multi-process training's GPU paths (dist/device_comm.h, NCCL) in a world of one rank: the
 // gradient reduction (NCCL's all-reduce, at one rank) and the expert row exchange (the device
 // packing and placing; at one rank every row stays, so NCCL's sends and receives need 2 GPUs)
-// on CUDA tensors against the CPU path. Part of moevit_cuda_tests (skips without a device); each
+// on CUDA tensors against the CPU path, and the PRC loss over ranks (ops::prc_loss_of_total)
+// against its CPU run. Part of moevit_cuda_tests (skips without a device); each
 // case also skips, saying so, in a build without NCCL.
 #include <doctest/doctest.h>
 
@@ -13,6 +14,7 @@
 #include "dist/grad_sync.h"
 #include "ops/elementwise.h"
 #include "ops/moe.h"
+#include "ops/prc.h"
 #include "ops/reduce.h"
 #include "ops/softmax.h"
 #include "tests/cuda_parity.h"
@@ -66,4 +68,20 @@ TEST_CASE("cuda send_to_experts / return_to_tokens (NCCL, one rank): forward and
          {rnd({G, N, D}, 1), rnd({E, D, H}, 2, 0.5f), rnd({E, H}, 3, 0.1f), rnd({E, H, D}, 4, 0.5f),
           rnd({E, D}, 5, 0.1f)},
          1e-4);
+}
+
+TEST_CASE("cuda prc_loss_of_total: value and gradients against the CPU") {
+  const int64_t B = 3, T = 5, E = 4;
+  std::vector<int64_t> pr;
+  for (int64_t i = 0; i < B * T; ++i) pr.push_back(i % 4 == 3 ? -1 : (i * 7 + 2) % T);
+  const Tensor pairs = Tensor::from_i64(pr, {B, T});
+  // A total taken over more than this batch: this batch's correlation, shifted.
+  const Tensor C = ops::add(ops::prc_matrix(ops::softmax(rnd({B, T, E}, 1)),
+                                            ops::softmax(rnd({B, T, E}, 2)), pairs),
+                            rnd({E, E}, 3, 0.1f));
+  const Fn loss = [&](const std::vector<Tensor>& in) {
+    return ops::prc_loss_of_total(ops::softmax(in[0]), ops::softmax(in[1]),
+                                  pairs.to(in[0].device()), C, 2 * B * T, ops::PrcOptions{}, 2.f);
+  };
+  parity("prc_loss_of_total", loss, {rnd({B, T, E}, 1), rnd({B, T, E}, 2)}, 1e-5);
 }

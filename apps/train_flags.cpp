@@ -23,6 +23,9 @@ void add_model_flags(CLI::App& app, TrainFlags& f) {
   app.add_option("--heads", o.heads, "override the number of attention heads");
   app.add_option("--mlp-dim", o.mlp_dim, "override the MLP hidden width");
   app.add_option("--patch", o.patch, "override the patch size");
+  app.add_option("--stem", o.stem, "patch (ViT's patch embedding) | conv (3x3 stride-2 convolutions "
+                 "down to the patch grid)");
+  app.add_option("--pool", o.pool, "what the head reads: cls (the CLS token) | mean (the mean of the patch tokens)");
   app.add_option("--moe", o.moe_placement, "MoE blocks: none | every-2 | last-n");
   app.add_option("--moe-last-n", o.moe_last_n, "n of --moe last-n");
   app.add_option("--router", r.type, "topk | expert_choice | soft | cosine | perturbed_cosine | "
@@ -63,6 +66,12 @@ void add_consistency_flags(CLI::App& app, TrainFlags& f) {
   app.add_option("--prc-blocks", f.cfg.prc_blocks, "the MoE blocks whose routers get the PRC "
                  "loss, e.g. 3,5 (default: every MoE block)")->delimiter(',');
   app.add_flag("--prc-cls", f.cfg.prc_cls_pair, "PRC also pairs the CLS tokens of the two views");
+  app.add_option("--prc-share", f.cfg.prc_share, "share of a batch's images that also get view 1 "
+                 "and PRC pairs; the others train on view 2 alone")->capture_default_str();
+  app.add_option("--prc-area1", f.cfg.prc_area1, "LO,HI: view 1's crop area, fractions of the image "
+                 "(default 0.35,0.8 at 28 px, 0.25,0.8 else)")->delimiter(',')->expected(2);
+  app.add_option("--prc-area2", f.cfg.prc_area2, "LO,HI: view 2's crop area (default 0.7,1 at 28 px, "
+                 "0.6,1 else)")->delimiter(',')->expected(2);
   app.add_option("--jaccard-weight", f.cfg.jaccard_weight, "noise-injection consistency loss: "
                  "1 - soft Jaccard of router probabilities with and without noise (0: off)")
       ->capture_default_str();
@@ -104,8 +113,8 @@ void add_training_flags(CLI::App& app, TrainFlags& f) {
                "evaluate and deliver it instead of the last weights");
   app.add_option("--ema-decay", f.cfg.ema_decay, "decay of --ema per step")->capture_default_str();
   app.add_option("--time-budget", f.cfg.time_budget_minutes, "minutes the run may take, "
-                 "evaluations included: the epochs are scaled to fit after the first one, and the "
-                 "run stops with a checkpoint at the limit");
+                 "evaluations included: the epochs are scaled to fit after the first one (cut after "
+                 "later ones that ran slower), and the run stops with a checkpoint at the limit");
   app.add_option("--stop-after", f.stop_after,
                  "end after this many epochs of the run (resume later)");
   app.add_option("--resume", f.resume,
@@ -128,6 +137,8 @@ models::ViTConfig model_config(const CLI::App& app, const TrainFlags& f) {
   if (given("--heads")) v.heads = o.heads;
   if (given("--mlp-dim")) v.mlp_dim = o.mlp_dim;
   if (given("--patch")) v.patch = o.patch;
+  if (given("--stem")) v.stem = o.stem;
+  if (given("--pool")) v.pool = o.pool;
   // A dense preset made MoE gets experts as wide as its MLP unless told otherwise.
   if (given("--moe") && v.moe_placement == "none") v.moe.mlp_dim = v.mlp_dim;
   if (given("--expert-mlp-dim")) v.moe.mlp_dim = o.moe.mlp_dim;

@@ -31,12 +31,14 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads)->capture_default_str();
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
   app.add_option("--warmup", warmup, "untimed steps first")->capture_default_str();
-  std::string device = "cpu";
+  std::string device = "cpu", stem = "patch";
+  app.add_option("--stem", stem, "patch | conv: how images become tokens (models/vit.h)")->capture_default_str();
   app.add_option("--device", device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
   try {
     set_num_threads(threads);
     models::ViTConfig c = models::vit_preset(preset);
+    c.stem = stem;
     models::ViT model(c, 0);
     const bool gpu = device == "cuda";
     MV_CHECK(!gpu || cuda_available(), "--device cuda: no CUDA device is available");
@@ -63,9 +65,9 @@ int main(int argc, char** argv) {
     }
     std::sort(ms.begin(), ms.end());
     const double med = ms[ms.size() / 2];
-    std::printf("moevit %s (%s) batch %d threads %d: median step %.1f ms (min %.1f) over %d steps after "
+    std::printf("moevit %s (%s, %s stem) batch %d threads %d: median step %.1f ms (min %.1f) over %d steps after "
                 "%d warm-up, %.0f images/s; CPU pool peak %.1f MB; %lld parameters\n",
-                preset.c_str(), device.c_str(), batch, threads, med, ms.front(), steps, warmup, batch / med * 1e3,
+                preset.c_str(), device.c_str(), stem.c_str(), batch, threads, med, ms.front(), steps, warmup, batch / med * 1e3,
                 double(cpu_pool_stats().peak) / 1e6, (long long)model.num_parameters());
     const std::vector<models::MoELayer*> moe = model.moe_layers();
     if (!moe.empty()) {

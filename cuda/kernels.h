@@ -140,6 +140,12 @@ Tensor patchify(const Tensor& images, int p);
 // The inverse: patches (B, N, C p p) contiguous -> (B, C, H, W) (patchify's backward).
 Tensor unpatchify(const Tensor& patches, const Shape& image_shape, int p);
 
+// ---- convolution windows (cuda/conv.cu) --------------------------------------------------------
+// x: (B, H, W, C) contiguous -> (B, Ho Wo, k k C), ops::unfold's im2col (zeros on the padding).
+Tensor unfold(const Tensor& x, const ops::ConvGeometry& g);
+// rows: (B, Ho Wo, k k C) contiguous -> (B, H, W, C) = xs: each pixel the sum of its copies.
+Tensor fold(const Tensor& rows, const Shape& xs, const ops::ConvGeometry& g);
+
 // ---- attention (cuda/attention.cu) -----------------------------------------------------------
 // qkv: (B, T, 3D) packed [q | k | v], head h at columns h*Dh .. h*Dh + Dh - 1 of each part,
 // Dh = D / heads <= 64. softmax(q k^T / sqrt(Dh)) v per (batch, head), flash-style. saved: the

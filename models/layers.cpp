@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "ops/attention.h"
+#include "ops/conv.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
 #include "ops/moe.h"
@@ -22,6 +23,20 @@ Linear::Linear(int64_t in, int64_t out, Generator& g, bool has_bias) {
 }
 
 Tensor Linear::forward(const Tensor& x) const { return ops::linear(x, weight, bias); }
+
+Conv2d::Conv2d(int64_t in, int64_t out, int k_, int stride_, int pad_, Generator& g)
+    : k(k_), stride(stride_), pad(pad_) {
+  const int64_t fan_in = int64_t(k) * k * in;
+  weight = register_parameter("weight", init_weight({fan_in, out}, g, std::sqrt(2.0f / float(fan_in + out))));
+  bias = register_parameter("bias", Tensor::zeros({out}));
+}
+
+Tensor Conv2d::forward(const Tensor& x) const {
+  MV_CHECK(x.ndim() == 4 && x.size(3) * k * k == weight.size(0), "Conv2d: x ", x.str(), " must be (B, H, W, ",
+           weight.size(0) / (k * k), ")");
+  const int64_t ho = ops::conv_out_size(x.size(1), k, stride, pad), wo = ops::conv_out_size(x.size(2), k, stride, pad);
+  return ops::reshape(ops::linear(ops::unfold(x, k, stride, pad), weight, bias), {x.size(0), ho, wo, weight.size(1)});
+}
 
 LayerNorm::LayerNorm(int64_t dim, float eps_) : eps(eps_) {
   weight = register_parameter("weight", Tensor::ones({dim}));

@@ -1,4 +1,4 @@
-// The building blocks of a ViT: Linear, LayerNorm, the GELU MLP and multi-head self-attention.
+// The building blocks of a ViT: Linear, Conv2d, LayerNorm, the GELU MLP and multi-head self-attention.
 // Weights are stored (in, out) so that y = x W + b, the layout checkpoints keep (docs/checkpoint.md).
 #pragma once
 #include "engine/random.h"
@@ -14,6 +14,16 @@ class Linear : public Module {
   Linear(int64_t in, int64_t out, Generator& g, bool bias = true);
   Tensor forward(const Tensor& x) const;  // x: (..., in) -> (..., out)
   Tensor weight, bias;                    // (in, out), (out,)
+};
+
+// A k x k convolution of channels-last images: ops::unfold's window rows times a (k k in, out)
+// weight. Rows are (i, j, channel), so weight row (i k + j) in + c is tap (i, j) of channel c.
+class Conv2d : public Module {
+ public:
+  Conv2d(int64_t in, int64_t out, int k, int stride, int pad, Generator& g);
+  Tensor forward(const Tensor& x) const;  // x: (B, H, W, in) -> (B, Ho, Wo, out)
+  Tensor weight, bias;                    // (k k in, out), (out,)
+  int k, stride, pad;
 };
 
 class LayerNorm : public Module {

@@ -2,6 +2,7 @@
 
 #include "ops/elementwise.h"
 #include "ops/prc.h"
+#include "ops/reduce.h"
 #include "ops/shape.h"
 
 namespace mv::models {
@@ -29,12 +30,33 @@ Tensor Block::perturbed_probs(const Tensor& x, float sigma, Generator& g) {
   return moe->router_probs(ln2->forward(attend(x + eps)));
 }
 
+ConvStem::ConvStem(const ViTConfig& c, Generator& g) {
+  int64_t in = c.channels;
+  for (int side = c.patch, i = 0; side > 1; side /= 2, ++i) {
+    const int64_t out = c.dim / (side / 2);  // ..., D/4, D/2, D
+    convs.push_back(register_module("convs." + std::to_string(i), std::make_shared<Conv2d>(in, out, 3, 2, 1, g)));
+    in = out;
+  }
+}
+
+Tensor ConvStem::forward(const Tensor& images) const {
+  Tensor x = ops::permute(images, {0, 2, 3, 1});  // channels-last (B, H, W, C)
+  for (size_t i = 0; i < convs.size(); ++i) {
+    if (i > 0) x = ops::gelu(x);
+    x = convs[i]->forward(x);
+  }
+  return ops::reshape(x, {x.size(0), x.size(1) * x.size(2), x.size(3)});
+}
+
 ViT::ViT(const ViTConfig& c, uint64_t seed)
     : config(c), route_noise(std::make_shared<Generator>(seed ^ 0x9E3779B97F4A7C15ull)) {
   c.validate();
   Generator g(seed);
-  patch_embed = register_module(
-      "patch_embed", std::make_shared<Linear>(int64_t(c.channels) * c.patch * c.patch, c.dim, g));
+  if (c.stem == "conv")
+    stem = register_module("stem", std::make_shared<ConvStem>(c, g));
+  else
+    patch_embed = register_module(
+        "patch_embed", std::make_shared<Linear>(int64_t(c.channels) * c.patch * c.patch, c.dim, g));
   cls = register_parameter("cls", Tensor::zeros({1, 1, c.dim}));
   pos = register_parameter("pos", init_weight({1, c.tokens(), c.dim}, g));
   for (int i = 0; i < c.depth; ++i)
@@ -52,7 +74,7 @@ Tensor ViT::forward(const Tensor& images) {
            "ViT: images ", images.str(), " do not match the model's (B, ", c.channels, ", ",
            c.image_size, ", ", c.image_size, ")");
   const int64_t B = images.size(0);
-  Tensor x = patch_embed->forward(ops::patchify(images, c.patch));    // (B, N, D)
+  Tensor x = stem ? stem->forward(images) : patch_embed->forward(ops::patchify(images, c.patch));  // (B, N, D)
   Tensor cls_b = ops::add(Tensor::zeros({B, 1, int64_t(c.dim)}, DType::F32, cls.device()), cls);
   x = ops::concat({cls_b, x}, 1) + pos;                               // (B, T, D)
   jaccard_.clear();
@@ -65,8 +87,9 @@ Tensor ViT::forward(const Tensor& images) {
     }
   }
   x = norm->forward(x);
-  Tensor first = ops::reshape(ops::slice(x, 1, 0, 1), {B, int64_t(c.dim)});
-  return head->forward(first);
+  const Tensor pooled = c.pool == "mean" ? ops::mean(ops::slice(x, 1, 1, x.size(1)), {1})
+                                         : ops::reshape(ops::slice(x, 1, 0, 1), {B, int64_t(c.dim)});
+  return head->forward(pooled);
 }
 
 Tensor ViT::aux_loss() const {

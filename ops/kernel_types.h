@@ -50,4 +50,10 @@ struct LinearGrads {
   Tensor dx, dw, db;
 };
 
+// A convolution's window (ops/conv.h): k x k, its stride, the zero padding on every side, and
+// the output's height and width.
+struct ConvGeometry {
+  int64_t k, stride, pad, ho, wo;
+};
+
 }  // namespace mv::ops

@@ -90,6 +90,10 @@ for flags, message in [
     (["--no-such-flag", "1"], "no-such-flag"), (["--ema", "--ema-decay", "1"], "--ema-decay"),
     (["--ema-decay", "nan"], "--ema-decay"), (["--time-budget", "0"], "--time-budget"),
     (["--time-budget", "-5"], "--time-budget"), (["--time-budget", "inf"], "--time-budget"),
+    (["--stem", "resnet"], "stem 'resnet'"), (["--stem", "conv", "--patch", "7"], "power of 2"),
+    (["--pool", "max"], "pool 'max'"), (["--prc", "--prc-share", "0"], "--prc-share"),
+    (["--prc", "--prc-share", "nan"], "--prc-share"), (["--prc", "--prc-area1", "0.9,0.2"], "--prc-area1"),
+    (["--prc", "--prc-area2", "0.5"], "--prc-area2"),
 ]:
     expect_error([train] + TINY + ["--out", os.path.join(work, "bad")] + flags, message)
 expect_error([train, "--resume", run_dir, "--epochs", "5"], "--epochs cannot be changed")

@@ -269,7 +269,9 @@ TEST_CASE("consistency: a dense model and bad settings are named") {
                        doctest::Contains("must be >= 0"), mv::Error);
   CHECK_THROWS_WITH_AS(routing_consistency(model, data, config({})),
                        doctest::Contains("no sigma"), mv::Error);
-  ViT cifar(ViTConfig{32, 3, 8, 16, 2, 2, 32, 10, "every-2"}, 1);
+  ViTConfig cc{32, 3, 8, 16, 2, 2, 32, 10};
+  cc.moe_placement = "every-2";
+  ViT cifar(cc, 1);
   CHECK_THROWS_WITH_AS(routing_consistency(cifar, data, config({0.1f})),
                        doctest::Contains("the model expects (3, 32, 32)"), mv::Error);
 }

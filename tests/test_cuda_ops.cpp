@@ -26,6 +26,7 @@
 #include "models/optim.h"
 #include "models/vit.h"
 #include "ops/attention.h"
+#include "ops/conv.h"
 #include "ops/elementwise.h"
 #include "ops/loss.h"
 #include "ops/matmul.h"
@@ -201,6 +202,20 @@ TEST_CASE("cuda ops: patchify (its kernel, forward and backward) and Tensor::ful
   Tensor t = Tensor::zeros({7}, DType::F32, Device::CUDA);
   t.fill_(-3.f);
   close("fill_", t, Tensor::full({7}, -3.f), 0);
+}
+
+TEST_CASE("cuda ops: unfold (its kernels, forward and the gathering backward) and a conv-stem ViT") {
+  auto unfold = [](int k, int s, int pad) {
+    return [k, s, pad](const std::vector<Tensor>& x) { return ops::unfold(x[0], k, s, pad); };
+  };
+  parity("unfold 3x3 stride 2 pad 1 (the stem's first layer)", unfold(3, 2, 1), {rnd({4, 28, 28, 1}, 140)});
+  parity("unfold 3x3 stride 2 pad 1, 32 channels", unfold(3, 2, 1), {rnd({3, 14, 14, 32}, 141)});
+  parity("unfold 3x3 stride 1 pad 1, non-square", unfold(3, 1, 1), {rnd({2, 5, 9, 3}, 142)});
+  parity("unfold 2x2 stride 2", unfold(2, 2, 0), {rnd({2, 6, 4, 5}, 143)});
+  models::ViTConfig c{28, 1, 4, 16, 2, 2, 32, 10};
+  c.stem = "conv";
+  VitTwins t(c, true);
+  forward_backward_parity("conv-stem ViT", t, 1e-4);
 }
 
 TEST_CASE("cuda SGD: three steps with momentum and weight decay match the CPU optimizer") {

@@ -13,9 +13,11 @@
 #include "ops/elementwise.h"
 #include "ops/loss.h"
 #include "ops/matmul.h"
+#include "ops/shape.h"
 #include "tests/helpers.h"
 #include "train/checkpoint.h"
 #include "train/loop.h"
+#include "train/step.h"
 #include "train/stop.h"
 
 using namespace mv;
@@ -336,6 +338,15 @@ TEST_CASE("a time budget caps the epochs, and stops a run that reaches it with a
   fs::remove_all(dir);
 }
 
+TEST_CASE("the time budget's epoch count: fitted after the first epoch, only cut after later ones") {
+  CHECK(epochs_for_budget(1, 546, 50, 100000, 100000) == 11);  // 1 done + 10 more fit
+  CHECK(epochs_for_budget(1, 546, 50, 100000, 8) == 8);        // --epochs caps it
+  CHECK(epochs_for_budget(1, 10, 50, 100000, 100000) == 1);    // not even one more
+  CHECK(epochs_for_budget(5, 260, 54, 11, 100000) == 9);       // slower than planned: cut
+  CHECK(epochs_for_budget(5, 400, 40, 11, 100000) == 11);      // faster: never grown again
+  CHECK(epochs_for_budget(3, -5, 50, 11, 100000) == 3);        // over already: what is done
+}
+
 TEST_CASE("resume refuses checkpoint metadata that does not fit the run") {
   namespace fs = std::filesystem;
   const std::string dir = "/tmp/moevit_test_bad_meta";
@@ -473,6 +484,85 @@ TEST_CASE("PRC training: two views, the PRC loss is logged; a dense model is ref
   CHECK(one > 0.25 * both);
   CHECK(one < 0.75 * both);
   fs::remove_all(dir);
+}
+
+TEST_CASE("ViT --pool mean: the head reads the mean of the final patch tokens") {
+  ViTConfig c = tiny_config();
+  c.pool = "mean";
+  ViT m(c, 0);
+  Generator g(3);
+  m.head->weight.copy_(randn(m.head->weight.shape(), g));  // zero at first: logits = bias
+  const Tensor images = randn({2, 1, 28, 28}, g);
+  // the blocks by hand, then the pooling and the head in loops
+  Tensor x = m.patch_embed->forward(ops::patchify(images, c.patch));
+  x = ops::concat({ops::add(Tensor::zeros({2, 1, 16}), m.cls), x}, 1) + m.pos;
+  for (auto& b : m.blocks) x = b->forward(x);
+  const std::vector<float> h = m.norm->forward(x).to_vector<float>(), w = m.head->weight.to_vector<float>(),
+                           bias = m.head->bias.to_vector<float>();
+  const int64_t T = c.tokens(), D = c.dim, K = c.num_classes;
+  std::vector<float> want;
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t k = 0; k < K; ++k) {
+      double acc = bias[size_t(k)];
+      for (int64_t d = 0; d < D; ++d) {
+        double mean = 0;
+        for (int64_t t = 1; t < T; ++t) mean += h[size_t((b * T + t) * D + d)];
+        acc += mean / double(T - 1) * w[size_t(d * K + k)];
+      }
+      want.push_back(float(acc));
+    }
+  test::check_close(m.forward(images), want, 1e-5f, 1e-4f);
+  c.pool = "max";
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("pool 'max' must be cls or mean"), Error);
+  TrainConfig t;
+  t.vit.pool = "mean";
+  CHECK(TrainConfig::from_json(t.to_json()).vit.pool == "mean");
+}
+
+TEST_CASE("PRC on a share of the batch: view 1 of the first images only, their PRC as alone") {
+  TrainConfig c = smoke_config();
+  c.prc = true;
+  c.vit.moe_placement = "every-2";
+  c.vit.moe.router.experts = 4;
+  c.vit.moe.router.noise_std = 0.f;  // no noise: the same rows route alike in any batch
+  c.vit.moe.router.importance_weight = c.vit.moe.router.load_weight = 0.f;
+  CHECK(prc_images(0.5f, 8) == 4);
+  CHECK(prc_images(0.01f, 8) == 1);
+  CHECK(prc_images(1.f, 8) == 8);
+  Generator g(4);
+  datasets::TwoViewConfig tv = datasets::TwoViewConfig::for_image_size(28);
+  tv.patch = c.vit.patch;
+  const datasets::TwoViews v = datasets::make_two_views(randn({8, 1, 28, 28}, g), tv, g);
+  auto batch = [&](int64_t n) {
+    datasets::Batch b;
+    b.images = ops::slice(v.images, 0, 0, n).contiguous(), b.images2 = ops::slice(v.images2, 0, 0, n).contiguous();
+    b.pairs = ops::slice(v.pairs, 0, 0, n).contiguous();
+    std::vector<int64_t> labels(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) labels[size_t(i)] = i % 10;
+    b.labels = Tensor::from_i64(labels, {n});
+    return b;
+  };
+  auto step = [&](const datasets::Batch& b, float share) {
+    c.prc_share = share;
+    ViT m(c.vit, 3);
+    models::SGD opt(m.named_parameters(), 0.f, 0.f);
+    return train_step(m, opt, m.parameters(), b, c, 0.f);
+  };
+  const StepResult half = step(batch(8), 0.5f), alone = step(batch(4), 1.f);
+  CHECK(half.logits.size(0) == 12);  // view 1 of 4 images, view 2 of 8
+  CHECK(alone.logits.size(0) == 8);
+  CHECK(half.prc.item() == doctest::Approx(alone.prc.item()).epsilon(1e-6));
+  // the view-1 rows' logits are those of the same images in the smaller batch
+  test::check_close(ops::slice(half.logits, 0, 0, 4).contiguous(), ops::slice(alone.logits, 0, 0, 4).contiguous().to_vector<float>(), 1e-5f, 1e-5f);
+
+  c.prc_share = 0.f;
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--prc-share must be in (0, 1], got 0"), Error);
+  c.prc_share = 0.25f;
+  c.prc_area1 = {0.5f, 0.4f};
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--prc-area1 takes two fractions of the image's area"), Error);
+  c.prc_area1 = {0.5f, 0.9f}, c.prc_area2 = {0.9f, 1.f};
+  const TrainConfig back = TrainConfig::from_json(c.to_json());
+  CHECK((back.prc_share == 0.25f && back.prc_area1 == c.prc_area1 && back.prc_area2 == c.prc_area2));
 }
 
 TEST_CASE("noise-injection loss in training: logged; a dense model or a bad sigma is refused") {

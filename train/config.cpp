@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <limits>
+#include <sstream>
 #include <nlohmann/json.hpp>
 #include <utility>
 
@@ -49,6 +50,13 @@ void TrainConfig::validate() const {
                std::isfinite(prc_off_weight),
            "--prc-diag-weight and --prc-off-weight must be finite and >= 0, got ", prc_diag_weight,
            " and ", prc_off_weight);
+  MV_CHECK(prc_share > 0 && prc_share <= 1, "--prc-share must be in (0, 1], got ", prc_share);
+  for (auto [flag, a] : {std::pair{"--prc-area1", &prc_area1}, std::pair{"--prc-area2", &prc_area2}}) {
+    std::ostringstream got;
+    for (size_t i = 0; i < a->size(); ++i) got << (i ? "," : "") << (*a)[i];
+    MV_CHECK(a->empty() || (a->size() == 2 && (*a)[0] > 0 && (*a)[0] <= (*a)[1] && (*a)[1] <= 1), flag,
+             " takes two fractions of the image's area, 0 < LO <= HI <= 1, e.g. 0.35,0.8; got '", got.str(), "'");
+  }
   for (int b : prc_blocks)
     MV_CHECK(b >= 0 && b < vit.depth && vit.is_moe_block(b), "--prc-blocks: block ", b,
              " has no MoE layer (model '", model, "': ", vit.depth, " blocks, MoE placement ",
@@ -69,7 +77,7 @@ void TrainConfig::validate() const {
 
 double TrainConfig::training_bytes() const {
   // Weights, gradients and two AdamW moments, and what the forward keeps for the backward.
-  return 16 * vit.parameter_estimate() + vit.activation_bytes(double(batch) * (prc ? 2 : 1));
+  return 16 * vit.parameter_estimate() + vit.activation_bytes(double(batch) * (prc ? 1 + prc_share : 1));
 }
 
 // The MoE part of a ViT config, every field, so a checkpoint rebuilds exactly its model.
@@ -136,9 +144,12 @@ std::string TrainConfig::to_json() const {
       {"limit_test", limit_test}, {"device", device}, {"tf32", tf32}, {"prc", prc},
       {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
       {"prc_reference_diagonal", prc_reference_diagonal}, {"prc_blocks", prc_blocks},
-      {"prc_cls_pair", prc_cls_pair}, {"jaccard_weight", jaccard_weight},
+      {"prc_cls_pair", prc_cls_pair}, {"prc_share", prc_share}, {"prc_area1", prc_area1},
+      {"prc_area2", prc_area2}, {"jaccard_weight", jaccard_weight},
       {"jaccard_sigma", jaccard_sigma}, {"ema", ema}, {"ema_decay", ema_decay},
       {"time_budget_minutes", time_budget_minutes}};
+  if (vit.stem != "patch") j["stem"] = vit.stem;
+  if (vit.pool != "cls") j["pool"] = vit.pool;
   if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
   return j.dump();
 }
@@ -151,6 +162,8 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.vit = {integer<int>(j, "image_size"), integer<int>(j, "channels"), integer<int>(j, "patch"),
              integer<int>(j, "dim"),        integer<int>(j, "depth"),    integer<int>(j, "heads"),
              integer<int>(j, "mlp_dim"),    integer<int>(j, "num_classes")};
+    c.vit.stem = j.value("stem", std::string("patch"));  // checkpoints from before --stem: patch
+    c.vit.pool = j.value("pool", std::string("cls"));    // ... and before --pool: the CLS token
     if (j.contains("moe")) moe_from_json(j.at("moe"), c.vit);
     c.epochs = integer<int>(j, "epochs"), c.batch = integer<int>(j, "batch");
     c.eval_batch = integer<int>(j, "eval_batch");
@@ -174,6 +187,9 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
         c.prc_blocks.push_back(as_integer<int>(b[i], "prc_blocks[" + std::to_string(i) + "]"));
     }
     c.prc_cls_pair = j.value("prc_cls_pair", false);
+    c.prc_share = j.value("prc_share", 1.f);  // runs from before --prc-share paired every image
+    c.prc_area1 = j.value("prc_area1", std::vector<float>{});
+    c.prc_area2 = j.value("prc_area2", std::vector<float>{});
     c.jaccard_weight = j.value("jaccard_weight", 0.f);  // ... and from before --jaccard-weight
     c.jaccard_sigma = j.value("jaccard_sigma", c.jaccard_sigma);
     c.ema = j.value("ema", false);  // ... and from before --ema and --time-budget

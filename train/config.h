@@ -33,6 +33,12 @@ struct TrainConfig {
   bool prc_reference_diagonal = false;  // the reference code's per-position diagonal term
   std::vector<int> prc_blocks;          // the MoE blocks that get the PRC loss (empty: all)
   bool prc_cls_pair = false;            // also pair the two views' CLS tokens
+  // The share of each batch's images that also get view 1 (the smaller crop), and with it PRC's
+  // pairs; the others train on view 2 alone. Below 1 it saves most of a second view's cost.
+  float prc_share = 1.f;
+  // The views' crop areas, fractions {lo, hi} of the image; empty: datasets::TwoViewConfig's
+  // defaults for the image size.
+  std::vector<float> prc_area1, prc_area2;
   // The noise-injection consistency loss (methods.md section 5; ViT::jaccard_loss): weight
   // (0: off) and the sigma of the Gaussian noise added to each MoE block's token input.
   float jaccard_weight = 0.f, jaccard_sigma = 0.5f;
@@ -40,9 +46,10 @@ struct TrainConfig {
   // users (eval, viz) take instead of the last weights.
   bool ema = false;
   float ema_decay = 0.999f;
-  // A limit on the run's wall time, training and evaluation (0: none). After the first epoch
-  // fit sets `epochs` to as many as fit in it, so the learning-rate schedule ends in time; a run
-  // that still reaches the limit stops there with a checkpoint.
+  // A limit on the run's wall time, training and evaluation (0: none). After each epoch fit
+  // sets `epochs` to as many as fit in it (epochs_for_budget, train/loop.h), so the
+  // learning-rate schedule ends in time; a run that still reaches the limit stops there with a
+  // checkpoint.
   float time_budget_minutes = 0.f;
 
   // Throws naming the flag that is out of range, or the flags whose sizes exceed the memory.

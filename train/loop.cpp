@@ -99,6 +99,8 @@ datasets::TwoViewConfig two_views(const TrainConfig& cfg) {
   datasets::TwoViewConfig views = datasets::TwoViewConfig::for_image_size(cfg.vit.image_size);
   views.patch = cfg.vit.patch;
   views.cls_pair = cfg.prc_cls_pair;
+  if (!cfg.prc_area1.empty()) views.area1_lo = cfg.prc_area1[0], views.area1_hi = cfg.prc_area1[1];
+  if (!cfg.prc_area2.empty()) views.area2_lo = cfg.prc_area2[0], views.area2_hi = cfg.prc_area2[1];
   return views;
 }
 
@@ -110,8 +112,8 @@ struct LrSchedule {
   float at(int64_t step) const { return models::lr_at(step, total, warmup, base, kind); }
 };
 
-// What fit sets up once and every epoch uses. With --time-budget, the first epoch's end
-// changes cfg.epochs, lr.total and end_epoch (fit_epochs_to_budget).
+// What fit sets up once and every epoch uses. With --time-budget, each epoch's end may change
+// cfg.epochs, lr.total and end_epoch (fit_epochs_to_budget).
 struct Run {
   TrainConfig& cfg;
   models::ViT& model;
@@ -127,6 +129,7 @@ struct Run {
   Clock::time_point started;  // of this call of fit: with the epochs since, the time left
   double wall_before;         // seconds the run took in earlier calls (resumed runs)
   int first_epoch, end_epoch;
+  int epoch_cap;              // --epochs as given: what the time budget may grow the epochs to
   double wall_seconds() const { return wall_before + since(started); }
   bool out_of_time() const {
     return cfg.time_budget_minutes > 0 && wall_seconds() >= 60.0 * cfg.time_budget_minutes;
@@ -140,7 +143,7 @@ struct Run {
 
 // What the training steps of one epoch add up to.
 struct EpochTotals {
-  int64_t steps = 0, seen = 0;          // batches; images (both views with PRC)
+  int64_t steps = 0, seen = 0;          // batches; rows (view-1 rows too with PRC)
   double loss_sum = 0, correct = 0;     // classification loss times images; right predictions
   double prc_sum = 0, jaccard_sum = 0;  // the steps' PRC and noise-injection losses
   double compute_s = 0;                 // in the steps themselves
@@ -247,21 +250,22 @@ void save_run(const Run& run, int epochs, int64_t batches, double test_accuracy,
   save_checkpoint(run.ckpt, run.model, &run.opt, meta, run.ema, run.split, run.ranks.rank == 0);
 }
 
-// --time-budget, after the first epoch: as many epochs as fit in the budget at this epoch's pace
-// (its steps per second and its evaluation), at least 1 and at most --epochs; the schedule is
-// stretched or cut to end with them. Saved in the configuration, so a resume keeps it.
-void fit_epochs_to_budget(Run& run, const EpochTotals& t, int64_t per_epoch, double eval_seconds) {
+// --time-budget, after each epoch: the epochs_for_budget at this epoch's pace (its steps per
+// second and its evaluation); the schedule is stretched or cut to end with them. Saved in the
+// configuration, so a resume keeps it.
+void fit_epochs_to_budget(Run& run, int epoch, int cap, const EpochTotals& t, int64_t per_epoch,
+                          double eval_seconds) {
   const double step_s = t.seconds / double(t.next_batch - t.first_batch);
   const double epoch_s = step_s * double(per_epoch) + eval_seconds;
   const double left = 60.0 * run.cfg.time_budget_minutes - run.wall_seconds();
   const int epochs = int(agree_max(  // rank 0's count on every rank
-      run.ranks.rank == 0 ? std::clamp(1.0 + std::floor(left / epoch_s), 1.0, double(run.cfg.epochs)) : 0,
-      run.ranks));
+      run.ranks.rank == 0 ? epochs_for_budget(epoch + 1, left, epoch_s, run.cfg.epochs, cap) : 0, run.ranks));
+  if (epoch > 0 && epochs == run.cfg.epochs) return;
   if (run.log)
     std::fprintf(run.log, "time budget %s: an epoch takes about %s with its evaluation, so the run "
                  "gets %d epochs (--epochs %d at most)\n",
                  format_seconds(60.0 * run.cfg.time_budget_minutes).c_str(),
-                 format_seconds(epoch_s).c_str(), epochs, run.cfg.epochs);
+                 format_seconds(epoch_s).c_str(), epochs, cap);
   run.end_epoch = std::min(run.end_epoch, epochs);
   run.cfg.epochs = epochs;
   run.lr.total = per_epoch * epochs;
@@ -279,8 +283,8 @@ void finish_epoch(Run& run, int epoch, const EpochTotals& share, MetricsLog& met
   const EvalResult ev =
       evaluate_on_ranks(run.model, run.test_set, cfg.dataset, cfg.eval_batch, run.ranks);
   if (run.ema) run.ema->swap();
-  if (epoch == 0 && cfg.time_budget_minutes > 0)
-    fit_epochs_to_budget(run, t, run.lr.total / cfg.epochs, since(t_eval));
+  if (cfg.time_budget_minutes > 0)
+    fit_epochs_to_budget(run, epoch, run.epoch_cap, t, run.lr.total / cfg.epochs, since(t_eval));
   res.epochs_done = epoch + 1;
   res.train_loss = t.loss_sum / double(t.seen);
   res.test_accuracy = ev.accuracy;
@@ -401,7 +405,7 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   const double wall_before = resume ? metadata_seconds(meta, "wall_seconds", ckpt) : 0;
   Run run{cfg, model, *opt, ema.get(), lr, data.test, ckpt, log, ranks, replicas.get(), split_ptr,
           Clock::now(), wall_before, start.epoch,
-          stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs};
+          stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs, cfg.epochs};
 
   MetricsLog metrics(out_dir + "/metrics.jsonl", resume, ranks.rank == 0);
   res.best_test_accuracy = metrics.best_test_accuracy();
@@ -427,6 +431,11 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
                  format_seconds(60.0 * cfg.time_budget_minutes).c_str(), (long long)opt->steps(),
                  ckpt.c_str());
   return res;
+}
+
+int epochs_for_budget(int done, double left_s, double epoch_s, int current, int cap) {
+  const double fit = double(done) + std::floor(std::max(left_s, 0.0) / epoch_s);
+  return int(std::clamp(fit, double(done == 1 ? 1 : done), double(done == 1 ? cap : current)));
 }
 
 }  // namespace mv::train

@@ -23,20 +23,20 @@ std::vector<models::MoELayer*> prc_layers(const models::ViT& model, const TrainC
 }
 
 // PRC (methods.md section 4) of every MoE layer of the last forward, whose batch held view 1 of
-// B images then view 2 of the same images; pairs: (B, T). Summed over the layers. On several
-// ranks, each layer's correlation is taken over every rank's pairs.
-Tensor prc_loss(const std::vector<models::MoELayer*>& layers, const Tensor& pairs,
+// the first B1 images, then view 2 of all B images; pairs: (B1, T). Summed over the layers. On
+// several ranks, each layer's correlation is taken over every rank's pairs.
+Tensor prc_loss(const std::vector<models::MoELayer*>& layers, const Tensor& pairs, int64_t B,
                 const TrainConfig& cfg, const Replicas* replicas) {
   ops::PrcOptions opt;
   opt.reference_diagonal = cfg.prc_reference_diagonal;
   opt.diag_weight = cfg.prc_diag_weight;
   opt.off_weight = cfg.prc_off_weight;
-  const int64_t B = pairs.size(0), T = pairs.size(1);
+  const int64_t B1 = pairs.size(0), T = pairs.size(1);
   Tensor sum;
   for (models::MoELayer* m : layers) {
-    const Tensor& probs = m->last.probs;  // (G, N, E) with G * N = 2B * T, images in order
-    const Tensor p = ops::reshape(probs, {2 * B, T, probs.size(2)});
-    const Tensor p1 = ops::slice(p, 0, 0, B), p2 = ops::slice(p, 0, B, 2 * B);
+    const Tensor& probs = m->last.probs;  // (G, N, E) with G * N = (B1 + B) T, images in order
+    const Tensor p = ops::reshape(probs, {B1 + B, T, probs.size(2)});
+    const Tensor p1 = ops::slice(p, 0, 0, B1), p2 = ops::slice(p, 0, B1, 2 * B1);
     const Tensor l = replicas ? replicas->prc_loss(p1, p2, pairs, opt) : ops::prc_loss(p1, p2, pairs, opt);
     sum = sum.defined() ? sum + l : l;
   }
@@ -44,6 +44,8 @@ Tensor prc_loss(const std::vector<models::MoELayer*>& layers, const Tensor& pair
 }
 
 }  // namespace
+
+int64_t prc_images(float share, int64_t B) { return std::clamp<int64_t>(std::llround(double(share) * double(B)), 1, B); }
 
 int nonfinite_router_block(const models::ViT& model) {
   for (size_t b = 0; b < model.blocks.size(); ++b) {
@@ -61,14 +63,17 @@ StepResult train_step(models::ViT& model, models::Optimizer& opt, const std::vec
   const Device dev = model.device();
   StepResult r;
   opt.zero_grad();
-  // PRC: both views in one batch (view 1 first), the classification loss on both.
-  const Tensor images = (cfg.prc ? ops::concat({b.images, b.images2}, 0) : b.images).to(dev);
-  r.labels = (cfg.prc ? ops::concat({b.labels, b.labels}, 0) : b.labels).to(dev);
+  // PRC: view 1 of the first B1 images, then view 2 of all B, in one batch; the classification
+  // loss on every row.
+  const int64_t B = b.images.size(0), B1 = cfg.prc ? prc_images(cfg.prc_share, B) : 0;
+  const Tensor images =
+      (cfg.prc ? ops::concat({ops::slice(b.images, 0, 0, B1), b.images2}, 0) : b.images).to(dev);
+  r.labels = (cfg.prc ? ops::concat({ops::slice(b.labels, 0, 0, B1), b.labels}, 0) : b.labels).to(dev);
   r.logits = model.forward(images);
   r.ce = ops::cross_entropy(r.logits, r.labels, cfg.label_smoothing);
   Tensor extra = model.aux_loss();  // MoE routers' weighted losses; undefined if none
   if (cfg.prc) {
-    r.prc = prc_loss(prc_layers(model, cfg), b.pairs.to(dev), cfg, replicas);
+    r.prc = prc_loss(prc_layers(model, cfg), ops::slice(b.pairs, 0, 0, B1).to(dev), B, cfg, replicas);
     extra = extra.defined() ? extra + r.prc : r.prc;
   }
   if (cfg.jaccard_weight > 0) {

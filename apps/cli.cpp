@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "engine/error.h"
+#include "engine/memory.h"
 #include "engine/parallel.h"
 
 namespace mv::cli {
@@ -15,6 +16,13 @@ void set_threads(int n) {
   MV_CHECK(n >= 1 && n <= 4 * cores, "--threads must be in 1..", 4 * cores, " (4 x the ", cores,
            " cores of this machine), got ", n);
   set_num_threads(n);
+}
+
+Device parse_device(const std::string& name) {
+  MV_CHECK(name == "cpu" || name == "cuda", "--device must be cpu or cuda, got '", name, "'");
+  MV_CHECK(name == "cpu" || cuda_available(), "--device cuda: no CUDA device is available (a "
+           "build without CUDA, or no GPU found); use --device cpu");
+  return name == "cuda" ? Device::CUDA : Device::CPU;
 }
 
 int guarded(const char* program, const std::function<int()>& work) {

@@ -57,10 +57,7 @@ void add_flags(CLI::App& app, Flags& f) {
 
 // Throws naming a flag that the machine cannot serve, or that needs --consistency.
 void check_flags(const CLI::App& app, const Flags& f) {
-  MV_CHECK(f.device == "cpu" || f.device == "cuda", "--device must be cpu or cuda, got '",
-           f.device, "'");
-  MV_CHECK(f.device == "cpu" || cuda_available(), "--device cuda: no CUDA device is available (a "
-           "build without CUDA, or no GPU found); use --device cpu");
+  cli::parse_device(f.device);
   MV_CHECK(f.batch >= 1 && f.batch <= 65536, "--batch must be in 1..65536, got ", f.batch);
   MV_CHECK(app.count("--limit") == 0 || f.limit >= 1, "--limit must be at least 1 image, got ",
            f.limit);
@@ -144,7 +141,7 @@ int main(int argc, char** argv) {
     check_noise_flags(f, model);
     if (train::load_weights_for_evaluation(f.ckpt, model))
       std::printf("the run kept an average of its weights (--ema): evaluating it\n");
-    model.to(f.device == "cuda" ? Device::CUDA : Device::CPU);
+    model.to(cli::parse_device(f.device));
     datasets::Dataset test = train::load_dataset(c.dataset, c.data_dir, false);
     if (f.limit > 0) test = datasets::head(test, f.limit);
 

@@ -37,7 +37,7 @@ Routing is per image unless the model routes the whole batch as one group: then 
 soft weights depend on the other images shown.)";
 
 struct Flags {
-  std::string ckpt, dataset, data_dir, picture = "all", layer = "all", out = "viz";
+  std::string ckpt, dataset, data_dir, picture = "all", layer = "all", out = "viz", device = "cpu";
   int64_t first = 0, images = 8;
   int columns = 4, scale = 8, threads = 0;
   float sigma = 0.5f, capacity = 0.5f;
@@ -70,6 +70,7 @@ void add_flags(CLI::App& app, Flags& f) {
   app.add_option("--dataset", f.dataset, "override the data set the run was trained on");
   app.add_option("--data-dir", f.data_dir, "override the data folder");
   app.add_option("--threads", f.threads, "CPU threads (default: all cores)");
+  app.add_option("--device", f.device, "cpu | cuda: where the model routes the images")->capture_default_str();
 }
 
 // Throws naming a flag out of its range; the ones that depend on the model are checked later.
@@ -81,6 +82,7 @@ void check_flags(const Flags& f) {
   MV_CHECK(std::isfinite(f.sigma) && f.sigma >= 0, "--sigma must be finite and >= 0, got ", f.sigma);
   MV_CHECK(std::isfinite(f.capacity) && f.capacity > 0 && f.capacity <= 64,
            "--capacity must be a factor in (0, 64], got ", f.capacity);
+  cli::parse_device(f.device);
 }
 
 // The checkpoint's MoE model, in evaluation mode.
@@ -90,6 +92,7 @@ models::ViT load_model(const Flags& f, const train::TrainConfig& c) {
   models::ViT model(c.vit, c.seed);
   train::load_weights_for_evaluation(f.ckpt, model);  // the averaged ones of an --ema run
   model.train(false);
+  model.to(cli::parse_device(f.device));
   return model;
 }
 

@@ -15,10 +15,12 @@
 // drifting load from other processes hits both alike. Median and min over the timed steps, no
 // cache flush. For topk, a breakdown times the public ops the layer calls (the router, then
 // moe_mlp: dispatch, experts and combine in one op) one by one under the same shapes, and the
-// backward pass alone.
+// backward pass alone. With --device cuda everything lives on the GPU and each timed span ends by
+// reading back a sum of its last result (the one stream's queued kernels are then done).
 //
 //   bench_moe_layer [--router topk] [--batch 128 --tokens 50 --dim 64] [--experts 8 -k 2]
 //                   [--hidden 128 --capacity 1.25 --slots 6] [--threads 2 --steps 20]
+//   bench_moe_layer --device cuda --tokens 65 --dim 384 --hidden 1536 --experts 32   # ViT-S-like
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -28,6 +30,7 @@
 #include <vector>
 
 #include "autograd/autograd.h"
+#include "engine/memory.h"
 #include "engine/parallel.h"
 #include "engine/random.h"
 #include "models/layers.h"
@@ -55,6 +58,14 @@ struct Stat {
     return s[s.size() / 2];
   }
   double min() const { return *std::min_element(v.begin(), v.end()); }
+};
+
+// Ends a timed span on the GPU: reads back a sum of t, which waits for every queued kernel.
+struct Waiter {
+  bool gpu;
+  void operator()(const Tensor& t) const {
+    if (gpu) ops::sum(t.detach()).item();
+  }
 };
 
 void drop_grads(const std::vector<Tensor>& params, Tensor& x) {
@@ -96,7 +107,7 @@ int64_t dense_hidden(const models::RouterConfig& rc, const Setup& s, std::string
 
 // Times the topk layer's public ops one by one, as MoELayer::forward calls them.
 void topk_breakdown(models::MoELayer& layer, const Tensor& x0, const Tensor& g, Generator& noise,
-                    const Setup& s, int warmup, int steps) {
+                    const Setup& s, int warmup, int steps, const Waiter& wait) {
   const int64_t B = s.B, T = s.T, D = s.D;
   const std::vector<Tensor> params = layer.parameters();
   Stat router, experts, backward;
@@ -106,13 +117,16 @@ void topk_breakdown(models::MoELayer& layer, const Tensor& x0, const Tensor& g, 
     auto t = Clock::now();
     const Tensor xg = ops::reshape(x, {B, T, D});
     models::Route r = layer.router->route(xg, noise);
+    wait(r.assign.weight);
     const double t_router = ms_since(t);
     t = Clock::now();
     Tensor out = ops::reshape(ops::moe_mlp(xg, r.assign, layer.w1, layer.b1, layer.w2, layer.b2), {B, T, D});
+    wait(out);
     const double t_experts = ms_since(t);
     Tensor loss = step_loss(out, g, r.aux_loss);
     t = Clock::now();
     loss.backward();
+    wait(x.grad());
     const double t_backward = ms_since(t);
     if (it < warmup) continue;
     router.add(t_router), experts.add(t_experts), backward.add(t_backward);
@@ -134,6 +148,7 @@ int main(int argc, char** argv) {
   int batch = 128, tokens = 50, dim = 64, experts = 8, k = 2, hidden = 128, slots = 6;
   float capacity = 1.25f;
   int threads = 2, steps = 20, warmup = 3;
+  std::string device = "cpu";
   app.add_option("--router", only, "one router type (default: all of router_types())");
   app.add_option("--batch", batch, "B: images, one routing group each")->capture_default_str();
   app.add_option("--tokens", tokens, "T: tokens per image")->capture_default_str();
@@ -147,26 +162,32 @@ int main(int argc, char** argv) {
   app.add_option("--slots", slots, "soft: slots per expert (soft-tiny preset: 6)")
       ->capture_default_str();
   app.add_option("--threads", threads)->capture_default_str();
+  app.add_option("--device", device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
   app.add_option("--warmup", warmup, "untimed steps first")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   try {
     MV_CHECK(steps >= 1 && warmup >= 0, "bench_moe_layer: --steps ", steps, " must be >= 1");
     set_num_threads(threads);
+    const bool gpu = device == "cuda";
+    MV_CHECK(!gpu || cuda_available(), "--device cuda: no CUDA device is available");
+    const Device dev = gpu ? Device::CUDA : Device::CPU;
+    const Waiter wait{gpu};
     const Setup s{batch, tokens, dim, experts, k, hidden, slots, capacity};
     std::vector<std::string> types = models::router_types();
     if (!only.empty()) types = {only};
 
     Generator data(7);
-    const Tensor x0 = randn({s.B, s.T, s.D}, data);
-    const Tensor g = randn({s.B, s.T, s.D}, data);
+    const Tensor x0 = randn({s.B, s.T, s.D}, data).to(dev);
+    const Tensor g = randn({s.B, s.T, s.D}, data).to(dev);
     std::printf("MoE layer vs dense MLP of equal active FLOPs: (B, T, D) = (%lld, %lld, %lld), "
                 "E %lld, k %lld, expert hidden h %lld, capacity factor %.2f, soft slots %lld; "
-                "train mode (topk: noise std 1/E); threads %d; median (min) ms of forward + "
+                "train mode (topk: noise std 1/E); %s; median (min) ms of forward + "
                 "backward over %d steps after %d warm-up, MoE and dense steps alternating, no "
                 "cache flush\n",
                 (long long)s.B, (long long)s.T, (long long)s.D, (long long)s.E, (long long)s.k,
-                (long long)s.h, s.capacity, (long long)s.slots, threads, steps, warmup);
+                (long long)s.h, s.capacity, (long long)s.slots,
+                gpu ? "CUDA" : ("CPU, threads " + std::to_string(threads)).c_str(), steps, warmup);
 
     for (const std::string& type : types) {
       models::MoEConfig mc;
@@ -180,9 +201,11 @@ int main(int argc, char** argv) {
       Generator init(1), noise(2);
       models::MoELayer moe(s.D, mc, init, &noise);
       moe.train(true);
+      moe.to(dev);
       std::string why;
       const int64_t dh = dense_hidden(mc.router, s, why);
       models::MLP dense(s.D, dh, init);
+      dense.to(dev);
       const std::vector<Tensor> pm = moe.parameters(), pd = dense.parameters();
 
       Stat tm, td, tmf, tdf;  // forward + backward; forward alone (inside the same step)
@@ -193,8 +216,10 @@ int main(int argc, char** argv) {
         auto t0 = Clock::now();
         Tensor out = moe.forward(x);
         Tensor lm = step_loss(out, g, moe.last.aux_loss);
+        wait(lm);
         const double af = ms_since(t0);
         lm.backward();
+        wait(x.grad());
         const double a = ms_since(t0);
         C = moe.last.capacity;
 
@@ -202,8 +227,10 @@ int main(int argc, char** argv) {
         drop_grads(pd, x);
         t0 = Clock::now();
         Tensor ld = step_loss(dense.forward(x), g);
+        wait(ld);
         const double bf = ms_since(t0);
         ld.backward();
+        wait(x.grad());
         const double b = ms_since(t0);
         if (it >= warmup) tm.add(a), td.add(b), tmf.add(af), tdf.add(bf);
       }
@@ -235,7 +262,7 @@ int main(int argc, char** argv) {
         const double drop = st.choices ? double(st.dropped) / double(st.choices) : 0;
         std::printf("  dropped choices over all steps: %.1f%%\n", 100.0 * drop);
       }
-      if (type == "topk") topk_breakdown(moe, x0, g, noise, s, warmup, steps);
+      if (type == "topk") topk_breakdown(moe, x0, g, noise, s, warmup, steps, wait);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_moe_layer: error: %s\n", e.what());

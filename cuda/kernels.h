@@ -121,9 +121,13 @@ Tensor expand(const Tensor& g, const Shape& x_shape, float scale);
 Tensor column_sum(const Tensor& x);
 // x: any shape -> (): scale * sum of all elements. Deterministic.
 Tensor sum_all(const Tensor& x, float scale = 1.f);
-// x: any layout, axis in [0, rank): the last one, or one followed only by size-1 axes (others
-// have no kernel yet and throw) -> I64, x's shape with 1 at axis: the index of the first largest
-// element along it (NaN counts as largest).
+// x: any layout, axis in [0, rank) -> the first largest element along axis (NaN counts as
+// largest) and its I64 index, each of x's shape with 1 at axis.
+ops::MaxOut max_forward(const Tensor& x, int axis);
+// g: x's shape with 1 at axis, index from max_forward -> (xs): g at each maximal element, 0
+// elsewhere.
+Tensor max_backward(const Tensor& g, const Tensor& index, const Shape& xs, int axis);
+// max_forward's index alone.
 Tensor argmax(const Tensor& x, int axis);
 
 // ---- shape ops (cuda/shape.cu) ---------------------------------------------------------------
@@ -157,7 +161,7 @@ AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backward =
 Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& saved, const Tensor& dout,
                           int heads);
 
-// ---- MoE routing (cuda/route.cu): topk_route's stages (ops/route.cpp), the load loss ----------
+// ---- MoE routing (cuda/route.cu): topk_route's stages, expert choice, the load loss ------------
 // gates: (G, N, E) -> each token's k best experts and gates (k <= 8).
 ops::TopKChoices topk_choices(const Tensor& gates, int k);
 // gate: (G, N, k) -> (G, N) I64: per group, the tokens in claim order (BPR: best gate first).
@@ -170,6 +174,11 @@ ops::Placement place_choices(const Tensor& expert, const Tensor& gate, const ops
 // dweight: (E, R) -> dgates (G, N, E).
 Tensor topk_route_backward(const Tensor& dweight, const Tensor& expert, const Tensor& slot, const Tensor& gate,
                            int64_t E, bool renorm);
+// Expert choice. scores, weights: (G, N, E) -> per group and expert its C best tokens by score
+// (ties to the lower token), in descending order: all R = G*C rows used, token_rows (G, N, E).
+ops::Assignment expert_choice_route_forward(const Tensor& scores, int64_t C, const Tensor& weights);
+// dweight: (E, R), token: (E, R) of the routing -> (G, N, E).
+Tensor expert_choice_route_backward(const Tensor& dweight, const Tensor& token, int64_t G, int64_t N);
 // z, zn: (G, N, E), expert: (G, N, k) -> Phi((z - t) / std), t = zn at the k-th choice.
 ops::LoadProbs topk_load_probs_forward(const Tensor& z, const Tensor& zn, const Tensor& expert, float noise_std);
 ops::LoadProbsGrads topk_load_probs_backward(const Tensor& g, const Tensor& z, const Tensor& threshold,

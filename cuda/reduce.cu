@@ -1,6 +1,6 @@
 // Reductions on the GPU, the twins of ops/reduce.cpp: sums over any axes (and their backward,
 // the broadcast back), the sum of all elements, column sums (the bias gradient), sum_to (the
-// backward of a broadcasting op) and argmax over the last axis.
+// backward of a broadcasting op) and max / argmax along any axis.
 //
 // None of these is on a hot path of the ViT step by itself (GEMMs and attention are), so they
 // are written for clarity: plain loops, one thread per output element. Sums are deterministic
@@ -60,19 +60,40 @@ __global__ void sum_all_kernel(const float* x, float* out, int64_t n, float scal
   if (threadIdx.x == 0) out[0] = part[0] * scale;
 }
 
-// out[r] = index of the first largest x[r, :] (NaN counts as largest, as on the CPU).
-__global__ void argmax_kernel(const float* x, int64_t* out, int64_t R, int64_t C) {
-  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= R) return;
-  const float* row = x + r * C;
-  int64_t best = 0;
-  for (int64_t c = 1; c < C; ++c) {
-    const float v = row[c], b = row[best];
-    if (isnan(b)) break;
-    if (isnan(v) || v > b) best = c;
+// x seen as (outer, n, inner), a thread per column (o, i): the first largest x[o, :, i] and its
+// index (NaN counts as largest, as on the CPU).
+__global__ void max_kernel(const float* x, float* vals, int64_t* idx, int64_t outer, int64_t n, int64_t inner) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; col < outer * inner; col += stride) {
+    const float* base = x + (col / inner) * n * inner + col % inner;
+    int64_t best = 0;
+    float b = base[0];
+    for (int64_t r = 1; r < n && b == b; ++r) {
+      const float v = base[r * inner];
+      if (v > b || v != v) b = v, best = r;
+    }
+    vals[col] = b;
+    idx[col] = best;
   }
-  out[r] = best;
 }
+
+// A thread per column: g[col] at its maximal element of the zeroed gx (one writer per element).
+__global__ void max_backward_kernel(const float* g, const int64_t* idx, float* gx, int64_t outer, int64_t n,
+                                    int64_t inner) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; col < outer * inner; col += stride)
+    gx[((col / inner) * n + idx[col]) * inner + col % inner] = g[col];
+}
+
+// outer, n, inner of x around axis.
+struct AxisSplit {
+  int64_t outer = 1, n = 1, inner = 1;
+  AxisSplit(const Shape& s, int axis) {
+    for (int d = 0; d < axis; ++d) outer *= s[size_t(d)];
+    n = s[size_t(axis)];
+    for (size_t d = size_t(axis) + 1; d < s.size(); ++d) inner *= s[d];
+  }
+};
 
 }  // namespace
 
@@ -141,24 +162,34 @@ Tensor expand(const Tensor& g, const Shape& x_shape, float scale) {
   return scale == 1.f ? e : axpby(e, Tensor(), scale, 0.f);
 }
 
-Tensor argmax(const Tensor& x_, int axis) {
-  MV_CHECK(x_.defined() && axis >= 0 && axis < x_.ndim(), "cuda::argmax: axis ", axis, " of ", x_.str());
+ops::MaxOut max_forward(const Tensor& x_, int axis) {
+  MV_CHECK(x_.defined() && axis >= 0 && axis < x_.ndim(), "cuda::max_forward: axis ", axis, " of ", x_.str());
   const Tensor x = x_.contiguous();
-  expect_cuda_f32("argmax", "x", x);
-  int64_t R = 1, inner = 1;  // x seen as (R, C, inner) around the axis
-  for (int d = 0; d < axis; ++d) R *= x.size(d);
-  for (int d = axis + 1; d < x.ndim(); ++d) inner *= x.size(d);
-  const int64_t C = x.size(axis);
-  MV_CHECK(inner == 1, "argmax: only the last axis has a CUDA kernel yet; got axis ", axis, " of ", x.str());
-  MV_CHECK(C > 0, "cuda::argmax: axis ", axis, " of ", x.str(), " is empty");
+  expect_cuda_f32("max", "x", x);
+  const AxisSplit a(x.shape(), axis);
+  MV_CHECK(a.n > 0, "max: axis ", axis, " of ", x.str(), " is empty");
   Shape s = x.shape();
   s[size_t(axis)] = 1;
-  Tensor out = Tensor::empty(s, DType::I64, Device::CUDA);
-  if (R == 0) return out;
-  argmax_kernel<<<unsigned(detail::ceil_div(R, kThreads)), kThreads, 0, stream()>>>(
-      x.data<float>(), out.data<int64_t>(), R, C);
+  ops::MaxOut o{Tensor::empty(s, DType::F32, Device::CUDA), Tensor::empty(s, DType::I64, Device::CUDA)};
+  if (a.outer * a.inner == 0) return o;
+  max_kernel<<<grid_for(a.outer * a.inner, kThreads), kThreads, 0, stream()>>>(
+      x.data<float>(), o.values.data<float>(), o.index.data<int64_t>(), a.outer, a.n, a.inner);
   MV_CUDA_LAUNCH_CHECK();
-  return out;
+  return o;
 }
+
+Tensor max_backward(const Tensor& g_, const Tensor& index, const Shape& xs, int axis) {
+  const Tensor g = g_.contiguous();
+  expect_cuda_f32("max backward", "g", g);
+  const AxisSplit a(xs, axis);
+  Tensor gx = Tensor::zeros(xs, DType::F32, Device::CUDA);
+  if (a.outer * a.inner == 0) return gx;
+  max_backward_kernel<<<grid_for(a.outer * a.inner, kThreads), kThreads, 0, stream()>>>(
+      g.data<float>(), index.data<int64_t>(), gx.data<float>(), a.outer, a.n, a.inner);
+  MV_CUDA_LAUNCH_CHECK();
+  return gx;
+}
+
+Tensor argmax(const Tensor& x, int axis) { return max_forward(x, axis).index; }
 
 }  // namespace mv::cuda

@@ -18,6 +18,11 @@
 // The backward of the combine weights is a map over the tokens; the load-loss probabilities are
 // a map over (token, expert) with Phi from ops/fast_math.h, the CPU's own polynomial.
 //
+// Expert choice ranks instead of sorting: a thread per (token, expert) counts the group's rank
+// keys above its own in that expert's score column (O(N) per thread, O(G N^2 E) in all, small
+// for per-image groups); rank r < C is row g*C + r of the expert, the place the CPU's sort of the
+// same keys gives it. Every row and every token_rows entry has one writer.
+//
 // Expert indices and slots are not range-checked on the device: these kernels only read what
 // the routing kernels wrote.
 #include <algorithm>
@@ -191,6 +196,37 @@ __global__ void load_probs_backward_kernel(const float* g, const float* z, const
   }
 }
 
+// A thread per (token t, expert x) of scores (G, N, E).
+__global__ void expert_choice_kernel(const float* scores, const float* w, int64_t* token, float* weight,
+                                     int64_t* rows, int64_t* token_rows, int64_t G, int64_t N, int64_t E,
+                                     int64_t C) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x, R = G * C, n = G * N * E;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (n > E ? n : E); i += stride) {
+    if (i < E) rows[i] = R;  // every row is used
+    if (i >= n) continue;
+    const int64_t t = i / E, x = i % E, g = t / N;
+    const float* col = scores + g * N * E + x;
+    const uint64_t mine = rank_key(col[(t % N) * E], t % N);
+    int64_t rank = 0;
+    for (int64_t m = 0; m < N && rank < C; ++m) rank += rank_key(col[m * E], m) > mine;
+    if (rank >= C) {
+      token_rows[i] = -1;
+      continue;
+    }
+    const int64_t row = x * R + g * C + rank;
+    token[row] = t;
+    weight[row] = w[i];
+    token_rows[i] = row;
+  }
+}
+
+// A thread per row: its gradient to the (token, expert) score it came from (one row each).
+__global__ void expert_choice_backward_kernel(const float* dweight, const int64_t* token, float* dscores,
+                                              int64_t E, int64_t R) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < E * R; i += stride)
+    if (token[i] >= 0) dscores[token[i] * E + i / R] = dweight[i];
+}
 
 }  // namespace
 
@@ -264,6 +300,33 @@ Tensor topk_route_backward(const Tensor& dweight, const Tensor& expert, const Te
       int(k), E, R, renorm);
   MV_CUDA_LAUNCH_CHECK();
   return dgates;
+}
+
+ops::Assignment expert_choice_route_forward(const Tensor& scores_, int64_t C, const Tensor& weights_) {
+  const Tensor scores = scores_.contiguous(), weights = weights_.contiguous();
+  expect_cuda_f32("expert_choice_route", "scores", scores);
+  expect_cuda_f32("expert_choice_route", "weights", weights);
+  const int64_t G = scores.size(0), N = scores.size(1), E = scores.size(2), R = G * C;
+  Tensor token = device_empty({E, R}, DType::I64), weight = device_empty({E, R});
+  Tensor rows = device_empty({E}, DType::I64), token_rows = device_empty({G, N, E}, DType::I64);
+  if (E > 0) {
+    expert_choice_kernel<<<grid_for(std::max(G * N * E, E), kThreads), kThreads, 0, stream()>>>(
+        scores.data<float>(), weights.data<float>(), token.data<int64_t>(), weight.data<float>(),
+        rows.data<int64_t>(), token_rows.data<int64_t>(), G, N, E, C);
+    MV_CUDA_LAUNCH_CHECK();
+  }
+  return ops::Assignment{token, weight, rows, token_rows, G, N, C};
+}
+
+Tensor expert_choice_route_backward(const Tensor& dweight, const Tensor& token, int64_t G, int64_t N) {
+  const int64_t E = token.size(0), R = token.size(1);
+  const Tensor gw = dweight.contiguous();
+  Tensor dscores = Tensor::zeros({G, N, E}, DType::F32, Device::CUDA);
+  if (E * R == 0) return dscores;
+  expert_choice_backward_kernel<<<grid_for(E * R, kThreads), kThreads, 0, stream()>>>(
+      gw.data<float>(), token.data<int64_t>(), dscores.data<float>(), E, R);
+  MV_CUDA_LAUNCH_CHECK();
+  return dscores;
 }
 
 ops::LoadProbs topk_load_probs_forward(const Tensor& z, const Tensor& zn, const Tensor& expert, float noise_std) {

@@ -145,9 +145,9 @@ Tensor MoELayer::forward(const Tensor& x) {
   } else if (last.expert.defined()) {  // token choice
     stats.add_rows(last.assign.rows);
     stats.choices += last.expert.numel();
-  } else {  // expert choice and attention vote (CPU routings): tokens that no expert took
+  } else {  // expert choice and attention vote: tokens that no expert took (read on the host)
     stats.add_rows(last.assign.rows);
-    const Tensor tr = last.assign.token_rows.contiguous();
+    const Tensor tr = last.assign.token_rows.to(Device::CPU).contiguous();
     const int64_t* p = tr.data<int64_t>();
     const int64_t K = tr.size(2);
     for (int64_t t = 0; t < G * N; ++t)

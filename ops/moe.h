@@ -2,9 +2,10 @@
 // the batched expert matmul, and combine (methods.md sections 2 and 3). Routing in ops/route.cpp,
 // Assignment/dispatch/combine/Soft MoE in ops/moe.cpp, experts in ops/experts.cpp and
 // ops/expert_mlp.cpp (the fused MLP, and moe_mlp: dispatch, experts and combine in one op);
-// ops/moe_cpu.h holds what their CPU kernels share. The top-k routing, dispatch, combine and the
-// experts have CUDA twins (cuda/route.cu, moe.cu, experts.cu, expert_mlp.cu); expert choice and
-// make_assignment run on the CPU only so far, and the Soft MoE ops are made of other ops.
+// ops/moe_cpu.h holds what their CPU kernels share. The routings (top-k, expert choice),
+// dispatch, combine and the experts have CUDA twins (cuda/route.cu, moe.cu, experts.cu,
+// expert_mlp.cu); make_assignment runs on the CPU only so far, and the Soft MoE ops are made of
+// other ops.
 //
 // Tokens are routed in G groups of N tokens (one image's tokens, or the whole batch); token n of
 // group g is named by its flat index t = g*N + n. An expert takes at most C tokens of a group,

@@ -338,9 +338,9 @@ Tensor max(const Tensor& x, int axis, bool keepdim) {
   expect_f32("max", {&x});
   Shape out_shape;
   const int a = max_axis("max", x, axis, keepdim, out_shape);
-  MaxOut f = MV_CPU_KERNEL(max_forward)(dev, x, a);
+  MaxOut f = MV_KERNEL(max_forward)(dev, x, a);
   return record("max", f.values.reshaped(out_shape), {x}, [dev, index = f.index, xs = x.shape(), a](const Tensor& g) {
-    return std::vector<Tensor>{MV_CPU_KERNEL(max_backward)(dev, g, index, xs, a)};
+    return std::vector<Tensor>{MV_KERNEL(max_backward)(dev, g, index, xs, a)};
   });
 }
 

@@ -1,6 +1,6 @@
 // MoE routing (methods.md sections 2 and 3): top-k token choice with capacity and Batch
-// Prioritized Routing, the probabilities of V-MoE's load loss (their CUDA twins: cuda/route.cu),
-// and expert choice (CPU only so far). Each returns an Assignment (ops/moe.h) that dispatch and combine read.
+// Prioritized Routing, the probabilities of V-MoE's load loss and expert choice (their CUDA
+// twins: cuda/route.cu). Each returns an Assignment (ops/moe.h) that dispatch and combine read.
 //
 // topk_route runs in five named stages, each a kernel a CUDA twin can mirror one for one:
 //   1. topk_choices   each token's k best experts and their gates;
@@ -444,9 +444,9 @@ Assignment expert_choice_route(const Tensor& scores, int64_t C, const Tensor& we
   MV_CHECK(C >= 1 && C <= N, "expert_choice_route: capacity ", C, " is outside [1, ", N,
            "] (the tokens of a group) for scores ", scores.str());
   MV_CHECK(N < (int64_t(1) << 32), "expert_choice_route: scores ", scores.str(), " has more than 2^32 tokens");
-  Assignment a = MV_CPU_KERNEL(expert_choice_route_forward)(dev, scores, C, wsrc);
+  Assignment a = MV_KERNEL(expert_choice_route_forward)(dev, scores, C, wsrc);
   a.weight = record("expert_choice_route", a.weight, {wsrc}, [dev, token = a.token, G, N](const Tensor& g) {
-    return std::vector<Tensor>{MV_CPU_KERNEL(expert_choice_route_backward)(dev, g, token, G, N)};
+    return std::vector<Tensor>{MV_KERNEL(expert_choice_route_backward)(dev, g, token, G, N)};
   });
   return a;
 }

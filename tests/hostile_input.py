@@ -131,6 +131,7 @@ for flags, message in [
     (["--sigma", "nan"], "--sigma"), (["--capacity", "inf"], "--capacity"), (["--layer", "7"], "--layer"),
     (["--slot", "-1", "--picture", "soft"], "soft"), (["--threads", "99999"], "--threads"),
     (["--out", "/dev/null"], "/dev/null"), (["--first", "100000000"], "first"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
 ]:
     expect_error([viz, run_dir] + flags, message)
 

@@ -9,6 +9,7 @@
 #include <doctest/doctest.h>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -21,6 +22,9 @@
 #include "ops/prc.h"
 #include "ops/softmax.h"
 #include "tests/cuda_parity.h"
+#include "train/checkpoint.h"
+#include "train/data.h"
+#include "train/evaluate.h"
 #include "train/loop.h"
 
 using namespace mv;
@@ -86,6 +90,47 @@ TEST_CASE("cuda topk_route: the CPU's routing to the bit (k 1, 2, 8; E 1 to 128;
   }
   CHECK_THROWS_WITH_AS(ops::topk_route(Tensor::zeros({1, 4, 16}, DType::F32, Device::CUDA), ops::TopKOptions{9, 1.f}),
                        doctest::Contains("k = 9 (--k) is outside [1, 8]"), Error);
+}
+
+struct ExpertChoiceCase {
+  int64_t G, N, E, C;
+  bool ties;
+};
+
+TEST_CASE("cuda expert_choice_route: the CPU's routing to the bit, its gradient, dispatch and combine") {
+  const std::vector<ExpertChoiceCase> cases = {
+      {4, 50, 8, 13, false},  // ec-tiny's layer (C = 50 * 2 / 8, rounded up)
+      {3, 37, 8, 5, true},    // ties: the lower token first
+      {2, 20, 1, 20, false},  // one expert takes every token
+      {2, 10, 32, 1, false},  // more experts than tokens: a token may be taken many times
+      {1, 300, 8, 75, true},  // one group for the batch
+  };
+  for (const ExpertChoiceCase& c : cases) {
+    const std::string what = "G " + std::to_string(c.G) + " N " + std::to_string(c.N) + " E " +
+                             std::to_string(c.E) + " C " + std::to_string(c.C);
+    CAPTURE(what);
+    const Tensor scores = ops::softmax(logits_of(c.G, c.N, c.E, 31 + uint64_t(c.E), c.ties));
+    const ops::Assignment g = ops::expert_choice_route(scores.to(Device::CUDA), c.C);
+    const ops::Assignment h = ops::expert_choice_route(scores, c.C);
+    close(what + " token", g.token, h.token, 0);
+    close(what + " rows", g.rows, h.rows, 0);
+    close(what + " token_rows", g.token_rows, h.token_rows, 0);
+    close(what + " weight", g.weight, h.weight, 0);
+    const int64_t C = c.C;
+    parity(what + " weights -> scores",
+           [C](const std::vector<Tensor>& x) { return ops::expert_choice_route(x[0], C).weight; }, {scores});
+    // attention_vote's form: ranked by one tensor, weighted by another (here the ranking is by
+    // the negated weights, so the smallest are taken)
+    parity(what + " separate weights",
+           [C](const std::vector<Tensor>& x) { return ops::expert_choice_route(ops::neg(x[0]).detach(), C, x[0]).weight; },
+           {scores});
+    parity(what + " dispatch",
+           [C](const std::vector<Tensor>& x) { return ops::dispatch(x[0], ops::expert_choice_route(x[1], C)); },
+           {rnd({c.G, c.N, 24}, 32), scores});
+    parity(what + " combine",
+           [C](const std::vector<Tensor>& x) { return ops::combine(x[0], ops::expert_choice_route(x[1], C)); },
+           {rnd({c.E, c.G * C, 24}, 33), scores});
+  }
 }
 
 TEST_CASE("cuda topk_load_probs, dispatch, combine: forward and gradients against the CPU") {
@@ -198,6 +243,81 @@ TEST_CASE("cuda MoE-ViT: forward + backward on CUDA matches the CPU, statistics 
     CHECK(g.load == c.load);
     CHECK(g.dropped == c.dropped);
     CHECK(g.choices == c.choices);
+  }
+}
+
+// Every router but topk (whose training noise differs in the last bits between the devices) in
+// a tiny MoE-ViT, in training mode: the same loss, gradients and expert loads on both devices.
+namespace {
+
+const std::vector<std::pair<std::string, std::function<void(models::RouterConfig&)>>> kRouters = {
+    {"expert_choice", [](models::RouterConfig&) {}},
+    {"soft", [](models::RouterConfig& r) { r.slots = 2; }},
+    {"cosine", [](models::RouterConfig&) {}},
+    {"perturbed_cosine", [](models::RouterConfig&) {}},
+    {"multi_centroid", [](models::RouterConfig& r) { r.separation_weight = 0.1f; }},
+    {"attention_vote", [](models::RouterConfig&) {}},
+    {"attention_vote", [](models::RouterConfig& r) { r.global_query = true; }},
+};
+
+models::ViTConfig tiny_moe_with(const std::string& type, const std::function<void(models::RouterConfig&)>& set) {
+  models::ViTConfig c = tiny_moe();
+  c.moe.router.type = type;
+  set(c.moe.router);
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("cuda MoE-ViT with every other router: forward + backward on CUDA matches the CPU (1e-4)") {
+  for (const auto& router : kRouters) {
+    const std::string& type = router.first;
+    CAPTURE(type);
+    VitTwins t(tiny_moe_with(type, router.second), true);
+    forward_backward_parity("MoE-ViT " + type, t, 1e-4);
+    for (size_t l = 0; l < t.cpu.moe_layers().size(); ++l) {
+      const models::MoEStats::Totals c = t.cpu.moe_layers()[l]->stats.totals(),
+                                     g = t.gpu.moe_layers()[l]->stats.totals();
+      CHECK(g.load == c.load);
+      CHECK(g.dropped == c.dropped);
+      CHECK(g.choices == c.choices);
+    }
+  }
+}
+
+// Each router trains through `fit` on the GPU (PRC where the router assigns tokens) close to the
+// CPU run, and each run's checkpoint evaluates on the other device to the accuracy it measured.
+TEST_CASE("cuda train: every router trains on CUDA as on the CPU; each checkpoint evaluates alike on the other device") {
+  namespace fs = std::filesystem;
+  for (const auto& router : kRouters) {
+    const std::string& type = router.first;
+    CAPTURE(type);
+    train::TrainConfig c;
+    c.dataset = "synthetic";
+    c.model = "test";
+    c.vit = tiny_moe_with(type, router.second);
+    c.prc = type != "soft";
+    c.epochs = 1, c.batch = 32, c.eval_batch = 64, c.lr = 3e-3f;
+    c.limit_train = 96, c.limit_test = 64, c.warmup_epochs = 0.5f;
+    const std::string base = (fs::temp_directory_path() / ("moevit_cuda_router_" + type)).string();
+    fs::remove_all(base);
+    const auto cpu = train_metrics(c, "cpu", base + "/cpu"), gpu = train_metrics(c, "cuda", base + "/cuda");
+    REQUIRE(cpu.size() == 1);
+    REQUIRE(gpu.size() == 1);
+    const double lc = cpu[0].at("train_loss"), lg = gpu[0].at("train_loss");
+    INFO("train loss cpu " << lc << ", cuda " << lg);
+    CHECK(std::abs(lg - lc) <= 1e-2 * std::abs(lc));
+    // Each run's checkpoint on the other device: the accuracy that run measured, within one
+    // image of the 64 (a logit near a tie may fall the other way).
+    const datasets::Dataset test = datasets::head(train::load_dataset("synthetic", "", false), 64);
+    auto on = [&](const std::string& run, Device device) {
+      models::ViT model(c.vit, c.seed);
+      train::load_weights_for_evaluation(train::checkpoint_file(base + run), model);
+      model.to(device);
+      return train::evaluate(model, test, "synthetic", 64).accuracy;
+    };
+    CHECK(std::abs(on("/cuda", Device::CPU) - double(gpu[0].at("test_accuracy"))) <= 1.0 / 64 + 1e-9);
+    CHECK(std::abs(on("/cpu", Device::CUDA) - double(cpu[0].at("test_accuracy"))) <= 1.0 / 64 + 1e-9);
   }
 }
 

@@ -174,13 +174,22 @@ TEST_CASE("cuda ops: reshape, permute + contiguous, slice, concat") {
         ops::transpose(i, 0, 1).contiguous(), 0);
 }
 
-TEST_CASE("cuda ops: argmax (last axis), sum, mean") {
+TEST_CASE("cuda ops: max and argmax along any axis, sum, mean") {
   Tensor x = rnd({5, 7, 11}, 70);
-  close("argmax last", ops::argmax(x.to(Device::CUDA), -1), ops::argmax(x, -1), 0);
+  for (int axis : {0, 1, 2}) {
+    CAPTURE(axis);
+    close("argmax", ops::argmax(x.to(Device::CUDA), axis), ops::argmax(x, axis), 0);
+    parity("max", [axis](const std::vector<Tensor>& v) { return ops::max(v[0], axis); }, {x}, 0);
+  }
   close("argmax last keepdim", ops::argmax(x.to(Device::CUDA), 2, true), ops::argmax(x, 2, true), 0);
-  // ties go to the first index, NaN counts as largest
-  const Tensor t = Tensor::from({1.f, 3.f, 3.f, 0.f, NAN, 2.f, NAN, 5.f}, {2, 4});
+  parity("max of a transposed view, keepdim",
+         [](const std::vector<Tensor>& v) { return ops::max(ops::transpose(v[0], 0, 2), 1, true); }, {x}, 0);
+  // ties go to the first index (and take the gradient), NaN counts as largest
+  const Tensor t = Tensor::from({1.f, 3.f, 3.f, 0.f, NAN, 2.f, NAN, 5.f, 2.f, 2.f, 2.f, 2.f}, {3, 4});
   close("argmax ties / NaN", ops::argmax(t.to(Device::CUDA), 1), ops::argmax(t, 1), 0);
+  close("argmax ties / NaN, axis 0", ops::argmax(t.to(Device::CUDA), 0), ops::argmax(t, 0), 0);
+  parity("max with ties", [](const std::vector<Tensor>& v) { return ops::max(v[0], 0); },
+         {Tensor::from({2.f, 1.f, 3.f, 2.f, 1.f, 3.f}, {2, 3})}, 0);
   parity("sum", [](const std::vector<Tensor>& v) { return ops::sum(v[0]); }, {rnd({5, 7, 11}, 71)});
   parity("mean", [](const std::vector<Tensor>& v) { return ops::mean(v[0]); }, {rnd({5, 7, 11}, 72)});
   parity("mean keepdim", [](const std::vector<Tensor>& v) { return ops::mean(v[0], {}, true); }, {rnd({3, 4}, 73)});
@@ -242,10 +251,9 @@ TEST_CASE("cuda ops: errors name the op") {
   const Tensor a = rnd({3, 4}, 80), ad = a.to(Device::CUDA);
   CHECK_THROWS_WITH_AS(ops::add(a, ad), doctest::Contains("different devices"), Error);
   CHECK_THROWS_WITH_AS(ops::matmul(ad, rnd({4, 2}, 81)), doctest::Contains("different devices"), Error);
-  CHECK_THROWS_WITH_AS(ops::max(ad, 0), doctest::Contains("max: has no CUDA kernel yet"), Error);
+  CHECK_THROWS_WITH_AS(ops::log_softmax(ad), doctest::Contains("log_softmax: has no CUDA kernel yet"), Error);
   CHECK_THROWS_WITH_AS(ops::add(rnd({3, 2}, 82).to(Device::CUDA), rnd({3, 4}, 83).to(Device::CUDA)),
                        doctest::Contains("add: shapes (3, 2) and (3, 4) do not broadcast"), Error);
-  CHECK_THROWS_WITH_AS(ops::argmax(ad, 0), doctest::Contains("argmax: only the last axis"), Error);
 }
 
 TEST_CASE("cuda ops: a tiny ViT forward + backward on CUDA matches the CPU (1e-4)") {

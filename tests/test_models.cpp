@@ -17,6 +17,7 @@
 #include "tests/helpers.h"
 #include "train/checkpoint.h"
 #include "train/loop.h"
+#include "train/progress.h"
 #include "train/step.h"
 #include "train/stop.h"
 
@@ -345,6 +346,20 @@ TEST_CASE("the time budget's epoch count: fitted after the first epoch, only cut
   CHECK(epochs_for_budget(5, 260, 54, 11, 100000) == 9);       // slower than planned: cut
   CHECK(epochs_for_budget(5, 400, 40, 11, 100000) == 11);      // faster: never grown again
   CHECK(epochs_for_budget(3, -5, 50, 11, 100000) == 3);        // over already: what is done
+}
+
+TEST_CASE("the progress line names the epoch count, or '?' before a time budget has sized it") {
+  auto line = [](int epochs) {
+    FILE* f = std::tmpfile();  // not a terminal: one line per tenth of the epoch, and the last
+    mv::train::Progress(f, 1, epochs, 4).update(4, 0.5, 0.25, 100, 0);
+    std::rewind(f);
+    char buf[256] = {};
+    const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    return std::string(buf, n);
+  };
+  CHECK(line(10).rfind("epoch 1/10 [====================] 4/4 loss 0.5000 acc 25.00% 100 img/s", 0) == 0);
+  CHECK(line(0).rfind("epoch 1/? [", 0) == 0);
 }
 
 TEST_CASE("resume refuses checkpoint metadata that does not fit the run") {

@@ -37,10 +37,8 @@ void TrainConfig::validate() const {
   MV_CHECK(device != "cuda" || cuda_available(), "--device cuda: no CUDA device is available (a "
            "build without CUDA, or no GPU found); use --device cpu");
   MV_CHECK(!tf32 || device == "cuda", "--tf32 applies to CUDA GEMMs only; add --device cuda");
-  MV_CHECK(device != "cuda" || vit.moe_placement == "none" || vit.moe.router.type == "topk", "model '", model,
-           "' routes with '", vit.moe.router.type, "', which has no CUDA kernels yet (only topk does); use "
-           "--device cpu");
-  MV_CHECK(device != "cuda" || vit.moe_placement == "none" || vit.moe.router.k <= 8, "--k ", vit.moe.router.k,
+  MV_CHECK(device != "cuda" || vit.moe_placement == "none" || !vit.moe.router.token_choice() ||
+               vit.moe.router.k <= 8, "--k ", vit.moe.router.k,
            ": the CUDA routing kernels take at most 8 experts per token; use --device cpu");
   MV_CHECK(!prc || vit.moe_placement != "none", "--prc needs a model with MoE layers (an MoE "
            "preset such as vmoe-tiny, or --moe every-2); model '", model, "' is dense");

@@ -184,7 +184,9 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch, int
   const int64_t per_epoch = loader.batches_per_epoch();
   const std::vector<Tensor> params = run.model.parameters();
   EpochTotals t;
-  Progress bar(run.log, epoch + 1, run.cfg.epochs, per_epoch);
+  // A time budget sizes the run after its first epoch; until then the count is unknown.
+  const bool sized = run.cfg.time_budget_minutes <= 0 || epoch > 0;
+  Progress bar(run.log, epoch + 1, sized ? run.cfg.epochs : 0, per_epoch);
   for (models::MoELayer* m : run.model.moe_layers()) m->stats.reset(m->config.router.experts, m->config.router.token_choice());
   loader.begin_epoch(epoch, first_batch);
   t.first_batch = t.next_batch = first_batch;

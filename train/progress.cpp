@@ -16,8 +16,9 @@ void Progress::update(int64_t done, double loss, double acc, double img_s, doubl
   const int fill = int(20 * done / std::max<int64_t>(total_, 1));
   for (int i = 0; i < 20; ++i) bar[i] = i < fill ? '=' : (i == fill ? '>' : ' ');
   bar[20] = 0;
-  std::fprintf(out_, "%sepoch %d/%d [%s] %lld/%lld loss %.4f acc %.2f%% %.0f img/s ETA %s%s",
-               tty_ ? "\r" : "", epoch_, epochs_, bar, (long long)done, (long long)total_, loss,
+  const std::string of = epochs_ > 0 ? std::to_string(epochs_) : "?";
+  std::fprintf(out_, "%sepoch %d/%s [%s] %lld/%lld loss %.4f acc %.2f%% %.0f img/s ETA %s%s",
+               tty_ ? "\r" : "", epoch_, of.c_str(), bar, (long long)done, (long long)total_, loss,
                100 * acc, img_s, format_seconds(eta).c_str(), tty_ ? (last ? "\n" : "") : "\n");
   std::fflush(out_);
 }

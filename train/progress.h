@@ -9,7 +9,8 @@ namespace mv::train {
 // One status line per epoch: a bar redrawn in place on a terminal, a line every ~10% otherwise.
 class Progress {
  public:
-  // out: null for silence; total: batches in the epoch.
+  // out: null for silence; epochs: of the run, 0 while unknown (printed "?"); total: batches in
+  // the epoch.
   Progress(FILE* out, int epoch, int epochs, int64_t total);
   // After batch `done` (1-based): the epoch's running loss and accuracy, images per second and
   // the seconds left.

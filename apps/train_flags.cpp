@@ -24,7 +24,7 @@ void add_model_flags(CLI::App& app, TrainFlags& f) {
   app.add_option("--mlp-dim", o.mlp_dim, "override the MLP hidden width");
   app.add_option("--patch", o.patch, "override the patch size");
   app.add_option("--stem", o.stem, "patch (ViT's patch embedding) | conv (3x3 stride-2 convolutions "
-                 "down to the patch grid)");
+                 "down to the patch grid) | conv-deep (each followed by a 3x3 stride-1 convolution)");
   app.add_option("--pool", o.pool, "what the head reads: cls (the CLS token) | mean (the mean of the patch tokens)");
   app.add_option("--moe", o.moe_placement, "MoE blocks: none | every-2 | last-n");
   app.add_option("--moe-last-n", o.moe_last_n, "n of --moe last-n");
@@ -113,8 +113,8 @@ void add_training_flags(CLI::App& app, TrainFlags& f) {
                "evaluate and deliver it instead of the last weights");
   app.add_option("--ema-decay", f.cfg.ema_decay, "decay of --ema per step")->capture_default_str();
   app.add_option("--time-budget", f.cfg.time_budget_minutes, "minutes the run may take, "
-                 "evaluations included: the epochs are scaled to fit after the first one (cut after "
-                 "later ones that ran slower), and the run stops with a checkpoint at the limit");
+                 "evaluations included: after each epoch the epochs are scaled to fit at the run's mean pace "
+                 "(in the second half of the schedule only cut), and the run stops with a checkpoint at the limit");
   app.add_option("--stop-after", f.stop_after,
                  "end after this many epochs of the run (resume later)");
   app.add_option("--resume", f.resume,

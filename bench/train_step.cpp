@@ -32,13 +32,16 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "timed steps")->capture_default_str();
   app.add_option("--warmup", warmup, "untimed steps first")->capture_default_str();
   std::string device = "cpu", stem = "patch";
-  app.add_option("--stem", stem, "patch | conv: how images become tokens (models/vit.h)")->capture_default_str();
+  int depth = 0;
+  app.add_option("--stem", stem, "patch | conv | conv-deep: how images become tokens (models/vit.h)")->capture_default_str();
+  app.add_option("--depth", depth, "override the preset's number of blocks")->check(CLI::PositiveNumber);
   app.add_option("--device", device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
   try {
     set_num_threads(threads);
     models::ViTConfig c = models::vit_preset(preset);
     c.stem = stem;
+    if (depth > 0) c.depth = depth;
     models::ViT model(c, 0);
     const bool gpu = device == "cuda";
     MV_CHECK(!gpu || cuda_available(), "--device cuda: no CUDA device is available");

@@ -61,25 +61,25 @@ void RouterConfig::validate() const {
            ", separation_weight (--separation-weight) = ", separation_weight, ": expected finite values >= 0");
 }
 
-// Calls f(side_in, in, out) for each of the conv stem's convolutions: images of side side_in
-// with `in` channels to `out` channels.
-template <class F>
-static void for_stem_convs(const ViTConfig& c, F f) {
-  double in = c.channels, side = c.image_size;
-  for (int s = c.patch; s > 1; s /= 2) {
-    const double out = double(c.dim) / (s / 2);
-    f(side, in, out);
-    in = out, side = std::ceil(side / 2);
+std::vector<ViTConfig::StemConv> ViTConfig::stem_convs() const {
+  std::vector<StemConv> convs;
+  if (stem == "patch") return convs;
+  int64_t in = channels;
+  int side = image_size;
+  for (int s = patch; s > 1; s /= 2) {
+    const int64_t out = dim / (s / 2);  // ..., D/4, D/2, D
+    side = (side + 1) / 2;              // 3x3, stride 2, padding 1
+    convs.push_back({in, out, 2, side});
+    if (stem == "conv-deep") convs.push_back({out, out, 1, side});
+    in = out;
   }
+  return convs;
 }
 
 double ViTConfig::parameter_estimate() const {
   const double D = dim, M = mlp_dim, T = tokens();
-  double embed = double(channels) * patch * patch * D + D;
-  if (stem == "conv") {
-    embed = 0;
-    for_stem_convs(*this, [&](double, double in, double out) { embed += 9 * in * out + out; });
-  }
+  double embed = stem == "patch" ? double(channels) * patch * patch * D + D : 0;
+  for (const StemConv& s : stem_convs()) embed += double(9 * s.in * s.out + s.out);
   const double E = moe.router.experts, Me = moe.mlp_dim;
   const double attention = 4 * D * D + 4 * D + 4 * D;  // qkv, projection, two layer norms
   double blocks = 0;
@@ -98,11 +98,8 @@ double ViTConfig::activation_bytes(double images) const {
     const double M = is_moe_block(i) ? k * moe.mlp_dim : mlp_dim;
     per_image += T * (12 * D + 3 * M) + heads * T * T;
   }
-  if (stem == "conv")  // each convolution's window rows, output and GELU
-    for_stem_convs(*this, [&](double side, double in, double out) {
-      const double pixels = std::ceil(side / 2) * std::ceil(side / 2);
-      per_image += pixels * (9 * in + 2 * out);
-    });
+  for (const StemConv& s : stem_convs())  // each convolution's window rows, output and GELU
+    per_image += double(s.out_side) * s.out_side * double(9 * s.in + 2 * s.out);
   return 4 * images * per_image;
 }
 
@@ -113,9 +110,10 @@ void ViTConfig::validate() const {
            ", expected 1..64 channels and sides of 1..4096 pixels");
   MV_CHECK(patch > 0 && image_size % patch == 0, "ViT config: image size ", image_size,
            " is not a multiple of patch size ", patch);
-  MV_CHECK(stem == "patch" || stem == "conv", "ViT config: stem '", stem, "' must be patch or conv");
+  MV_CHECK(stem == "patch" || stem == "conv" || stem == "conv-deep", "ViT config: stem '", stem,
+           "' must be patch, conv or conv-deep");
   MV_CHECK(pool == "cls" || pool == "mean", "ViT config: pool '", pool, "' must be cls or mean");
-  MV_CHECK(stem != "conv" || (patch >= 2 && (patch & (patch - 1)) == 0 && dim % (patch / 2) == 0),
+  MV_CHECK(stem == "patch" || (patch >= 2 && (patch & (patch - 1)) == 0 && dim % (patch / 2) == 0),
            "ViT config: the conv stem halves the image log2(patch) times, so it needs a patch size that is "
            "a power of 2 (2, 4, 8, ...) and a width divisible by patch / 2; got patch ", patch, " and width ", dim);
   MV_CHECK(tokens() <= 65537, "ViT config: patch size ", patch, " cuts ", image_size, "-pixel "

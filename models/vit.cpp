@@ -31,12 +31,9 @@ Tensor Block::perturbed_probs(const Tensor& x, float sigma, Generator& g) {
 }
 
 ConvStem::ConvStem(const ViTConfig& c, Generator& g) {
-  int64_t in = c.channels;
-  for (int side = c.patch, i = 0; side > 1; side /= 2, ++i) {
-    const int64_t out = c.dim / (side / 2);  // ..., D/4, D/2, D
-    convs.push_back(register_module("convs." + std::to_string(i), std::make_shared<Conv2d>(in, out, 3, 2, 1, g)));
-    in = out;
-  }
+  for (const ViTConfig::StemConv& s : c.stem_convs())
+    convs.push_back(register_module("convs." + std::to_string(convs.size()),
+                                    std::make_shared<Conv2d>(s.in, s.out, 3, s.stride, 1, g)));
 }
 
 Tensor ConvStem::forward(const Tensor& images) const {
@@ -52,7 +49,7 @@ ViT::ViT(const ViTConfig& c, uint64_t seed)
     : config(c), route_noise(std::make_shared<Generator>(seed ^ 0x9E3779B97F4A7C15ull)) {
   c.validate();
   Generator g(seed);
-  if (c.stem == "conv")
+  if (c.stem != "patch")
     stem = register_module("stem", std::make_shared<ConvStem>(c, g));
   else
     patch_embed = register_module(

@@ -16,8 +16,8 @@ struct ViTConfig {
   int image_size = 28, channels = 1, patch = 4;
   int dim = 64, depth = 6, heads = 4, mlp_dim = 128;
   int num_classes = 10;
-  // How images become tokens: "patch" (ViT's linear embedding of p x p patches) or "conv"
-  // (ConvStem below, the same token grid).
+  // How images become tokens: "patch" (ViT's linear embedding of p x p patches), "conv" or
+  // "conv-deep" (ConvStem below, the same token grid).
   std::string stem = "patch";
   // What the head reads: "cls" (the CLS token, as ViT) or "mean" (the mean of the patch tokens,
   // as the plain ViT baselines of Beyer et al., 2022, which train in fewer epochs; the CLS token
@@ -29,6 +29,13 @@ struct ViTConfig {
   int moe_last_n = 2;
   MoEConfig moe{};
   bool is_moe_block(int i) const;
+  // The conv stem's 3x3 convolutions in order (none for the patch embedding): in -> out
+  // channels, stride, and the side of the output image.
+  struct StemConv {
+    int64_t in, out;
+    int stride, out_side;
+  };
+  std::vector<StemConv> stem_convs() const;
   int tokens() const { return (image_size / patch) * (image_size / patch) + 1; }
   // Weights of the model, within a few percent (routers' small extras left out): what sizes
   // taken from flags or a checkpoint ask the memory for, before anything is allocated.
@@ -67,7 +74,9 @@ class Block : public Module {
 
 // A convolutional stem after "early convolutions" (Xiao et al., 2021), in place of the patch
 // embedding: log2(p) 3x3 convolutions of stride 2, each halving the image's side while the
-// widths double up to D, with a GELU after each but the last. Its output grid is the p x p
+// widths double up to D, with a GELU after each but the last; "conv-deep" follows each of them
+// with a 3x3 convolution of stride 1 at its width (1 -> 32 -> 32 -> 64 -> 64 channels on 28 px):
+// a small CNN, which learns more per epoch than it costs. Its output grid is the p x p
 // patch grid (28 px, p = 4: 28 -> 14 -> 7), so routing maps and PRC's patch pairs keep their
 // meaning, but each token sees the pixels around its patch too: ViTs train in fewer epochs with
 // it. No normalisation between the convolutions: a LayerNorm over a pixel's channels divides
@@ -101,7 +110,7 @@ class ViT : public Module {
 
   ViTConfig config;
   std::shared_ptr<Linear> patch_embed;  // (C*p*p, D): a stride-p convolution as a matmul
-  std::shared_ptr<ConvStem> stem;       // instead of patch_embed when config.stem == "conv"
+  std::shared_ptr<ConvStem> stem;       // instead of patch_embed with a conv stem
   Tensor cls, pos;                      // (1, 1, D), (1, T, D)
   std::vector<std::shared_ptr<Block>> blocks;
   std::shared_ptr<LayerNorm> norm;

@@ -126,7 +126,7 @@ TEST_CASE("conv stem: the patch grid, parameters, gradients, config checks and i
   c.patch = 7;
   CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("power of 2 (2, 4, 8, ...) and a width divisible by patch / 2; got patch 7"), Error);
   c.patch = 4, c.stem = "resnet";
-  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("stem 'resnet' must be patch or conv"), Error);
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("stem 'resnet' must be patch, conv or conv-deep"), Error);
   // saved with the run, read back; a run saved without the field has the patch embedding
   train::TrainConfig t;
   t.vit.stem = "conv";
@@ -134,4 +134,42 @@ TEST_CASE("conv stem: the patch grid, parameters, gradients, config checks and i
   t.vit.stem = "patch";
   CHECK(t.to_json().find("stem") == std::string::npos);
   CHECK(train::TrainConfig::from_json(t.to_json()).vit.stem == "patch");
+}
+
+TEST_CASE("deep conv stem: a stride-1 convolution after each stride-2 one, the same patch grid") {
+  models::ViTConfig c = models::vit_preset("vmoe-tiny");
+  c.stem = "conv-deep";
+  const std::vector<models::ViTConfig::StemConv> convs = c.stem_convs();
+  REQUIRE(convs.size() == 4);
+  const int64_t in[] = {1, 32, 32, 64}, out[] = {32, 32, 64, 64};
+  const int stride[] = {2, 1, 2, 1}, side[] = {14, 14, 7, 7};
+  for (size_t i = 0; i < 4; ++i) {
+    INFO("convolution " << i);
+    CHECK(convs[i].in == in[i]);
+    CHECK(convs[i].out == out[i]);
+    CHECK(convs[i].stride == stride[i]);
+    CHECK(convs[i].out_side == side[i]);
+  }
+  models::ViT m(c, 1);
+  REQUIRE(m.stem != nullptr);
+  REQUIRE(m.stem->convs.size() == 4);
+  CHECK(m.stem->convs[1]->stride == 1);
+  CHECK(m.stem->convs[1]->weight.shape() == Shape{288, 32});  // 3x3 taps of D/2 -> D/2
+  CHECK(m.stem->convs[3]->weight.shape() == Shape{576, 64});  // 3x3 taps of D -> D
+  Generator g(4);
+  CHECK(m.stem->forward(randn({2, 1, 28, 28}, g)).shape() == Shape{2, 49, 64});
+  int64_t n = 0;
+  for (auto& [name, t] : m.named_parameters()) n += t.numel();
+  CHECK(std::abs(c.parameter_estimate() - double(n)) < 0.05 * double(n));
+  // its activations count in the memory estimate
+  models::ViTConfig shallow = c;
+  shallow.stem = "conv";
+  CHECK(c.activation_bytes(1) > shallow.activation_bytes(1));
+  // gradients through all four convolutions and their GELUs, to the pixels
+  models::ViTConfig small{8, 2, 4, 16, 1, 1, 8, 3};
+  small.stem = "conv-deep";
+  models::ConvStem stem(small, g);
+  check_grad([&stem](const std::vector<Tensor>& t) { return stem.forward(t[0]); }, {param({2, 2, 8, 8}, 9)});
+  // the patch embedding has no stem convolutions
+  CHECK(models::vit_preset("vmoe-tiny").stem_convs().empty());
 }

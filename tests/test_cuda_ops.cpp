@@ -221,10 +221,12 @@ TEST_CASE("cuda ops: unfold (its kernels, forward and the gathering backward) an
   parity("unfold 3x3 stride 2 pad 1, 32 channels", unfold(3, 2, 1), {rnd({3, 14, 14, 32}, 141)});
   parity("unfold 3x3 stride 1 pad 1, non-square", unfold(3, 1, 1), {rnd({2, 5, 9, 3}, 142)});
   parity("unfold 2x2 stride 2", unfold(2, 2, 0), {rnd({2, 6, 4, 5}, 143)});
-  models::ViTConfig c{28, 1, 4, 16, 2, 2, 32, 10};
-  c.stem = "conv";
-  VitTwins t(c, true);
-  forward_backward_parity("conv-stem ViT", t, 1e-4);
+  for (const char* stem : {"conv", "conv-deep"}) {
+    models::ViTConfig c{28, 1, 4, 16, 2, 2, 32, 10};
+    c.stem = stem;
+    VitTwins t(c, true);
+    forward_backward_parity(std::string(stem) + "-stem ViT", t, 1e-4);
+  }
 }
 
 TEST_CASE("cuda SGD: three steps with momentum and weight decay match the CPU optimizer") {

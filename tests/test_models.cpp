@@ -339,12 +339,14 @@ TEST_CASE("a time budget caps the epochs, and stops a run that reaches it with a
   fs::remove_all(dir);
 }
 
-TEST_CASE("the time budget's epoch count: fitted after the first epoch, only cut after later ones") {
+TEST_CASE("the time budget's epoch count: fitted in the first half of the schedule, only cut after") {
   CHECK(epochs_for_budget(1, 546, 50, 100000, 100000) == 11);  // 1 done + 10 more fit
   CHECK(epochs_for_budget(1, 546, 50, 100000, 8) == 8);        // --epochs caps it
   CHECK(epochs_for_budget(1, 10, 50, 100000, 100000) == 1);    // not even one more
   CHECK(epochs_for_budget(5, 260, 54, 11, 100000) == 9);       // slower than planned: cut
-  CHECK(epochs_for_budget(5, 400, 40, 11, 100000) == 11);      // faster: never grown again
+  CHECK(epochs_for_budget(3, 400, 40, 11, 100000) == 13);      // faster, early: grown
+  CHECK(epochs_for_budget(3, 400, 40, 11, 12) == 12);          // ... up to --epochs
+  CHECK(epochs_for_budget(6, 400, 40, 11, 100000) == 11);      // faster, past half: never grown
   CHECK(epochs_for_budget(3, -5, 50, 11, 100000) == 3);        // over already: what is done
 }
 

@@ -130,6 +130,9 @@ struct Run {
   double wall_before;         // seconds the run took in earlier calls (resumed runs)
   int first_epoch, end_epoch;
   int epoch_cap;              // --epochs as given: what the time budget may grow the epochs to
+  int stop_after;             // --stop-after (0: none)
+  // The epoch this call of fit ends at with a schedule of `epochs`.
+  int end_for(int epochs) const { return stop_after > 0 ? std::min(epochs, stop_after) : epochs; }
   double wall_seconds() const { return wall_before + since(started); }
   bool out_of_time() const {
     return cfg.time_budget_minutes > 0 && wall_seconds() >= 60.0 * cfg.time_budget_minutes;
@@ -252,13 +255,12 @@ void save_run(const Run& run, int epochs, int64_t batches, double test_accuracy,
   save_checkpoint(run.ckpt, run.model, &run.opt, meta, run.ema, run.split, run.ranks.rank == 0);
 }
 
-// --time-budget, after each epoch: the epochs_for_budget at this epoch's pace (its steps per
-// second and its evaluation); the schedule is stretched or cut to end with them. Saved in the
-// configuration, so a resume keeps it.
-void fit_epochs_to_budget(Run& run, int epoch, int cap, const EpochTotals& t, int64_t per_epoch,
-                          double eval_seconds) {
-  const double step_s = t.seconds / double(t.next_batch - t.first_batch);
-  const double epoch_s = step_s * double(per_epoch) + eval_seconds;
+// --time-budget, after each epoch: the epochs_for_budget at the run's mean pace so far (wall
+// time per epoch, evaluations and checkpoints included), so that one slow epoch (a program beside
+// the run, say) does not cut the schedule as if every epoch left would be as slow; the schedule
+// is stretched or cut to end with them. Saved in the configuration, so a resume keeps it.
+void fit_epochs_to_budget(Run& run, int epoch, int cap, int64_t per_epoch) {
+  const double epoch_s = run.wall_seconds() / double(epoch + 1);
   const double left = 60.0 * run.cfg.time_budget_minutes - run.wall_seconds();
   const int epochs = int(agree_max(  // rank 0's count on every rank
       run.ranks.rank == 0 ? epochs_for_budget(epoch + 1, left, epoch_s, run.cfg.epochs, cap) : 0, run.ranks));
@@ -268,7 +270,7 @@ void fit_epochs_to_budget(Run& run, int epoch, int cap, const EpochTotals& t, in
                  "gets %d epochs (--epochs %d at most)\n",
                  format_seconds(60.0 * run.cfg.time_budget_minutes).c_str(),
                  format_seconds(epoch_s).c_str(), epochs, cap);
-  run.end_epoch = std::min(run.end_epoch, epochs);
+  run.end_epoch = run.end_for(epochs);
   run.cfg.epochs = epochs;
   run.lr.total = per_epoch * epochs;
 }
@@ -280,13 +282,12 @@ void finish_epoch(Run& run, int epoch, const EpochTotals& share, MetricsLog& met
   const TrainConfig& cfg = run.cfg;
   const EpochTotals t = over_ranks(share, run.ranks);
   const nlohmann::ordered_json moe = moe_stats_json(run.model);  // of training, before evaluation
-  const auto t_eval = Clock::now();
   if (run.ema) run.ema->swap();  // evaluates the averaged weights
   const EvalResult ev =
       evaluate_on_ranks(run.model, run.test_set, cfg.dataset, cfg.eval_batch, run.ranks);
   if (run.ema) run.ema->swap();
   if (cfg.time_budget_minutes > 0)
-    fit_epochs_to_budget(run, epoch, run.epoch_cap, t, run.lr.total / cfg.epochs, since(t_eval));
+    fit_epochs_to_budget(run, epoch, run.epoch_cap, run.lr.total / cfg.epochs);
   res.epochs_done = epoch + 1;
   res.train_loss = t.loss_sum / double(t.seen);
   res.test_accuracy = ev.accuracy;
@@ -406,8 +407,8 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
                 cfg.schedule == "cosine" ? models::Schedule::Cosine : models::Schedule::Linear};
   const double wall_before = resume ? metadata_seconds(meta, "wall_seconds", ckpt) : 0;
   Run run{cfg, model, *opt, ema.get(), lr, data.test, ckpt, log, ranks, replicas.get(), split_ptr,
-          Clock::now(), wall_before, start.epoch,
-          stop_after > 0 ? std::min(cfg.epochs, stop_after) : cfg.epochs, cfg.epochs};
+          Clock::now(), wall_before, start.epoch, 0, cfg.epochs, stop_after};
+  run.end_epoch = run.end_for(cfg.epochs);
 
   MetricsLog metrics(out_dir + "/metrics.jsonl", resume, ranks.rank == 0);
   res.best_test_accuracy = metrics.best_test_accuracy();
@@ -437,7 +438,8 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
 
 int epochs_for_budget(int done, double left_s, double epoch_s, int current, int cap) {
   const double fit = double(done) + std::floor(std::max(left_s, 0.0) / epoch_s);
-  return int(std::clamp(fit, double(done == 1 ? 1 : done), double(done == 1 ? cap : current)));
+  const bool first_half = 2 * done <= current;
+  return int(std::clamp(fit, double(done), double(first_half ? cap : current)));
 }
 
 }  // namespace mv::train

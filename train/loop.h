@@ -30,9 +30,11 @@ TrainResult fit(const TrainConfig& cfg, const std::string& out_dir, bool resume,
                 int stop_after = 0, int expert_parallel = 1);
 
 // --time-budget's epoch count after `done` epochs: those plus as many more as fit in left_s
-// seconds at epoch_s each. After the first epoch it lies in 1..cap (--epochs); after later ones
-// in done..current, so it only shrinks: when epochs run slower than the first, the schedule is
-// cut to end within the budget rather than stopped before its end.
+// seconds at epoch_s each, at most cap (--epochs). In the first half of the current schedule it
+// may grow or shrink (the first epoch, with the start-up in it, tends to run slow, and a longer
+// cosine moves the learning rate little there); after that it lies in done..current, so it only
+// shrinks: when epochs run slower, the schedule is cut to end within the budget rather than
+// stopped before its end.
 int epochs_for_budget(int done, double left_s, double epoch_s, int current, int cap);
 
 }  // namespace mv::train

@@ -259,17 +259,17 @@ void save_run(const Run& run, int epochs, int64_t batches, double test_accuracy,
 // time per epoch, evaluations and checkpoints included), so that one slow epoch (a program beside
 // the run, say) does not cut the schedule as if every epoch left would be as slow; the schedule
 // is stretched or cut to end with them. Saved in the configuration, so a resume keeps it.
-void fit_epochs_to_budget(Run& run, int epoch, int cap, int64_t per_epoch) {
+void fit_epochs_to_budget(Run& run, int epoch, int64_t per_epoch) {
   const double epoch_s = run.wall_seconds() / double(epoch + 1);
   const double left = 60.0 * run.cfg.time_budget_minutes - run.wall_seconds();
   const int epochs = int(agree_max(  // rank 0's count on every rank
-      run.ranks.rank == 0 ? epochs_for_budget(epoch + 1, left, epoch_s, run.cfg.epochs, cap) : 0, run.ranks));
+      run.ranks.rank == 0 ? epochs_for_budget(epoch + 1, left, epoch_s, run.cfg.epochs, run.epoch_cap) : 0, run.ranks));
   if (epoch > 0 && epochs == run.cfg.epochs) return;
   if (run.log)
     std::fprintf(run.log, "time budget %s: an epoch takes about %s with its evaluation, so the run "
                  "gets %d epochs (--epochs %d at most)\n",
                  format_seconds(60.0 * run.cfg.time_budget_minutes).c_str(),
-                 format_seconds(epoch_s).c_str(), epochs, cap);
+                 format_seconds(epoch_s).c_str(), epochs, run.epoch_cap);
   run.end_epoch = run.end_for(epochs);
   run.cfg.epochs = epochs;
   run.lr.total = per_epoch * epochs;
@@ -287,7 +287,7 @@ void finish_epoch(Run& run, int epoch, const EpochTotals& share, MetricsLog& met
       evaluate_on_ranks(run.model, run.test_set, cfg.dataset, cfg.eval_batch, run.ranks);
   if (run.ema) run.ema->swap();
   if (cfg.time_budget_minutes > 0)
-    fit_epochs_to_budget(run, epoch, run.epoch_cap, run.lr.total / cfg.epochs);
+    fit_epochs_to_budget(run, epoch, run.lr.total / cfg.epochs);
   res.epochs_done = epoch + 1;
   res.train_loss = t.loss_sum / double(t.seen);
   res.test_accuracy = ev.accuracy;

@@ -113,8 +113,8 @@ void add_training_flags(CLI::App& app, TrainFlags& f) {
                "evaluate and deliver it instead of the last weights");
   app.add_option("--ema-decay", f.cfg.ema_decay, "decay of --ema per step")->capture_default_str();
   app.add_option("--time-budget", f.cfg.time_budget_minutes, "minutes the run may take, "
-                 "evaluations included: after each epoch the epochs are scaled to fit at the run's mean pace "
-                 "(in the second half of the schedule only cut), and the run stops with a checkpoint at the limit");
+                 "evaluations included: after each epoch the schedule is scaled, in steps, to fit at the run's mean "
+                 "pace (its last epoch may end early), and the run stops with a checkpoint at the limit");
   app.add_option("--stop-after", f.stop_after,
                  "end after this many epochs of the run (resume later)");
   app.add_option("--resume", f.resume,

@@ -339,15 +339,40 @@ TEST_CASE("a time budget caps the epochs, and stops a run that reaches it with a
   fs::remove_all(dir);
 }
 
-TEST_CASE("the time budget's epoch count: fitted in the first half of the schedule, only cut after") {
-  CHECK(epochs_for_budget(1, 546, 50, 100000, 100000) == 11);  // 1 done + 10 more fit
-  CHECK(epochs_for_budget(1, 546, 50, 100000, 8) == 8);        // --epochs caps it
-  CHECK(epochs_for_budget(1, 10, 50, 100000, 100000) == 1);    // not even one more
-  CHECK(epochs_for_budget(5, 260, 54, 11, 100000) == 9);       // slower than planned: cut
-  CHECK(epochs_for_budget(3, 400, 40, 11, 100000) == 13);      // faster, early: grown
-  CHECK(epochs_for_budget(3, 400, 40, 11, 12) == 12);          // ... up to --epochs
-  CHECK(epochs_for_budget(6, 400, 40, 11, 100000) == 11);      // faster, past half: never grown
-  CHECK(epochs_for_budget(3, -5, 50, 11, 100000) == 3);        // over already: what is done
+TEST_CASE("the time budget's schedule in steps: grown or cut at any epoch, capped by --epochs") {
+  CHECK(steps_for_budget(468, 546, 0.125, 100000) == 468 + 4368);  // 4368 more fit
+  CHECK(steps_for_budget(468, 546, 0.125, 3000) == 3000);           // --epochs caps it
+  CHECK(steps_for_budget(468, 0.1, 0.125, 100000) == 468);          // not even one more
+  CHECK(steps_for_budget(4000, 125.06, 0.125, 100000) == 5000);     // late in the run too
+  CHECK(steps_for_budget(3000, -5, 0.125, 100000) == 3000);         // over already: what is done
+  CHECK(steps_for_budget(3000, 50, 0.125, 2000) == 3000);          // never below what is done
+}
+
+TEST_CASE("a schedule that ends inside an epoch evaluates there, and a resume finds it complete") {
+  namespace fs = std::filesystem;
+  const std::string dir = "/tmp/moevit_test_partial";
+  fs::remove_all(dir);
+  TrainConfig c = smoke_config();   // 6 batches an epoch
+  c.schedule_steps = 6 + 2;         // as a time budget sets it: the second epoch ends after 2
+  const TrainResult r = fit(c, dir, false, nullptr);
+  CHECK(r.epochs_done == 2);
+  CHECK(r.test_accuracy > 0);
+  const std::vector<std::string> lines = read_lines(dir + "/metrics.jsonl");
+  REQUIRE(lines.size() == 2);
+  const auto last = nlohmann::json::parse(lines[1]);
+  CHECK(last.at("step") == 8);
+  CHECK(last.at("epoch_batches") == 2);
+  CHECK(last.contains("test_accuracy"));
+  CHECK_FALSE(nlohmann::json::parse(lines[0]).contains("epoch_batches"));
+  const Metadata meta = read_checkpoint_metadata(run_checkpoint(dir));
+  CHECK(meta.at("epoch") == "1");
+  CHECK(meta.at("epoch_batches") == "2");
+  // Resuming the finished run takes no step and adds no line.
+  fit(c, dir, true, nullptr);
+  CHECK(read_lines(dir + "/metrics.jsonl").size() == 2);
+  fs::remove_all(dir);
+  c.schedule_steps = -1;
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("schedule_steps"), Error);
 }
 
 TEST_CASE("the progress line names the epoch count, or '?' before a time budget has sized it") {

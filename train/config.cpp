@@ -68,6 +68,8 @@ void TrainConfig::validate() const {
   MV_CHECK(ema_decay > 0 && ema_decay < 1, "--ema-decay must be in (0, 1), got ", ema_decay);
   MV_CHECK(time_budget_minutes >= 0 && time_budget_minutes <= 1e6f,
            "--time-budget must be in 0..1000000 minutes, got ", time_budget_minutes);
+  MV_CHECK(schedule_steps >= 0, "schedule_steps (the steps a time budget gave the run) must be "
+           ">= 0, got ", schedule_steps);
   if (device == "cpu") check_fits_memory(training_bytes(), "training with --batch " +
                                          std::to_string(batch) + (prc ? " (two views: --prc)" : "") +
                                          " and this model");
@@ -145,7 +147,7 @@ std::string TrainConfig::to_json() const {
       {"prc_cls_pair", prc_cls_pair}, {"prc_share", prc_share}, {"prc_area1", prc_area1},
       {"prc_area2", prc_area2}, {"jaccard_weight", jaccard_weight},
       {"jaccard_sigma", jaccard_sigma}, {"ema", ema}, {"ema_decay", ema_decay},
-      {"time_budget_minutes", time_budget_minutes}};
+      {"time_budget_minutes", time_budget_minutes}, {"schedule_steps", schedule_steps}};
   if (vit.stem != "patch") j["stem"] = vit.stem;
   if (vit.pool != "cls") j["pool"] = vit.pool;
   if (vit.moe_placement != "none") j["moe"] = moe_json(vit);
@@ -193,6 +195,8 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.ema = j.value("ema", false);  // ... and from before --ema and --time-budget
     c.ema_decay = j.value("ema_decay", c.ema_decay);
     c.time_budget_minutes = j.value("time_budget_minutes", 0.f);
+    // Runs from before a budget counted steps had whole epochs only.
+    if (j.contains("schedule_steps")) c.schedule_steps = integer<int64_t>(j, "schedule_steps");
   } catch (const nlohmann::json::exception& e) {
     MV_FAIL("training configuration: ", e.what());
   }

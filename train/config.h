@@ -47,10 +47,13 @@ struct TrainConfig {
   bool ema = false;
   float ema_decay = 0.999f;
   // A limit on the run's wall time, training and evaluation (0: none). After each epoch fit
-  // sets `epochs` to as many as fit in it (epochs_for_budget, train/loop.h), so the
-  // learning-rate schedule ends in time; a run that still reaches the limit stops there with a
-  // checkpoint.
+  // sets `schedule_steps` to as many steps as fit in it (steps_for_budget, train/loop.h), and
+  // `epochs` to the epochs they start, so the learning-rate schedule ends in time, the last
+  // epoch early where the steps end inside it; a run that still reaches the limit stops there
+  // with a checkpoint.
   float time_budget_minutes = 0.f;
+  // The schedule's length in steps when a time budget set it; 0: `epochs` whole epochs.
+  int64_t schedule_steps = 0;
 
   // Throws naming the flag that is out of range, or the flags whose sizes exceed the memory.
   void validate() const;

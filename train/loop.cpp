@@ -113,7 +113,7 @@ struct LrSchedule {
 };
 
 // What fit sets up once and every epoch uses. With --time-budget, each epoch's end may change
-// cfg.epochs, lr.total and end_epoch (fit_epochs_to_budget).
+// cfg.epochs, cfg.schedule_steps, lr.total and end_epoch (fit_schedule_to_budget).
 struct Run {
   TrainConfig& cfg;
   models::ViT& model;
@@ -126,6 +126,7 @@ struct Run {
   const Ranks& ranks;
   Replicas* replicas;         // on several ranks, else null
   const SplitParameters* split;  // with split experts, else null
+  int64_t per_epoch;          // batches in a whole epoch
   Clock::time_point started;  // of this call of fit: with the epochs since, the time left
   double wall_before;         // seconds the run took in earlier calls (resumed runs)
   int first_epoch, end_epoch;
@@ -134,6 +135,11 @@ struct Run {
   // The epoch this call of fit ends at with a schedule of `epochs`.
   int end_for(int epochs) const { return stop_after > 0 ? std::min(epochs, stop_after) : epochs; }
   double wall_seconds() const { return wall_before + since(started); }
+  // The schedule ends after lr.total steps, in the last epoch's middle where a budget cut it.
+  bool schedule_done() const { return opt.steps() >= lr.total; }
+  int64_t batches_in(int epoch) const {
+    return std::min(per_epoch, lr.total - int64_t(epoch) * per_epoch);
+  }
   bool out_of_time() const {
     return cfg.time_budget_minutes > 0 && wall_seconds() >= 60.0 * cfg.time_budget_minutes;
   }
@@ -181,15 +187,16 @@ struct MetricsLog {
 };
 
 // The training steps of epoch `epoch` from batch `first_batch`, with the progress line, until the
-// epoch ends or a stop signal comes. A non-finite loss stops the run with an error naming the step.
+// epoch or the schedule ends or a stop signal comes. A non-finite loss stops the run with an
+// error naming the step.
 EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch, int64_t first_batch) {
   const auto t0 = Clock::now();
-  const int64_t per_epoch = loader.batches_per_epoch();
   const std::vector<Tensor> params = run.model.parameters();
   EpochTotals t;
   // A time budget sizes the run after its first epoch; until then the count is unknown.
   const bool sized = run.cfg.time_budget_minutes <= 0 || epoch > 0;
-  Progress bar(run.log, epoch + 1, sized ? run.cfg.epochs : 0, per_epoch);
+  const int64_t batches = run.batches_in(epoch);
+  Progress bar(run.log, epoch + 1, sized ? run.cfg.epochs : 0, batches);
   for (models::MoELayer* m : run.model.moe_layers()) m->stats.reset(m->config.router.experts, m->config.router.token_choice());
   loader.begin_epoch(epoch, first_batch);
   t.first_batch = t.next_batch = first_batch;
@@ -226,8 +233,8 @@ EpochTotals train_epoch(const Run& run, datasets::Loader& loader, int epoch, int
     const double done = double(t.next_batch - t.first_batch);
     bar.update(t.next_batch, t.loss_sum / t.seen, t.correct / t.seen,  // this rank's share
                double(run.ranks.size) * double(t.seen) / el,            // every rank's images
-               el / done * double(per_epoch - t.next_batch));
-    if (run.stop_now() != 0) break;
+               el / done * double(batches - t.next_batch));
+    if (run.stop_now() != 0 || run.schedule_done()) break;
   }
   t.seconds = since(t0);
   return t;
@@ -255,24 +262,27 @@ void save_run(const Run& run, int epochs, int64_t batches, double test_accuracy,
   save_checkpoint(run.ckpt, run.model, &run.opt, meta, run.ema, run.split, run.ranks.rank == 0);
 }
 
-// --time-budget, after each epoch: the epochs_for_budget at the run's mean pace so far (wall
-// time per epoch, evaluations and checkpoints included), so that one slow epoch (a program beside
-// the run, say) does not cut the schedule as if every epoch left would be as slow; the schedule
-// is stretched or cut to end with them. Saved in the configuration, so a resume keeps it.
-void fit_epochs_to_budget(Run& run, int epoch, int64_t per_epoch) {
-  const double epoch_s = run.wall_seconds() / double(epoch + 1);
-  const double left = 60.0 * run.cfg.time_budget_minutes - run.wall_seconds();
-  const int epochs = int(agree_max(  // rank 0's count on every rank
-      run.ranks.rank == 0 ? epochs_for_budget(epoch + 1, left, epoch_s, run.cfg.epochs, run.epoch_cap) : 0, run.ranks));
-  if (epoch > 0 && epochs == run.cfg.epochs) return;
-  if (run.log)
-    std::fprintf(run.log, "time budget %s: an epoch takes about %s with its evaluation, so the run "
-                 "gets %d epochs (--epochs %d at most)\n",
-                 format_seconds(60.0 * run.cfg.time_budget_minutes).c_str(),
-                 format_seconds(epoch_s).c_str(), epochs, run.epoch_cap);
+// --time-budget, after each epoch: the steps_for_budget at the run's mean pace so far (wall
+// time per step, evaluations and checkpoints included), keeping the time of one more evaluation
+// (eval_s) for the end; one slow epoch (a program beside the run, say) then does not cut the
+// schedule as if every step left would be as slow. The schedule is stretched or cut to end with
+// those steps. Saved in the configuration, so a resume keeps it.
+void fit_schedule_to_budget(Run& run, double eval_s) {
+  const int64_t done = run.opt.steps();
+  const double step_s = run.wall_seconds() / double(done);
+  const double left = 60.0 * run.cfg.time_budget_minutes - run.wall_seconds() - eval_s;
+  const int64_t cap = int64_t(run.epoch_cap) * run.per_epoch;
+  const int64_t steps = int64_t(agree_max(  // rank 0's count on every rank
+      run.ranks.rank == 0 ? double(steps_for_budget(done, left, step_s, cap)) : 0, run.ranks));
+  const int epochs = int((steps + run.per_epoch - 1) / run.per_epoch);
+  if (run.log && (done == run.per_epoch || epochs != run.cfg.epochs))
+    std::fprintf(run.log, "time budget %s: a step takes about %.0f ms with the evaluations, so the "
+                 "run gets %lld steps (%.1f epochs; --epochs %d at most)\n",
+                 format_seconds(60.0 * run.cfg.time_budget_minutes).c_str(), 1e3 * step_s,
+                 (long long)steps, double(steps) / double(run.per_epoch), run.epoch_cap);
   run.end_epoch = run.end_for(epochs);
   run.cfg.epochs = epochs;
-  run.lr.total = per_epoch * epochs;
+  run.cfg.schedule_steps = run.lr.total = steps;
 }
 
 // After an epoch: evaluation on the test set, the checkpoint, a line of metrics.jsonl and the
@@ -282,19 +292,20 @@ void finish_epoch(Run& run, int epoch, const EpochTotals& share, MetricsLog& met
   const TrainConfig& cfg = run.cfg;
   const EpochTotals t = over_ranks(share, run.ranks);
   const nlohmann::ordered_json moe = moe_stats_json(run.model);  // of training, before evaluation
+  const auto t0 = Clock::now();
   if (run.ema) run.ema->swap();  // evaluates the averaged weights
   const EvalResult ev =
       evaluate_on_ranks(run.model, run.test_set, cfg.dataset, cfg.eval_batch, run.ranks);
   if (run.ema) run.ema->swap();
-  if (cfg.time_budget_minutes > 0)
-    fit_epochs_to_budget(run, epoch, run.lr.total / cfg.epochs);
+  if (cfg.time_budget_minutes > 0 && !run.schedule_done()) fit_schedule_to_budget(run, since(t0));
+  const bool partial = t.next_batch < run.per_epoch;  // the schedule's last epoch, cut short
   res.epochs_done = epoch + 1;
   res.train_loss = t.loss_sum / double(t.seen);
   res.test_accuracy = ev.accuracy;
   res.test_loss = ev.loss;
   res.best_test_accuracy = std::max(res.best_test_accuracy, ev.accuracy);
   res.train_seconds += t.seconds;
-  save_run(run, epoch + 1, 0, ev.accuracy, res);
+  save_run(run, partial ? epoch : epoch + 1, partial ? t.next_batch : 0, ev.accuracy, res);
 
   res.images_per_second = double(t.seen) / t.compute_s;
   const int64_t steps = run.opt.steps();
@@ -304,6 +315,7 @@ void finish_epoch(Run& run, int epoch, const EpochTotals& share, MetricsLog& met
       {"test_accuracy", ev.accuracy}, {"lr", run.lr.at(steps - 1)},
       {"epoch_seconds", t.seconds}, {"wall_seconds", run.wall_seconds()},
       {"images_per_second", res.images_per_second}};
+  if (partial) line["epoch_batches"] = t.next_batch;
   if (!moe.empty()) line["moe"] = moe;
   if (cfg.prc) line["prc_loss"] = t.prc_sum / double(t.steps);  // weighted, summed over layers
   if (cfg.jaccard_weight > 0) line["jaccard_loss"] = t.jaccard_sum / double(t.steps);  // unweighted
@@ -403,20 +415,21 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
       std::fprintf(log, "resuming %s after epoch %d, batch %lld\n", ckpt.c_str(), start.epoch,
                    (long long)start.batch);
   }
-  LrSchedule lr{per_epoch * cfg.epochs, int64_t(cfg.warmup_epochs * double(per_epoch)), cfg.lr,
+  LrSchedule lr{cfg.schedule_steps > 0 ? cfg.schedule_steps : per_epoch * cfg.epochs,
+                int64_t(cfg.warmup_epochs * double(per_epoch)), cfg.lr,
                 cfg.schedule == "cosine" ? models::Schedule::Cosine : models::Schedule::Linear};
   const double wall_before = resume ? metadata_seconds(meta, "wall_seconds", ckpt) : 0;
   Run run{cfg, model, *opt, ema.get(), lr, data.test, ckpt, log, ranks, replicas.get(), split_ptr,
-          Clock::now(), wall_before, start.epoch, 0, cfg.epochs, stop_after};
+          per_epoch, Clock::now(), wall_before, start.epoch, 0, cfg.epochs, stop_after};
   run.end_epoch = run.end_for(cfg.epochs);
 
   MetricsLog metrics(out_dir + "/metrics.jsonl", resume, ranks.rank == 0);
   res.best_test_accuracy = metrics.best_test_accuracy();
   // A stop signal ends the run after the step it arrived in (or, during an evaluation, after
   // that epoch's checkpoint).
-  for (int epoch = start.epoch; epoch < run.end_epoch; ++epoch) {
+  for (int epoch = start.epoch; epoch < run.end_epoch && !run.schedule_done(); ++epoch) {
     const EpochTotals t = train_epoch(run, loader, epoch, epoch == start.epoch ? start.batch : 0);
-    if (t.next_batch < per_epoch) {
+    if (t.next_batch < per_epoch && !run.schedule_done()) {
       stop_in_epoch(run, epoch, t, metrics, res);
       break;
     }
@@ -429,17 +442,16 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
     std::fprintf(log, "stopped by %s after step %lld; checkpoint %s; continue with: train "
                  "--resume %s\n", signal_name(res.stop_signal), (long long)opt->steps(),
                  ckpt.c_str(), out_dir.c_str());
-  else if (run.out_of_time() && log)
+  else if (!run.schedule_done() && run.out_of_time() && log)
     std::fprintf(log, "stopped at the time budget of %s after step %lld; checkpoint %s\n",
                  format_seconds(60.0 * cfg.time_budget_minutes).c_str(), (long long)opt->steps(),
                  ckpt.c_str());
   return res;
 }
 
-int epochs_for_budget(int done, double left_s, double epoch_s, int current, int cap) {
-  const double fit = double(done) + std::floor(std::max(left_s, 0.0) / epoch_s);
-  const bool first_half = 2 * done <= current;
-  return int(std::clamp(fit, double(done), double(first_half ? cap : current)));
+int64_t steps_for_budget(int64_t done, double left_s, double step_s, int64_t cap) {
+  const double fit = double(done) + std::floor(std::max(left_s, 0.0) / step_s);
+  return int64_t(std::clamp(fit, double(done), double(std::max(cap, done))));
 }
 
 }  // namespace mv::train

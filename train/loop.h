@@ -29,12 +29,11 @@ struct TrainResult {
 TrainResult fit(const TrainConfig& cfg, const std::string& out_dir, bool resume, FILE* log,
                 int stop_after = 0, int expert_parallel = 1);
 
-// --time-budget's epoch count after `done` epochs: those plus as many more as fit in left_s
-// seconds at epoch_s each, at most cap (--epochs). In the first half of the current schedule it
-// may grow or shrink (the first epoch, with the start-up in it, tends to run slow, and a longer
-// cosine moves the learning rate little there); after that it lies in done..current, so it only
-// shrinks: when epochs run slower, the schedule is cut to end within the budget rather than
-// stopped before its end.
-int epochs_for_budget(int done, double left_s, double epoch_s, int current, int cap);
+// --time-budget's schedule length in steps after `done` steps: those plus as many more as fit in
+// left_s seconds at step_s each, at most cap (--epochs whole epochs). Counted in steps, not
+// epochs, so that the run ends near the budget rather than up to an epoch before it (the last
+// epoch then ends early), and a new estimate moves the schedule's end, and so the learning
+// rate, by a few steps where the pace holds; so it may grow or shrink at any epoch.
+int64_t steps_for_budget(int64_t done, double left_s, double step_s, int64_t cap);
 
 }  // namespace mv::train

@@ -33,7 +33,7 @@ TrainResult fit(const TrainConfig& cfg, const std::string& out_dir, bool resume,
 // left_s seconds at step_s each, at most cap (--epochs whole epochs). Counted in steps, not
 // epochs, so that the run ends near the budget rather than up to an epoch before it (the last
 // epoch then ends early), and a new estimate moves the schedule's end, and so the learning
-// rate, by a few steps where the pace holds; so it may grow or shrink at any epoch.
+// rate, by tens of steps where the pace holds; so it may grow or shrink at any epoch.
 int64_t steps_for_budget(int64_t done, double left_s, double step_s, int64_t cap);
 
 }  // namespace mv::train

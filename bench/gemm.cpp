@@ -16,7 +16,10 @@
 // loop of calls with OpenBLAS threaded and (b) an OpenMP loop over the batch with OpenBLAS
 // single-threaded; the row says which.
 //
-//   ./build/bench/bench_gemm [--threads 2] [--repeats 25]
+// With --bf16, ours rounds its inputs to bfloat16 (ops::set_matmul_bf16) and the last column
+// shows the rounding's error against OpenBLAS's FP32 product.
+//
+//   ./build/bench/bench_gemm [--threads 2] [--repeats 25] [--bf16]
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -87,8 +90,11 @@ int main(int argc, char** argv) {
   CLI::App app{"GEMM: ours vs OpenBLAS"};
   app.add_option("--threads", threads)->capture_default_str();
   app.add_option("--repeats", repeats)->capture_default_str();
+  bool bf16 = false;
+  app.add_flag("--bf16", bf16, "ours on bfloat16 inputs with FP32 sums (ops::set_matmul_bf16)");
   CLI11_PARSE(app, argc, argv);
   set_num_threads(threads);
+  ops::set_matmul_bf16(bf16);
   constexpr int kRounds = 5;
   const int per_round = std::max(1, repeats / kRounds);
 
@@ -105,7 +111,8 @@ int main(int argc, char** argv) {
       {"linear dw = x^T dy", 1, 192, 6400, 64, true, false},
   };
 
-  std::printf("bench_gemm: %d threads (ours: OpenMP + Eigen; OpenBLAS: openblas_set_num_threads)\n", threads);
+  std::printf("bench_gemm: %d threads (ours: OpenMP + tile_gemm / Eigen%s; OpenBLAS: openblas_set_num_threads, "
+              "FP32)\n", threads, bf16 ? ", bfloat16 inputs" : ", FP32");
   std::printf("per shape: 3 warm-up calls each, then 5 rounds of (%d calls of ours, 20 ms rest, %d calls of "
               "OpenBLAS, 200 ms rest);\nmedian and fastest call over all rounds; no cache flush; "
               "GFLOP/s = 2*batch*M*N*K / time\n", per_round, per_round);

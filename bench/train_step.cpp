@@ -17,6 +17,7 @@
 #include "engine/parallel.h"
 #include "engine/random.h"
 #include "models/optim.h"
+#include "ops/matmul.h"
 #include "models/vit.h"
 #include "train/step.h"
 
@@ -36,9 +37,12 @@ int main(int argc, char** argv) {
   app.add_option("--stem", stem, "patch | conv | conv-deep: how images become tokens (models/vit.h)")->capture_default_str();
   app.add_option("--depth", depth, "override the preset's number of blocks")->check(CLI::PositiveNumber);
   app.add_option("--device", device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  bool bf16 = false;
+  app.add_flag("--bf16", bf16, "CPU matrix products on bfloat16 inputs (ops::set_matmul_bf16)");
   CLI11_PARSE(app, argc, argv);
   try {
     set_num_threads(threads);
+    ops::set_matmul_bf16(bf16);
     models::ViTConfig c = models::vit_preset(preset);
     c.stem = stem;
     if (depth > 0) c.depth = depth;

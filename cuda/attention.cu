@@ -358,7 +358,8 @@ void dispatch_head(const Dims& d, F&& f) {
 
 }  // namespace
 
-AttentionOut attention_forward(const Tensor& qkv, int heads, bool /*for_backward: lse is always kept*/) {
+AttentionOut attention_forward(const Tensor& qkv, int heads, bool /*for_backward: lse is always kept*/,
+                               bool /*bf16*/) {
   const Dims d = check_qkv("attention_forward", qkv, heads);
   AttentionOut o{Tensor::empty({d.B, d.T, d.D}, DType::F32, Device::CUDA),
                  Tensor::empty({d.B, d.H, d.T}, DType::F32, Device::CUDA)};
@@ -378,7 +379,7 @@ AttentionOut attention_forward(const Tensor& qkv, int heads, bool /*for_backward
 }
 
 Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& lse, const Tensor& dout,
-                          int heads) {
+                          int heads, bool /*bf16*/) {
   const char* fn = "attention_backward";
   Dims d = check_qkv(fn, qkv, heads);
   expect_cuda_f32(fn, "out", out);

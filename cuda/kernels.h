@@ -154,12 +154,12 @@ Tensor fold(const Tensor& rows, const Shape& xs, const ops::ConvGeometry& g);
 // qkv: (B, T, 3D) packed [q | k | v], head h at columns h*Dh .. h*Dh + Dh - 1 of each part,
 // Dh = D / heads <= 64. softmax(q k^T / sqrt(Dh)) v per (batch, head), flash-style. saved: the
 // row log-sum-exp (B, heads, T) of the scaled scores, kept whatever for_backward says (it is
-// the cheap part).
-AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backward = true);
+// the cheap part). bf16 is the CPU twin's (bfloat16 products); ignored here.
+AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backward = true, bool bf16 = false);
 // qkv, out, saved (lse) from the forward, dout: (B, T, D) -> dqkv: (B, T, 3D). Deterministic (no
 // atomics).
 Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& saved, const Tensor& dout,
-                          int heads);
+                          int heads, bool bf16 = false);
 
 // ---- MoE routing (cuda/route.cu): topk_route's stages, expert choice, the load loss ------------
 // gates: (G, N, E) -> each token's k best experts and gates (k <= 8).

@@ -5,6 +5,7 @@
 
 #include "dist/experts.h"
 #include "ops/elementwise.h"
+#include "ops/matmul.h"
 #include "ops/moe.h"
 #include "ops/shape.h"
 
@@ -106,6 +107,7 @@ static Tensor groups(const Tensor& x, const MoEConfig& c) {
 
 Tensor MoELayer::router_probs(const Tensor& x) {
   router->train(training());
+  const ops::Fp32Products fp32;  // routing in float32, as V-MoE
   return router->route(groups(x, config), *noise_).probs;
 }
 
@@ -114,7 +116,10 @@ Tensor MoELayer::forward(const Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), E = config.router.experts;
   const int64_t G = xg.size(0), N = xg.size(1);
   router->train(training());
-  last = router->route(xg, *noise_);
+  {
+    const ops::Fp32Products fp32;  // routing in float32, as V-MoE
+    last = router->route(xg, *noise_);
+  }
   const bool soft = config.router.type == "soft";
   const int64_t C = last.capacity;
 

@@ -107,8 +107,10 @@ struct Work {
 };
 
 // Forward for the (b, h) pairs [begin, end). probs (B*H, T, Tp) receives P for the backward; null
-// when no backward will run, and P then lives in the per-thread buffer.
-void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, int64_t begin, int64_t end) {
+// when no backward will run, and P then lives in the per-thread buffer. bf16: the products on
+// bfloat16 inputs (tile_gemm), P kept in FP32.
+void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, int64_t begin, int64_t end,
+                    bool bf16) {
   const int64_t T = d.T, D = d.D, Dh = d.Dh, H = d.H;
   const float scale = 1.0f / std::sqrt(float(Dh));
   Work w(d);
@@ -119,7 +121,7 @@ void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, i
     float* o = out + b * T * D + h * Dh;
     float* p = probs ? probs + bh * T * Tp : w.s.data();
     w.transpose(q + D, 3 * D);
-    tile_gemm(T, T, Dh, q, 3 * D, 1, w.rt.data(), Tp, p, Tp);  // Q K^T
+    tile_gemm(T, T, Dh, q, 3 * D, 1, w.rt.data(), Tp, p, Tp, false, bf16);  // Q K^T
     for (int64_t i = 0; i < T; ++i) {
       // Stable softmax: subtract the row max before exp.
       float* row = p + i * Tp;
@@ -128,13 +130,13 @@ void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, i
       const float inv_l = 1.0f / lane_sum(T, [&](int64_t j) { return row[j]; });
       for (int64_t j = 0; j < T; ++j) row[j] *= inv_l;
     }
-    tile_gemm(T, Dh, T, p, Tp, 1, q + 2 * D, 3 * D, o, D);  // P V
+    tile_gemm(T, Dh, T, p, Tp, 1, q + 2 * D, 3 * D, o, D, false, bf16);  // P V
   }
 }
 
 // Backward for the (b, h) pairs [begin, end): writes dQ, dK, dV into dqkv (B, T, 3D).
 void backward_kernel(const float* qkv, const float* out, const float* probs, const float* dout, float* dqkv,
-                     const Dims& d, int64_t begin, int64_t end) {
+                     const Dims& d, int64_t begin, int64_t end, bool bf16) {
   const int64_t T = d.T, D = d.D, Dh = d.Dh, H = d.H;
   const float scale = 1.0f / std::sqrt(float(Dh));
   Work w(d);
@@ -147,10 +149,10 @@ void backward_kernel(const float* qkv, const float* out, const float* probs, con
     const float* p = probs + bh * T * Tp;
     w.transpose(v, 3 * D);
     // dV = P^T dO (A = P read by columns)
-    tile_gemm(T, Dh, T, p, 1, Tp, dO, D, dv, 3 * D);
+    tile_gemm(T, Dh, T, p, 1, Tp, dO, D, dv, 3 * D, false, bf16);
     // dP = dO V^T, then dS = P * (dP - delta) with delta_i = dO_i . O_i = sum_j P_ij dP_ij, and
     // the scale of S folded in.
-    tile_gemm(T, T, Dh, dO, D, 1, w.rt.data(), Tp, w.s.data(), Tp);
+    tile_gemm(T, T, Dh, dO, D, 1, w.rt.data(), Tp, w.s.data(), Tp, false, bf16);
     for (int64_t i = 0; i < T; ++i) {
       const float delta = lane_sum(Dh, [&](int64_t c) { return dO[i * D + c] * o[i * D + c]; });
       const float* pr = p + i * Tp;
@@ -158,8 +160,8 @@ void backward_kernel(const float* qkv, const float* out, const float* probs, con
       for (int64_t j = 0; j < T; ++j) sr[j] = pr[j] * (sr[j] - delta) * scale;
     }
     // dQ = dS K, dK = dS^T Q
-    tile_gemm(T, Dh, T, w.s.data(), Tp, 1, k, 3 * D, dq, 3 * D);
-    tile_gemm(T, Dh, T, w.s.data(), 1, Tp, q, 3 * D, dk, 3 * D);
+    tile_gemm(T, Dh, T, w.s.data(), Tp, 1, k, 3 * D, dq, 3 * D, false, bf16);
+    tile_gemm(T, Dh, T, w.s.data(), 1, Tp, q, 3 * D, dk, 3 * D, false, bf16);
   }
 }
 
@@ -169,7 +171,7 @@ int64_t cost(const Dims& d) { return 4 * d.T * d.T * d.Dh + 8 * d.T * d.T; }
 }  // namespace
 
 // qkv: (B, T, 3D) contiguous -> out (B, T, D) and, for the backward, P (B*heads, T, Tp)
-ops::AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backward) {
+ops::AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backward, bool bf16) {
   const Dims d = dims_of(qkv, heads);
   ops::AttentionOut o{Tensor::empty({d.B, d.T, d.D}), Tensor()};
   // P (B*H, T, Tp) for the backward, rows padded like the per-thread buffers.
@@ -177,18 +179,19 @@ ops::AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backw
   const float* pq = qkv.data<float>();
   float* po = o.out.data<float>();
   float* pp = for_backward ? o.saved.data<float>() : nullptr;
-  parallel_for(d.B * d.H, cost(d), [&](int64_t s, int64_t e) { forward_kernel(pq, po, pp, d, s, e); });
+  parallel_for(d.B * d.H, cost(d), [&](int64_t s, int64_t e) { forward_kernel(pq, po, pp, d, s, e, bf16); });
   return o;
 }
 
 // qkv, out, saved (P) from the forward, dout: (B, T, D) -> dqkv: (B, T, 3D)
-Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& saved, const Tensor& dout, int heads) {
+Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& saved, const Tensor& dout, int heads,
+                          bool bf16) {
   const Dims d = dims_of(qkv, heads);
   const Tensor gc = dout.contiguous();
   Tensor dqkv = Tensor::empty(qkv.shape());
   const float *pq = qkv.data<float>(), *po = out.data<float>(), *pp = saved.data<float>(), *pg = gc.data<float>();
   float* pd = dqkv.data<float>();
-  parallel_for(d.B * d.H, 2 * cost(d), [&](int64_t s, int64_t e) { backward_kernel(pq, po, pp, pg, pd, d, s, e); });
+  parallel_for(d.B * d.H, 2 * cost(d), [&](int64_t s, int64_t e) { backward_kernel(pq, po, pp, pg, pd, d, s, e, bf16); });
   return dqkv;
 }
 
@@ -201,10 +204,11 @@ Tensor self_attention(const Tensor& qkv_, int heads) {
   expect_f32("self_attention", {&qkv_});
   cpu::check_qkv("self_attention", qkv_, heads);
   const Tensor qkv = qkv_.contiguous();
-  AttentionOut f = MV_KERNEL(attention_forward)(dev, qkv, heads, autograd::needs_graph({qkv_}));
+  const bool bf16 = matmul_bf16();  // the backward keeps the forward's precision
+  AttentionOut f = MV_KERNEL(attention_forward)(dev, qkv, heads, autograd::needs_graph({qkv_}), bf16);
   return autograd::record("self_attention", f.out, {qkv_},
-                          [dev, qd = qkv.detach(), od = f.out.detach(), saved = f.saved, heads](const Tensor& g) {
-                            return std::vector<Tensor>{MV_KERNEL(attention_backward)(dev, qd, od, saved, g, heads)};
+                          [dev, qd = qkv.detach(), od = f.out.detach(), saved = f.saved, heads, bf16](const Tensor& g) {
+                            return std::vector<Tensor>{MV_KERNEL(attention_backward)(dev, qd, od, saved, g, heads, bf16)};
                           });
 }
 

@@ -59,13 +59,14 @@ struct Mlp {
   const float *w1, *b1, *w2, *b2;
   const float *w1t = nullptr, *w2t = nullptr;
   int64_t M, d, H, O;
+  bool bf16;
 };
 
 // One block of n rows of expert e: x (n, d) -> hid, dgelu (n, H; dgelu may be null), out (n, O).
 void block_forward(const Mlp& m, int64_t e, int64_t n, const float* x, float* hid, float* dgelu, float* out) {
   const int64_t d = m.d, H = m.H, O = m.O;
   // The biases are added in the passes that follow each product (no per-row copies).
-  gemm_on_thread(n, H, d, x, d, false, m.w1 + e * d * H, H, false, hid, H, false);
+  gemm_on_thread(n, H, d, x, d, false, m.w1 + e * d * H, H, false, hid, H, false, m.bf16);
   for (int64_t r = 0; r < n; ++r) {
     float* a = hid + r * H;
     const float* b = m.b1 ? m.b1 + e * H : nullptr;
@@ -76,7 +77,7 @@ void block_forward(const Mlp& m, int64_t e, int64_t n, const float* x, float* hi
       for (int64_t j = 0; j < H; ++j) a[j] = gelu_tanh(a[j] + (b ? b[j] : 0.f));
     }
   }
-  gemm_on_thread(n, O, H, hid, H, false, m.w2 + e * H * O, O, false, out, O, false);
+  gemm_on_thread(n, O, H, hid, H, false, m.w2 + e * H * O, O, false, out, O, false, m.bf16);
   if (m.b2)
     for (int64_t r = 0; r < n; ++r)
       for (int64_t j = 0; j < O; ++j) out[r * O + j] += m.b2[e * O + j];
@@ -93,11 +94,11 @@ struct Grads {
 void block_backward(const Mlp& m, int64_t e, int64_t n, const float* x, const float* hid, const float* dgelu,
                     const float* dy, float* da, float* dx, const Grads& g, bool acc, double* sb1, double* sb2) {
   const int64_t d = m.d, H = m.H, O = m.O;
-  gemm_on_thread(n, H, O, dy, O, false, m.w2t + e * O * H, H, false, da, H, false);
+  gemm_on_thread(n, H, O, dy, O, false, m.w2t + e * O * H, H, false, da, H, false, m.bf16);
   for (int64_t i = 0; i < n * H; ++i) da[i] *= dgelu[i];
-  if (dx) gemm_on_thread(n, d, H, da, H, false, m.w1t + e * H * d, d, false, dx, d, false);
-  if (g.dw2) gemm_on_thread(H, O, n, hid, H, true, dy, O, false, g.dw2, O, acc);
-  if (g.dw1) gemm_on_thread(d, H, n, x, d, true, da, H, false, g.dw1, H, acc);
+  if (dx) gemm_on_thread(n, d, H, da, H, false, m.w1t + e * H * d, d, false, dx, d, false, m.bf16);
+  if (g.dw2) gemm_on_thread(H, O, n, hid, H, true, dy, O, false, g.dw2, O, acc, m.bf16);
+  if (g.dw1) gemm_on_thread(d, H, n, x, d, true, da, H, false, g.dw1, H, acc, m.bf16);
   for (int64_t r = 0; r < n; ++r) {
     if (g.db2)
       for (int64_t j = 0; j < O; ++j) sb2[j] += dy[r * O + j];
@@ -214,7 +215,7 @@ const float* data_or_null(const Tensor& t) { return t.defined() ? t.data<float>(
 // backward.
 Mlp mlp_of(const ExpertWeights& w, int64_t M, bool backward, Tensor* w1t, Tensor* w2t) {
   Mlp m{w.w1.data<float>(), data_or_null(w.b1), w.w2.data<float>(), data_or_null(w.b2), nullptr, nullptr,
-        M, w.w1.size(1), w.w1.size(2), w.w2.size(2)};
+        M, w.w1.size(1), w.w1.size(2), w.w2.size(2), w.bf16};
   if (backward) {
     *w1t = transposed_weights(w.w1), *w2t = transposed_weights(w.w2);
     m.w1t = w1t->data<float>(), m.w2t = w2t->data<float>();
@@ -360,10 +361,11 @@ std::pair<int64_t, int64_t> check_weights(const char* op, int64_t E, int64_t d, 
   return {H, O};
 }
 
-// The weights as the kernels take them (contiguous), detached for the backward's closure.
+// The weights as the kernels take them (contiguous), detached for the backward's closure, with
+// the product precision of the forward, which the backward keeps.
 ExpertWeights kernel_weights(const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
   auto k = [](const Tensor& t) { return t.defined() ? t.contiguous().detach() : Tensor(); };
-  return {k(w1), k(b1), k(w2), k(b2)};
+  return {k(w1), k(b1), k(w2), k(b2), matmul_bf16()};
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // expert_matmul, one batched product over all experts' packed buffers (CUDA twin:
 // cuda/experts.cu). On the CPU only the rows in use are multiplied (ops/moe.h explains the packed buffers); all experts' pieces are spread over
 // the threads in one fork-join (ops/moe_cpu.h). The fused expert MLP is in ops/expert_mlp.cpp.
+// Its products are always FP32 (no model uses it in training; ops::set_matmul_bf16).
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -55,7 +56,7 @@ void expert_weight_grads(const float* px, const float* pg, const std::vector<int
         const float* x = px + (e * M + r0) * d;
         const float* g = pg + (e * M + r0) * h;
         const int64_t n = r1 - r0;
-        if (pdw) gemm_on_thread(d, h, n, x, d, true, g, h, false, dw, h, false);
+        if (pdw) gemm_on_thread(d, h, n, x, d, true, g, h, false, dw, h, false, false);
         if (pdb) {  // float sums over blocks of 64 rows, the blocks summed in double
           std::vector<double> acc(size_t(h), 0.0);
           std::vector<float> part(static_cast<size_t>(h));
@@ -104,7 +105,8 @@ Tensor expert_matmul_forward(const Tensor& x_, const Tensor& w_, const Tensor& b
         float* o = po + (e * M + r0) * h;
         if (pb)
           for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(o + r * h, pb + e * h, size_t(h) * sizeof(float));
-        gemm_on_thread(r1 - r0, h, d, px + (e * M + r0) * d, d, false, pw + e * d * h, h, false, o, h, pb != nullptr);
+        gemm_on_thread(r1 - r0, h, d, px + (e * M + r0) * d, d, false, pw + e * d * h, h, false, o, h, pb != nullptr,
+                       false);
       },
       [&](int64_t e) { std::fill(po + (e * M + rows[size_t(e)]) * h, po + (e + 1) * M * h, 0.f); });
   return out;
@@ -129,7 +131,7 @@ ops::LinearGrads expert_matmul_backward(const Tensor& dy, const Tensor& x_, cons
         rows, 2 * d * h,
         [&](int64_t, int64_t e, int64_t r0, int64_t r1) {
           gemm_on_thread(r1 - r0, d, h, pg + (e * M + r0) * h, h, false, pwt + e * h * d, d, false,
-                         pdx + (e * M + r0) * d, d, false);
+                         pdx + (e * M + r0) * d, d, false, false);
         },
         [&](int64_t e) { std::fill(pdx + (e * M + rows[size_t(e)]) * d, pdx + (e + 1) * M * d, 0.f); });
   }

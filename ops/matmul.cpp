@@ -70,9 +70,10 @@ void gemm_eigen(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_t
 // through tile_gemm, which packs nothing: at these shapes packing costs about what the
 // arithmetic does. tile_gemm reads B by rows, so a transposed B (a weight in dx = dy w^T) is
 // first copied into a per-thread buffer. Products large on every side go to Eigen, whose
-// packed, cache-blocked operands then pay for themselves.
+// packed, cache-blocked operands then pay for themselves. bf16: tile_gemm's bfloat16 products
+// (Eigen's stay FP32).
 constexpr int64_t kNarrow = 256;
-void gemm_serial(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_t ldc, bool acc) {
+void gemm_serial(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_t ldc, bool acc, bool bf16) {
   if (std::min({M, N, K}) <= kNarrow && (!b.t || K * N <= kNarrow * kNarrow * 4)) {
     const float* pb = b.p;
     int64_t ldb = b.ld;
@@ -83,7 +84,7 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, int64_
         for (int64_t k = 0; k < K; ++k) bt[size_t(k * N + j)] = b.p[j * b.ld + k];
       pb = bt.data(), ldb = N;
     }
-    tile_gemm(M, N, K, a.p, a.t ? 1 : a.ld, a.t ? a.ld : 1, pb, ldb, c, ldc, acc);
+    tile_gemm(M, N, K, a.p, a.t ? 1 : a.ld, a.t ? a.ld : 1, pb, ldb, c, ldc, acc, bf16);
     return;
   }
   constexpr int R = Eigen::RowMajor, C = Eigen::ColMajor;
@@ -100,7 +101,7 @@ Mat cols_of(Mat b, int64_t c0) { return at(b, b.t ? c0 * b.ld : c0); }
 // Deep, narrow products (weight gradients: K counts tokens, M and N are layer widths): thread i
 // multiplies depth slice i into its own partial result, and the partials are summed at the end.
 // Cutting M or N instead would make every thread pack and read the whole of one operand.
-void gemm_split_depth(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, bool acc) {
+void gemm_split_depth(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, bool acc, bool bf16) {
   const int64_t T = num_threads(), kb = (K + T - 1) / T;
   std::vector<float> part(size_t((T - 1) * M * N));  // thread 0 writes into c itself
   parallel_for(T, 2 * M * N * kb, [&](int64_t s, int64_t e) {
@@ -109,7 +110,7 @@ void gemm_split_depth(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, b
       float* dst = i == 0 ? c : part.data() + (i - 1) * M * N;
       const bool add = i == 0 && acc;
       if (k1 > k0)
-        gemm_serial(M, N, k1 - k0, cols_of(a, k0), rows_of(b, k0), dst, N, add);
+        gemm_serial(M, N, k1 - k0, cols_of(a, k0), rows_of(b, k0), dst, N, add, bf16);
       else if (!add)
         std::fill(dst, dst + M * N, 0.f);
     }
@@ -121,7 +122,7 @@ void gemm_split_depth(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, b
 // c (M x N, contiguous row-major) = a (M x K) b (K x N), or += when acc. Each thread takes a
 // block of output rows (or columns, when N > M); small products, and products inside a parallel
 // region, run on the calling thread.
-void gemm(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, bool acc) {
+void gemm(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, bool acc, bool bf16) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!acc) std::fill(c, c + M * N, 0.f);
@@ -129,11 +130,11 @@ void gemm(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, bool acc) {
   }
   const int64_t T = num_threads(), flops = 2 * M * N * K;
   if (T <= 1 || omp_team_size() > 1 || flops < (int64_t(1) << 21)) {
-    gemm_serial(M, N, K, a, b, c, N, acc);
+    gemm_serial(M, N, K, a, b, c, N, acc, bf16);
     return;
   }
   if (K >= 8 * std::max(M, N)) {
-    gemm_split_depth(M, N, K, a, b, c, acc);
+    gemm_split_depth(M, N, K, a, b, c, acc, bf16);
     return;
   }
   const bool by_rows = M >= N;
@@ -145,9 +146,9 @@ void gemm(int64_t M, int64_t N, int64_t K, Mat a, Mat b, float* c, bool acc) {
     for (int64_t i = s; i < e; ++i) {
       const int64_t p0 = i * blk, n = std::min(len, p0 + blk) - p0;
       if (by_rows)
-        gemm_serial(n, N, K, rows_of(a, p0), b, c + p0 * N, N, acc);
+        gemm_serial(n, N, K, rows_of(a, p0), b, c + p0 * N, N, acc, bf16);
       else
-        gemm_serial(M, n, K, a, cols_of(b, p0), c + p0, N, acc);
+        gemm_serial(M, n, K, a, cols_of(b, p0), c + p0, N, acc, bf16);
     }
   });
 }
@@ -228,12 +229,12 @@ Operand rows_operand(const Tensor& x) {
 // small products, each thread takes whole products; otherwise products run one after another,
 // each split over the threads.
 template <class AtB>
-void batched(int64_t nb, int64_t M, int64_t N, int64_t K, float* c, bool acc, AtB ab) {
+void batched(int64_t nb, int64_t M, int64_t N, int64_t K, float* c, bool acc, bool bf16, AtB ab) {
   const int64_t flops = 2 * M * N * K;
   auto run = [&](int64_t s, int64_t e) {
     for (int64_t i = s; i < e; ++i) {
       auto [a, b] = ab(i);
-      gemm(M, N, K, a, b, c + i * M * N, acc);
+      gemm(M, N, K, a, b, c + i * M * N, acc, bf16);
     }
   };
   if (nb > 1 && (nb >= 4 * num_threads() || flops < (int64_t(1) << 22)))
@@ -266,9 +267,9 @@ void column_sums(const float* g, int64_t rows, int64_t cols, int64_t ld, float* 
 
 }  // namespace
 
-// a: (..., M, K), b: (K, N) (shared) or (..., K, N), any layout -> (..., M, N). tf32: the CPU
-// always computes in FP32.
-Tensor matmul_forward(const Tensor& a, const Tensor& b, bool /*tf32*/) {
+// a: (..., M, K), b: (K, N) (shared) or (..., K, N), any layout -> (..., M, N). bf16: bfloat16
+// inputs (the CUDA twin's flag, TF32 there).
+Tensor matmul_forward(const Tensor& a, const Tensor& b, bool bf16) {
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
   Shape out_shape = a.shape();
   out_shape.back() = N;
@@ -278,9 +279,9 @@ Tensor matmul_forward(const Tensor& a, const Tensor& b, bool /*tf32*/) {
   const int64_t nb = int64_t(A.off.size());
   const bool shared = b.ndim() == 2;
   if (shared && A.flat()) {
-    gemm(nb * M, N, K, A.m, B.m, po, false);  // one GEMM over all rows
+    gemm(nb * M, N, K, A.m, B.m, po, false, bf16);  // one GEMM over all rows
   } else {
-    batched(nb, M, N, K, po, false, [&](int64_t i) {
+    batched(nb, M, N, K, po, false, bf16, [&](int64_t i) {
       return std::pair{at(A.m, A.off[size_t(i)]), at(B.m, shared ? 0 : B.off[size_t(i)])};
     });
   }
@@ -290,7 +291,7 @@ Tensor matmul_forward(const Tensor& a, const Tensor& b, bool /*tf32*/) {
 // dy: (..., M, N) -> dA = dY B^T, dB = A^T dY (summed over the rows of every batch when B is
 // shared), each only when asked for
 ops::MatmulGrads matmul_backward(const Tensor& a, const Tensor& b, const Tensor& dy, bool need_a, bool need_b,
-                                 bool /*tf32*/) {
+                                 bool bf16) {
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
   const bool shared = b.ndim() == 2;
   ops::MatmulGrads d;
@@ -300,9 +301,9 @@ ops::MatmulGrads matmul_backward(const Tensor& a, const Tensor& b, const Tensor&
     d.da = Tensor::empty(a.shape());
     const Operand B = operand(b);
     if (shared)
-      gemm(nb * M, K, N, G.m, trans(B.m), d.da.data<float>(), false);
+      gemm(nb * M, K, N, G.m, trans(B.m), d.da.data<float>(), false, bf16);
     else
-      batched(nb, M, K, N, d.da.data<float>(), false, [&](int64_t i) {
+      batched(nb, M, K, N, d.da.data<float>(), false, bf16, [&](int64_t i) {
         return std::pair{at(G.m, G.off[size_t(i)]), trans(at(B.m, B.off[size_t(i)]))};
       });
   }
@@ -310,10 +311,10 @@ ops::MatmulGrads matmul_backward(const Tensor& a, const Tensor& b, const Tensor&
     d.db = Tensor::empty(b.shape());
     if (shared) {
       const Operand A = flat_operand(a);
-      gemm(K, N, nb * M, trans(A.m), G.m, d.db.data<float>(), false);
+      gemm(K, N, nb * M, trans(A.m), G.m, d.db.data<float>(), false, bf16);
     } else {
       const Operand A = operand(a);
-      batched(nb, K, N, M, d.db.data<float>(), false, [&](int64_t i) {
+      batched(nb, K, N, M, d.db.data<float>(), false, bf16, [&](int64_t i) {
         return std::pair{trans(at(A.m, A.off[size_t(i)])), at(G.m, G.off[size_t(i)])};
       });
     }
@@ -323,7 +324,7 @@ ops::MatmulGrads matmul_backward(const Tensor& a, const Tensor& b, const Tensor&
 
 // x: (..., in), w: (in, out), bias: (out,) or undefined, any layout -> x w + bias: (..., out).
 // The bias is written first and the GEMM accumulates onto it: no extra pass over the output.
-Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor& bias, bool /*tf32*/) {
+Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor& bias, bool bf16) {
   const int64_t in = w.size(0), nout = w.size(1);
   Shape out_shape = x.shape();
   out_shape.back() = nout;
@@ -338,25 +339,25 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor& bias, bool
       for (int64_t r = s; r < e; ++r) std::memcpy(po + r * nout, pb, size_t(nout) * sizeof(float));
     });
   }
-  gemm(rows, nout, in, X.m, W.m, po, bias.defined());
+  gemm(rows, nout, in, X.m, W.m, po, bias.defined(), bf16);
   return out;
 }
 
 // dy: (..., out) -> dx = dy w^T, dw = x^T dy over all rows, db = column sums of dy, each only
 // when asked for
 ops::LinearGrads linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, bool need_x, bool need_w,
-                                 bool need_b, bool /*tf32*/) {
+                                 bool need_b, bool bf16) {
   const int64_t in = w.size(0), nout = w.size(1);
   const int64_t rows = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
   ops::LinearGrads d;
   const Operand G = rows_operand(dy);  // (rows, out)
   if (need_x) {
     d.dx = Tensor::empty(x.shape());
-    gemm(rows, in, nout, G.m, trans(operand(w).m), d.dx.data<float>(), false);
+    gemm(rows, in, nout, G.m, trans(operand(w).m), d.dx.data<float>(), false, bf16);
   }
   if (need_w) {
     d.dw = Tensor::empty(w.shape());
-    gemm(in, nout, rows, trans(rows_operand(x).m), G.m, d.dw.data<float>(), false);
+    gemm(in, nout, rows, trans(rows_operand(x).m), G.m, d.dw.data<float>(), false, bf16);
   }
   if (need_b) {
     d.db = Tensor::empty({nout});
@@ -370,20 +371,31 @@ ops::LinearGrads linear_backward(const Tensor& x, const Tensor& w, const Tensor&
 namespace mv::ops {
 
 namespace {
-bool g_allow_tf32 = false;
-}
+bool g_allow_tf32 = false, g_matmul_bf16 = false;
+// The kernels' reduced-precision flag: TF32 on CUDA, bfloat16 inputs on the CPU.
+bool reduced_precision(const OpDevice& dev) { return dev.device == Device::CUDA ? g_allow_tf32 : g_matmul_bf16; }
+}  // namespace
 void set_allow_tf32(bool allow) { g_allow_tf32 = allow; }
 bool allow_tf32() { return g_allow_tf32; }
+void set_matmul_bf16(bool on) {
+  MV_CHECK(!on || tile_gemm_has_bf16(), "bfloat16 matrix products need a CPU with AVX-512 BF16 and a build for it "
+           "(-Dcpu=native on such a machine); this build has none");
+  g_matmul_bf16 = on;
+}
+bool matmul_bf16() { return g_matmul_bf16; }
+Fp32Products::Fp32Products() : saved_(g_matmul_bf16) { g_matmul_bf16 = false; }
+Fp32Products::~Fp32Products() { g_matmul_bf16 = saved_; }
 
 void detail::gemm_on_thread(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, bool trans_a,
-                            const float* b, int64_t ldb, bool trans_b, float* c, int64_t ldc, bool accumulate) {
+                            const float* b, int64_t ldb, bool trans_b, float* c, int64_t ldc, bool accumulate,
+                            bool bf16) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
     return;
   }
-  cpu::gemm_serial(M, N, K, cpu::Mat{a, lda, trans_a}, cpu::Mat{b, ldb, trans_b}, c, ldc, accumulate);
+  cpu::gemm_serial(M, N, K, cpu::Mat{a, lda, trans_a}, cpu::Mat{b, ldb, trans_b}, c, ldc, accumulate, bf16);
 }
 
 Tensor matmul(const Tensor& a, const Tensor& b) {
@@ -398,11 +410,11 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   if (b.ndim() != 2)
     MV_CHECK(Shape(a.shape().begin(), a.shape().end() - 2) == Shape(b.shape().begin(), b.shape().end() - 2),
              "matmul: batch dims of ", a.str(), " and ", b.str(), " differ (no broadcasting)");
-  const bool tf32 = allow_tf32();
-  Tensor out = MV_KERNEL(matmul_forward)(dev, a, b, tf32);
+  const bool reduced = reduced_precision(dev);
+  Tensor out = MV_KERNEL(matmul_forward)(dev, a, b, reduced);
   const bool ga = a.requires_grad(), gb = b.requires_grad();
-  return autograd::record("matmul", out, {a, b}, [dev, ad = a.detach(), bd = b.detach(), ga, gb, tf32](const Tensor& g) {
-    MatmulGrads d = MV_KERNEL(matmul_backward)(dev, ad, bd, g, ga, gb, tf32);
+  return autograd::record("matmul", out, {a, b}, [dev, ad = a.detach(), bd = b.detach(), ga, gb, reduced](const Tensor& g) {
+    MatmulGrads d = MV_KERNEL(matmul_backward)(dev, ad, bd, g, ga, gb, reduced);
     return std::vector<Tensor>{d.da, d.db};
   });
 }
@@ -425,12 +437,12 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
            " expects ", in);
   MV_CHECK(!bias.defined() || bias.shape() == Shape{nout}, "linear: bias ", bias.str(), " must be (",
            nout, ") for w ", w.str());
-  const bool tf32 = allow_tf32();
-  Tensor out = MV_KERNEL(linear_forward)(dev, x, w, bias, tf32);
+  const bool reduced = reduced_precision(dev);
+  Tensor out = MV_KERNEL(linear_forward)(dev, x, w, bias, reduced);
   const bool gx = x.requires_grad(), gw = w.requires_grad(), gbias = bias.defined() && bias.requires_grad();
   return autograd::record("linear", out, {x, w, bias},
-                          [dev, xd = x.detach(), wd = w.detach(), gx, gw, gbias, tf32](const Tensor& g) {
-                            LinearGrads d = MV_KERNEL(linear_backward)(dev, xd, wd, g, gx, gw, gbias, tf32);
+                          [dev, xd = x.detach(), wd = w.detach(), gx, gw, gbias, reduced](const Tensor& g) {
+                            LinearGrads d = MV_KERNEL(linear_backward)(dev, xd, wd, g, gx, gw, gbias, reduced);
                             return std::vector<Tensor>{d.dx, d.dw, d.db};
                           });
 }

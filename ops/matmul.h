@@ -25,6 +25,26 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
 void set_allow_tf32(bool allow);
 bool allow_tf32();
 
+// On the CPU, matrix products may round their inputs to bfloat16 and sum the products in FP32
+// (tile_gemm: twice the FP32 rate with AVX-512 BF16) at up to 0.4% relative error per input
+// (8-bit mantissa), as torch.set_float32_matmul_precision("medium"). Off by default;
+// process-wide; refused by a build without AVX-512 BF16; CUDA ignores it. It covers matmul, bmm,
+// linear, expert_mlp, moe_mlp and self_attention's products (not expert_matmul, nor the rare
+// products large on every side that go to Eigen); each op's backward keeps its forward's choice.
+// Fp32Products keeps the ops recorded while it lives in FP32 (the routers: V-MoE keeps router
+// logits in float32, since a rounded logit can flip a top-k choice).
+void set_matmul_bf16(bool on);
+bool matmul_bf16();
+struct Fp32Products {
+  Fp32Products();
+  ~Fp32Products();
+  Fp32Products(const Fp32Products&) = delete;
+  Fp32Products& operator=(const Fp32Products&) = delete;
+
+ private:
+  bool saved_;
+};
+
 namespace detail {
 // Internal GEMM, no autograd, for ops that schedule their own products over the threads
 // (ops/moe.cpp gives each thread pieces of several experts' rows, one fork-join for all):
@@ -33,7 +53,7 @@ namespace detail {
 // a[i * lda + j], or at a[j * lda + i] when trans_a; op(b) is K x N, likewise. K = 0 gives zeros
 // (or leaves c unchanged when accumulating).
 void gemm_on_thread(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, bool trans_a,
-                    const float* b, int64_t ldb, bool trans_b, float* c, int64_t ldc, bool accumulate);
+                    const float* b, int64_t ldb, bool trans_b, float* c, int64_t ldc, bool accumulate, bool bf16);
 }  // namespace detail
 
 }  // namespace mv::ops

@@ -169,6 +169,7 @@ struct CombineGrads {
 // The expert weights as the expert kernels take them: contiguous, biases undefined when absent.
 struct ExpertWeights {
   Tensor w1, b1, w2, b2;
+  bool bf16 = false;  // CPU products on bfloat16 inputs (ops::matmul_bf16() when the op ran)
 };
 // What an expert MLP's forward gives and keeps for its backward: hid = GELU(a) and
 // dgelu = GELU'(a) (E, M, H) on the rows in use, and for moe_mlp the expert outputs y (E, R, O).

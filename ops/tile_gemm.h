@@ -8,11 +8,16 @@
 
 namespace mv::ops {
 
-// C (M, N) = A (M, K) B (K, N), or C += A B when accumulate; any sizes.
+// C (M, N) = A (M, K) B (K, N), or C += A B when accumulate; any sizes. With bf16, A and B are
+// rounded to bfloat16 (8-bit mantissa) and the products summed in FP32, twice the FP32 rate with
+// AVX-512 BF16 (tile_gemm_has_bf16(); an error in a build without it).
 // A is read in place through strides, A(i, k) = a[i * ars + k * acs], so it may be a transposed
 // view; B and C are row-major with leading dims ldb and ldc. Columns of C past N are untouched.
 void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
-               int64_t ldb, float* c, int64_t ldc, bool accumulate = false);
+               int64_t ldb, float* c, int64_t ldc, bool accumulate = false, bool bf16 = false);
+
+// Whether this build has the bfloat16 products (AVX-512 BF16: AMD Zen 4, Intel Cooper Lake and later).
+bool tile_gemm_has_bf16();
 
 // dst (8, 8) = src (8, 8)^T, row strides ls (src) and ld (dst).
 void transpose8(const float* src, int64_t ls, float* dst, int64_t ld);

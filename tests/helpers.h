@@ -3,6 +3,8 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -12,6 +14,20 @@
 #include "engine/tensor.h"
 
 namespace mv::test {
+
+// x rounded to the nearest bfloat16 (ties to an even last bit), by picking the nearer of the two
+// bfloat16s around it: written apart from the library's bit trick (ops/tile_gemm.cpp) to check it.
+inline float round_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t lo = u & 0xffff0000u, hi = lo + 0x10000u;
+  float fl, fh;
+  std::memcpy(&fl, &lo, 4);
+  std::memcpy(&fh, &hi, 4);
+  const double dl = std::fabs(double(x) - fl), dh = std::fabs(double(fh) - x);
+  if (dl != dh) return dl < dh ? fl : fh;
+  return (lo >> 16) % 2 == 0 ? fl : fh;
+}
 
 // Every element of `t` within atol + rtol*|expected| of `expected`.
 inline void check_close(const Tensor& t, const std::vector<float>& expected, float atol = 1e-5f,

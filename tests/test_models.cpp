@@ -14,6 +14,7 @@
 #include "ops/loss.h"
 #include "ops/matmul.h"
 #include "ops/shape.h"
+#include "ops/tile_gemm.h"
 #include "tests/helpers.h"
 #include "train/checkpoint.h"
 #include "train/loop.h"
@@ -457,7 +458,7 @@ TEST_CASE("training configs: impossible values are named") {
   CHECK(TrainConfig::from_json(smoke_config().to_json()).to_json() == smoke_config().to_json());
 }
 
-TEST_CASE("training configs: --device and --tf32 are validated and saved") {
+TEST_CASE("training configs: --device, --tf32 and --bf16 are validated and saved") {
   TrainConfig c = smoke_config();
   c.device = "tpu";
   CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--device must be cpu or cuda"), Error);
@@ -471,6 +472,15 @@ TEST_CASE("training configs: --device and --tf32 are validated and saved") {
   CHECK(r.device == "cuda");
   CHECK(r.tf32);
   CHECK(r.to_json() == c.to_json());
+  c = smoke_config();
+  c.bf16 = true;  // bfloat16 products are a CPU mode: refused on CUDA, saved and read back
+  if (ops::tile_gemm_has_bf16())
+    CHECK_NOTHROW(c.validate());
+  else
+    CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--bf16: this build has no bfloat16 products"), Error);
+  CHECK(TrainConfig::from_json(c.to_json()).bf16);
+  c.device = "cuda";
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--bf16 applies to CPU matrix products only"), Error);
   // A configuration saved before --device existed reads as CPU.
   std::string old = smoke_config().to_json();
   const size_t at = old.find(",\"device\"");

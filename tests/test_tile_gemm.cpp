@@ -21,39 +21,47 @@ std::vector<float> uniform(size_t n, unsigned seed) {
 
 // Every column-block width (1 to 4 registers, alone and after full blocks, whole or ending in a
 // masked partial register for any N), row counts that leave partial and half-height tiles, more
-// rows than one chunk and more depth than one slice, A read directly and through its transpose,
+// rows than one chunk and more depth than one slice, A read directly, through its transpose and
+// through strides that are neither 1 (every other element of a transposed layout),
 // B and C with leading dims wider than N, overwriting and accumulating: against products summed
-// in double.
+// in double. With bf16, against the same product of the inputs rounded to bfloat16.
 TEST_CASE("tile_gemm: against a double-precision product") {
-  struct Case { int64_t M, N, K; bool at; };
-  for (Case c : {Case{1, 8, 1, false}, Case{7, 16, 5, false}, Case{50, 56, 16, false}, Case{50, 16, 50, true},
-                 Case{13, 24, 9, true}, Case{37, 40, 64, false}, Case{9, 64, 3, true}, Case{25, 8, 33, false},
-                 Case{3, 1, 7, false}, Case{50, 50, 16, false}, Case{11, 10, 64, true}, Case{200, 72, 20, false},
-                 Case{20, 200, 600, true}, Case{97, 130, 257, false}, Case{6, 129, 2, false}}) {
+  const bool has_bf16 = ops::tile_gemm_has_bf16();
+  if (!has_bf16) MESSAGE("tile_gemm: this build has no AVX-512 BF16; the bfloat16 products are not tested");
+  enum Layout { kRows, kTransposed, kStrided };
+  struct Case { int64_t M, N, K; Layout at; };
+  constexpr Layout R = kRows, T = kTransposed, S = kStrided;
+  for (Case c : {Case{1, 8, 1, R}, Case{7, 16, 5, R}, Case{50, 56, 16, R}, Case{50, 16, 50, T}, Case{13, 24, 9, T},
+                 Case{37, 40, 64, R}, Case{9, 64, 3, T}, Case{25, 8, 33, R}, Case{3, 1, 7, R}, Case{50, 50, 16, R},
+                 Case{11, 10, 64, T}, Case{200, 72, 20, R}, Case{20, 200, 600, T}, Case{97, 130, 257, R},
+                 Case{6, 129, 2, R}, Case{9, 40, 7, S}, Case{30, 17, 300, S}})
+    for (bool bf16 : {false, true})
     for (bool accumulate : {false, true}) {
+      if (bf16 && !has_bf16) continue;
+      CAPTURE(bf16);
       CAPTURE(c.M);
       CAPTURE(c.N);
       CAPTURE(c.K);
       CAPTURE(c.at);
       CAPTURE(accumulate);
-      const int64_t lda = (c.at ? c.M : c.K) + 3, ldb = c.N + 5, ldc = c.N + 4;
-      const std::vector<float> a = uniform(size_t((c.at ? c.K : c.M) * lda), 1), b = uniform(size_t(c.K * ldb), 2);
-      // A(i, k) = a[i * lda + k], or a[k * lda + i] when read through its transpose
-      const int64_t ars = c.at ? 1 : lda, acs = c.at ? lda : 1;
+      const int64_t lda = (c.at == R ? c.K : c.at == T ? c.M : 2 * c.M) + 3, ldb = c.N + 5, ldc = c.N + 4;
+      const std::vector<float> a = uniform(size_t((c.at == R ? c.M : c.K) * lda), 1), b = uniform(size_t(c.K * ldb), 2);
+      // A(i, k) = a[i * lda + k], or a[k * lda + i] through its transpose, or a[k * lda + 2 i]
+      const int64_t ars = c.at == R ? lda : c.at == T ? 1 : 2, acs = c.at == R ? 1 : lda;
       const std::vector<float> start = uniform(size_t(c.M * ldc), 3);
       std::vector<float> out = start;
-      ops::tile_gemm(c.M, c.N, c.K, a.data(), ars, acs, b.data(), ldb, out.data(), ldc, accumulate);
+      ops::tile_gemm(c.M, c.N, c.K, a.data(), ars, acs, b.data(), ldb, out.data(), ldc, accumulate, bf16);
+      auto in = [&](float x) { return bf16 ? test::round_bf16(x) : x; };
       for (int64_t i = 0; i < c.M; ++i) {
         for (int64_t j = 0; j < c.N; ++j) {
           double ref = accumulate ? start[size_t(i * ldc + j)] : 0.0;
-          for (int64_t k = 0; k < c.K; ++k) ref += double(a[size_t(i * ars + k * acs)]) * b[size_t(k * ldb + j)];
+          for (int64_t k = 0; k < c.K; ++k) ref += double(in(a[size_t(i * ars + k * acs)])) * in(b[size_t(k * ldb + j)]);
           INFO("C(" << i << ", " << j << ")");
           CHECK(std::fabs(out[size_t(i * ldc + j)] - ref) <= 1e-5 * (1 + std::fabs(ref)) * std::sqrt(double(c.K)));
         }
         for (int64_t j = c.N; j < ldc; ++j) CHECK(out[size_t(i * ldc + j)] == start[size_t(i * ldc + j)]);  // untouched
       }
     }
-  }
 }
 
 TEST_CASE("tile_gemm: an empty depth writes zeros, or leaves C as it is when accumulating") {

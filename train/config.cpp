@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "engine/memory.h"
+#include "ops/tile_gemm.h"
 
 namespace mv::train {
 
@@ -34,9 +35,12 @@ void TrainConfig::validate() const {
   MV_CHECK(augment == "none" || augment == "crop" || augment == "crop-flip",
            "--augment must be none, crop or crop-flip, got '", augment, "'");
   MV_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '", device, "'");
+  MV_CHECK(!bf16 || device == "cpu", "--bf16 applies to CPU matrix products only; on CUDA use --tf32");
   MV_CHECK(device != "cuda" || cuda_available(), "--device cuda: no CUDA device is available (a "
            "build without CUDA, or no GPU found); use --device cpu");
   MV_CHECK(!tf32 || device == "cuda", "--tf32 applies to CUDA GEMMs only; add --device cuda");
+  MV_CHECK(!bf16 || ops::tile_gemm_has_bf16(), "--bf16: this build has no bfloat16 products (they need a CPU "
+           "with AVX-512 BF16, such as AMD Zen 4 or Intel Sapphire Rapids, and -Dcpu=native on it)");
   MV_CHECK(device != "cuda" || vit.moe_placement == "none" || !vit.moe.router.token_choice() ||
                vit.moe.router.k <= 8, "--k ", vit.moe.router.k,
            ": the CUDA routing kernels take at most 8 experts per token; use --device cpu");
@@ -141,7 +145,7 @@ std::string TrainConfig::to_json() const {
       {"weight_decay", weight_decay}, {"momentum", momentum}, {"schedule", schedule},
       {"warmup_epochs", warmup_epochs}, {"label_smoothing", label_smoothing}, {"clip", clip},
       {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
-      {"limit_test", limit_test}, {"device", device}, {"tf32", tf32}, {"prc", prc},
+      {"limit_test", limit_test}, {"device", device}, {"tf32", tf32}, {"bf16", bf16}, {"prc", prc},
       {"prc_diag_weight", prc_diag_weight}, {"prc_off_weight", prc_off_weight},
       {"prc_reference_diagonal", prc_reference_diagonal}, {"prc_blocks", prc_blocks},
       {"prc_cls_pair", prc_cls_pair}, {"prc_share", prc_share}, {"prc_area1", prc_area1},
@@ -175,6 +179,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.limit_test = integer<int64_t>(j, "limit_test");
     c.device = j.value("device", std::string("cpu"));  // checkpoints from before --device: CPU
     c.tf32 = j.value("tf32", false);                    // ... and from before --tf32
+    c.bf16 = j.value("bf16", false);                    // ... and from before --bf16
     c.prc = j.value("prc", false);                      // ... and from before --prc
     c.prc_diag_weight = j.value("prc_diag_weight", c.prc_diag_weight);
     c.prc_off_weight = j.value("prc_off_weight", c.prc_off_weight);

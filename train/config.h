@@ -26,6 +26,7 @@ struct TrainConfig {
   int64_t limit_train = 0, limit_test = 0;  // use only the first N images (0: all)
   std::string device = "cpu";       // cpu | cuda (the model, batches and optimizer state)
   bool tf32 = false;                // CUDA GEMMs on TF32 tensor cores (ops::set_allow_tf32)
+  bool bf16 = false;                // CPU products on bfloat16 inputs (ops::set_matmul_bf16)
   // Pairwise Router Consistency (methods.md section 4): two views of each image (replacing
   // `augment`), cross-entropy on both, ops::prc_loss on every MoE layer's clean probabilities.
   bool prc = false;

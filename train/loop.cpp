@@ -378,6 +378,7 @@ TrainResult fit(const TrainConfig& given, const std::string& out_dir, bool resum
   const SplitParameters* split_ptr = split.names.empty() ? nullptr : &split;
   if (cfg.jaccard_weight > 0) model.jaccard_sigma = cfg.jaccard_sigma;
   ops::set_allow_tf32(cfg.tf32);
+  ops::set_matmul_bf16(cfg.bf16);
   model.to(cfg.device == "cuda" ? Device::CUDA : Device::CPU);
   const std::unique_ptr<models::Optimizer> opt = make_optimizer(cfg, model);
   std::unique_ptr<models::WeightAverage> ema;

@@ -14,11 +14,14 @@ PyTorch is not a dependency of moevit; Debian's python3-torch serves (run it wit
 where another python3 comes first on PATH). With --device cuda the step runs on the GPU (the
 clock stops after torch.cuda.synchronize()), and --compile wraps the model in torch.compile, as a
 user would (PyTorch >= 2.0; the MoE layer's data-dependent indexing may split the graph), in the
-mode --mode names. Current PyTorch goes into a virtual environment (docs/benchmarks.md). Usage:
+mode --mode names. --bf16 runs the forward and the loss under torch.autocast(dtype=bfloat16), the
+PyTorch user's mixed precision (products on bfloat16 inputs; the routers stay float32 here, as in
+moevit's --bf16). Current PyTorch goes into a virtual environment (docs/benchmarks.md). Usage:
   python3 bench/reference/train_step.py --preset vit-tiny --batch 128 --threads 2 --steps 20
   python3 bench/reference/train_step.py --preset vmoe-tiny --threads 2
   python3 bench/reference/train_step.py --preset vmoe-tiny --device cuda --compile
   venv/bin/python bench/reference/train_step.py --preset vmoe-tiny --compile --mode max-autotune
+  venv/bin/python bench/reference/train_step.py --preset vmoe-tiny --bf16
 """
 import argparse
 import math
@@ -63,7 +66,8 @@ class MoE(nn.Module):
         B, N, D = x.shape
         E, k = self.E, self.k
         std = 1.0 / E
-        z = x @ self.router  # (B, N, E) clean logits
+        with torch.autocast(x.device.type, enabled=False):  # routing in float32, as V-MoE (and moevit)
+            z = x.float() @ self.router  # (B, N, E) clean logits
         zn = z + torch.randn_like(z) * std if self.training else z
         gates = zn.softmax(-1)
         gate, expert = gates.topk(k, -1)  # (B, N, k), rank 0 = best
@@ -164,6 +168,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                     help="torch.compile's mode")
+    ap.add_argument("--bf16", action="store_true", help="forward and loss under torch.autocast(bfloat16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -180,10 +185,11 @@ def main():
         sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(run(x), y, label_smoothing=0.1)
-        aux = model.aux_loss()
-        if aux is not None:
-            loss = loss + aux
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = F.cross_entropy(run(x), y, label_smoothing=0.1)
+            aux = model.aux_loss()
+            if aux is not None:
+                loss = loss + aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -192,7 +198,7 @@ def main():
             times.append(time.perf_counter() - t0)
     times.sort()
     med = times[len(times) // 2]
-    mode = f"{args.device}{', compiled ' + args.mode if args.compile else ''}"
+    mode = f"{args.device}{', compiled ' + args.mode if args.compile else ''}{', autocast bf16' if args.bf16 else ''}"
     print(f"pytorch {torch.__version__} {args.preset} ({mode}) batch {args.batch} threads {args.threads}: "
           f"median step {med * 1e3:.1f} ms over {args.steps} steps after {args.warmup} warm-up, "
           f"{args.batch / med:.0f} images/s; {params} parameters")

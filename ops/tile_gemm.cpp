@@ -243,14 +243,6 @@ std::pair<int64_t, int64_t> pack_pairs_a(int64_t M, int64_t K, const float* a, i
 
 }  // namespace
 
-bool tile_gemm_has_bf16() {
-#ifdef __AVX512BF16__
-  return true;
-#else
-  return false;
-#endif
-}
-
 void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
                int64_t ldb, float* c, int64_t ldc, bool accumulate, bool bf16) {
   if (M <= 0 || N <= 0) return;

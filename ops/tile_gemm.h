@@ -16,8 +16,15 @@ namespace mv::ops {
 void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
                int64_t ldb, float* c, int64_t ldc, bool accumulate = false, bool bf16 = false);
 
-// Whether this build has the bfloat16 products (AVX-512 BF16: AMD Zen 4, Intel Cooper Lake and later).
-bool tile_gemm_has_bf16();
+// Whether this build has the bfloat16 products (AVX-512 BF16: AMD Zen 4, Intel Cooper Lake and
+// later). Inline: the configuration's checks use it without linking the kernels.
+constexpr bool tile_gemm_has_bf16() {
+#ifdef __AVX512BF16__
+  return true;
+#else
+  return false;
+#endif
+}
 
 // dst (8, 8) = src (8, 8)^T, row strides ls (src) and ld (dst).
 void transpose8(const float* src, int64_t ls, float* dst, int64_t ld);

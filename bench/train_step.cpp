@@ -17,8 +17,8 @@
 #include "engine/parallel.h"
 #include "engine/random.h"
 #include "models/optim.h"
-#include "ops/matmul.h"
 #include "models/vit.h"
+#include "ops/matmul.h"
 #include "train/step.h"
 
 using namespace mv;

@@ -173,10 +173,6 @@ void row_chunk(int64_t M, int64_t N, int64_t K, const typename Op::E* a, int64_t
   }
 }
 
-void fill_zero(int64_t M, int64_t N, float* c, int64_t ldc) {
-  for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
-}
-
 #ifdef __AVX512BF16__
 // One float to bfloat16 as the vector conversion rounds it (to nearest even; a NaN stays a NaN).
 uint32_t bf16_bits(float x) {
@@ -247,7 +243,8 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int
                int64_t ldb, float* c, int64_t ldc, bool accumulate, bool bf16) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {  // an empty sum
-    if (!accumulate) fill_zero(M, N, c, ldc);
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
     return;
   }
 #ifdef __AVX512BF16__

@@ -3,7 +3,7 @@
 // forward + backward, at ViT shapes. Median of repeats after warm-up; no cache flush between
 // repeats (the qkv of these shapes, 5 to 19 MB, does not stay in cache anyway).
 //
-//   ./build/bench/bench_attention [--threads 2] [--repeats 15]
+//   ./build/bench/bench_attention [--threads 2] [--repeats 15] [--bf16]
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -16,6 +16,7 @@
 #include "engine/parallel.h"
 #include "engine/random.h"
 #include "ops/attention.h"
+#include "ops/matmul.h"
 
 using namespace mv;
 
@@ -59,13 +60,16 @@ Timing time_forward_backward(AttnFn f, const Tensor& qkv, const Tensor& g, int h
 
 int main(int argc, char** argv) {
   int threads = 2, repeats = 15;
+  bool bf16 = false;
   CLI::App app{"CPU attention: fused vs composite"};
   app.add_option("--threads", threads)->capture_default_str();
   app.add_option("--repeats", repeats)->capture_default_str();
+  app.add_flag("--bf16", bf16, "products on bfloat16 inputs (AVX-512 BF16), as train --bf16");
   CLI11_PARSE(app, argc, argv);
   set_num_threads(threads);
-  std::printf("threads %d, median (min) of %d repeats after 2 warm-up runs, ms\n\n", threads,
-              repeats);
+  ops::set_matmul_bf16(bf16);
+  std::printf("threads %d, %s products, median (min) of %d repeats after 2 warm-up runs, ms\n\n", threads,
+              bf16 ? "bfloat16" : "FP32", repeats);
   std::printf("%-19s | %-7s | %-15s | %-15s | %-7s | %s\n", "(B, T, D, heads)", "pass", "fused",
               "composite", "speedup", "fused GFLOP/s");
   struct Shape4 { int64_t B, T, D; int heads; };

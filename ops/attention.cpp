@@ -18,9 +18,11 @@
 //
 // What is saved for backward: P itself, (B*heads, T, T) padded to (.., T, Tp). At ViT sizes
 // (T ~ 50, Dh ~ 16) that is 3x the output and a few MB per layer; keeping it spares the backward
-// a Q K^T product and T*T exps per head (bench_attention: docs/benchmarks.md). The CUDA
-// kernels make the other choice, saving the row log-sum-exp and rebuilding P on chip (flash
-// attention), because on the GPU memory traffic, not arithmetic, is what costs.
+// a Q K^T product and T*T exps per head (bench_attention: docs/benchmarks.md). With bfloat16
+// products P is kept rounded, as the pairs of rows (P(2j, n), P(2j+1, n)) that the product
+// dV = P^T dO reads (ops::pack_bf16_pairs): half the memory traffic, and no packing in the
+// backward. The CUDA kernels make the other choice, saving the row log-sum-exp and rebuilding P
+// on chip (flash attention), because on the GPU memory traffic, not arithmetic, is what costs.
 //
 // Backward, with dO the output gradient:
 //   dV = P^T dO,  dP = dO V^T,
@@ -32,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "autograd/autograd.h"
@@ -93,8 +96,12 @@ float row_max(const float* x, int64_t n) {
 struct Work {
   int64_t T, Dh, Tp;
   std::vector<float> rt;  // (Dh, Tp): K^T (forward) or V^T (backward), right operand of Q K^T / dO V^T
-  std::vector<float> s;   // (T, Tp): P when no backward will keep it (forward), dP then dS (backward)
-  explicit Work(const Dims& d) : T(d.T), Dh(d.Dh), Tp(round8(d.T)), rt(size_t(Dh * Tp)), s(size_t(T * Tp)) {}
+  std::vector<float> s;   // (T, Tp): P unless the forward saves it as floats, then dP and dS (backward)
+  std::vector<float> row;  // (T): the forward softmax's 1 / row sum
+  std::vector<uint32_t> pairs;  // (ceil(T / 2), Dh): dO's rows in bfloat16 pairs (backward)
+  explicit Work(const Dims& d)
+      : T(d.T), Dh(d.Dh), Tp(round8(d.T)), rt(size_t(Dh * Tp)), s(size_t(T * Tp)), row(size_t(T)),
+        pairs(size_t((T + 1) / 2 * Dh)) {}
   // (T, Dh) block at src (row stride ld) -> its transpose in rt (Dh, Tp): 8 x 8 blocks in
   // registers, the edges one element at a time.
   void transpose(const float* src, int64_t ld) {
@@ -106,12 +113,12 @@ struct Work {
   }
 };
 
-// Forward for the (b, h) pairs [begin, end). probs (B*H, T, Tp) receives P for the backward; null
-// when no backward will run, and P then lives in the per-thread buffer. bf16: the products on
-// bfloat16 inputs (tile_gemm), P kept in FP32.
-void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, int64_t begin, int64_t end,
+// Forward for the (b, h) pairs [begin, end). saved receives P for the backward, (B*H, T, Tp) floats,
+// or with bf16 (the products on bfloat16 inputs) (B*H, ceil(T / 2), Tp) pairs of rows; null when
+// no backward will run.
+void forward_kernel(const float* qkv, float* out, void* saved, const Dims& d, int64_t begin, int64_t end,
                     bool bf16) {
-  const int64_t T = d.T, D = d.D, Dh = d.Dh, H = d.H;
+  const int64_t T = d.T, D = d.D, Dh = d.Dh, H = d.H, T2 = (T + 1) / 2;
   const float scale = 1.0f / std::sqrt(float(Dh));
   Work w(d);
   const int64_t Tp = w.Tp;
@@ -119,25 +126,43 @@ void forward_kernel(const float* qkv, float* out, float* probs, const Dims& d, i
     const int64_t b = bh / H, h = bh % H;
     const float* q = qkv + b * T * 3 * D + h * Dh;
     float* o = out + b * T * D + h * Dh;
-    float* p = probs ? probs + bh * T * Tp : w.s.data();
+    float* p = saved && !bf16 ? static_cast<float*>(saved) + bh * T * Tp : w.s.data();
     w.transpose(q + D, 3 * D);
     tile_gemm(T, T, Dh, q, 3 * D, 1, w.rt.data(), Tp, p, Tp, false, bf16);  // Q K^T
+    // Stable softmax (the row max subtracted before exp), pass by pass over all rows, the exps in
+    // one flat loop over the (T, Tp) block: a row's chain of max, exps, sum and divide, done row by
+    // row, waits on itself and leaves a scalar tail per row (the forward measured about 1.1x
+    // faster at T = 50). The padding columns get exp(-87) and are never read.
+    float* inv_l = w.row.data();
     for (int64_t i = 0; i < T; ++i) {
-      // Stable softmax: subtract the row max before exp.
       float* row = p + i * Tp;
       const float m = row_max(row, T) * scale;
-      for (int64_t j = 0; j < T; ++j) row[j] = fast_exp(row[j] * scale - m);
-      const float inv_l = 1.0f / lane_sum(T, [&](int64_t j) { return row[j]; });
-      for (int64_t j = 0; j < T; ++j) row[j] *= inv_l;
+      for (int64_t j = 0; j < T; ++j) row[j] = row[j] * scale - m;
+      std::fill(row + T, row + Tp, -87.f);
     }
+    for (int64_t e = 0; e < T * Tp; ++e) p[e] = fast_exp(p[e]);
+    for (int64_t i = 0; i < T; ++i) inv_l[i] = lane_sum(T, [&](int64_t j) { return p[i * Tp + j]; });
+    for (int64_t i = 0; i < T; ++i) inv_l[i] = 1.0f / inv_l[i];
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = 0; j < T; ++j) p[i * Tp + j] *= inv_l[i];
     tile_gemm(T, Dh, T, p, Tp, 1, q + 2 * D, 3 * D, o, D, false, bf16);  // P V
+    if (saved && bf16) ops::pack_bf16_pairs(T, T, p, Tp, static_cast<uint32_t*>(saved) + bh * T2 * Tp, Tp);
   }
 }
 
-// Backward for the (b, h) pairs [begin, end): writes dQ, dK, dV into dqkv (B, T, 3D).
-void backward_kernel(const float* qkv, const float* out, const float* probs, const float* dout, float* dqkv,
+// P(i, n) from the bfloat16 pairs of rows that the forward saved (row stride Tp).
+float unpack_p(const uint32_t* pairs, int64_t Tp, int64_t i, int64_t n) {
+  const uint32_t word = pairs[i / 2 * Tp + n], bits = i % 2 ? word & 0xffff0000u : word << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// Backward for the (b, h) pairs [begin, end): writes dQ, dK, dV into dqkv (B, T, 3D). saved is
+// what the forward saved for P (floats, or with bf16 pairs of rows).
+void backward_kernel(const float* qkv, const float* out, const void* saved, const float* dout, float* dqkv,
                      const Dims& d, int64_t begin, int64_t end, bool bf16) {
-  const int64_t T = d.T, D = d.D, Dh = d.Dh, H = d.H;
+  const int64_t T = d.T, D = d.D, Dh = d.Dh, H = d.H, T2 = (T + 1) / 2;
   const float scale = 1.0f / std::sqrt(float(Dh));
   Work w(d);
   const int64_t Tp = w.Tp;
@@ -146,18 +171,26 @@ void backward_kernel(const float* qkv, const float* out, const float* probs, con
     const int64_t off = b * T * 3 * D + h * Dh, ooff = b * T * D + h * Dh;
     const float *q = qkv + off, *k = q + D, *v = q + 2 * D, *o = out + ooff, *dO = dout + ooff;
     float *dq = dqkv + off, *dk = dq + D, *dv = dq + 2 * D;
-    const float* p = probs + bh * T * Tp;
+    const float* p = bf16 ? nullptr : static_cast<const float*>(saved) + bh * T * Tp;
+    const uint32_t* pp = bf16 ? static_cast<const uint32_t*>(saved) + bh * T2 * Tp : nullptr;
     w.transpose(v, 3 * D);
-    // dV = P^T dO (A = P read by columns)
-    tile_gemm(T, Dh, T, p, 1, Tp, dO, D, dv, 3 * D, false, bf16);
+    // dV = P^T dO (A = P^T, read by columns; in bfloat16 its depth pairs are the saved words)
+    if (bf16) {
+      ops::pack_bf16_pairs(T, Dh, dO, D, w.pairs.data(), Dh);
+      ops::tile_gemm_pairs(T, Dh, T2, pp, 1, Tp, w.pairs.data(), Dh, dv, 3 * D);
+    } else {
+      tile_gemm(T, Dh, T, p, 1, Tp, dO, D, dv, 3 * D);
+    }
     // dP = dO V^T, then dS = P * (dP - delta) with delta_i = dO_i . O_i = sum_j P_ij dP_ij, and
     // the scale of S folded in.
     tile_gemm(T, T, Dh, dO, D, 1, w.rt.data(), Tp, w.s.data(), Tp, false, bf16);
     for (int64_t i = 0; i < T; ++i) {
       const float delta = lane_sum(Dh, [&](int64_t c) { return dO[i * D + c] * o[i * D + c]; });
-      const float* pr = p + i * Tp;
       float* sr = w.s.data() + i * Tp;
-      for (int64_t j = 0; j < T; ++j) sr[j] = pr[j] * (sr[j] - delta) * scale;
+      if (bf16)
+        for (int64_t j = 0; j < T; ++j) sr[j] = unpack_p(pp, Tp, i, j) * (sr[j] - delta) * scale;
+      else
+        for (int64_t j = 0; j < T; ++j) sr[j] = p[i * Tp + j] * (sr[j] - delta) * scale;
     }
     // dQ = dS K, dK = dS^T Q
     tile_gemm(T, Dh, T, w.s.data(), Tp, 1, k, 3 * D, dq, 3 * D, false, bf16);
@@ -174,11 +207,14 @@ int64_t cost(const Dims& d) { return 4 * d.T * d.T * d.Dh + 8 * d.T * d.T; }
 ops::AttentionOut attention_forward(const Tensor& qkv, int heads, bool for_backward, bool bf16) {
   const Dims d = dims_of(qkv, heads);
   ops::AttentionOut o{Tensor::empty({d.B, d.T, d.D}), Tensor()};
-  // P (B*H, T, Tp) for the backward, rows padded like the per-thread buffers.
-  if (for_backward) o.saved = Tensor::empty({d.B * d.H, d.T, round8(d.T)});
+  // P for the backward, rows padded like the per-thread buffers: (B*H, T, Tp) floats, or with bf16
+  // (B*H, ceil(T / 2), Tp) pairs of bfloat16s in 32-bit words.
+  if (for_backward)
+    o.saved = bf16 ? Tensor::empty({d.B * d.H, (d.T + 1) / 2, round8(d.T)}, DType::I32)
+                   : Tensor::empty({d.B * d.H, d.T, round8(d.T)});
   const float* pq = qkv.data<float>();
   float* po = o.out.data<float>();
-  float* pp = for_backward ? o.saved.data<float>() : nullptr;
+  void* pp = !for_backward ? nullptr : bf16 ? static_cast<void*>(o.saved.data<int32_t>()) : o.saved.data<float>();
   parallel_for(d.B * d.H, cost(d), [&](int64_t s, int64_t e) { forward_kernel(pq, po, pp, d, s, e, bf16); });
   return o;
 }
@@ -189,7 +225,8 @@ Tensor attention_backward(const Tensor& qkv, const Tensor& out, const Tensor& sa
   const Dims d = dims_of(qkv, heads);
   const Tensor gc = dout.contiguous();
   Tensor dqkv = Tensor::empty(qkv.shape());
-  const float *pq = qkv.data<float>(), *po = out.data<float>(), *pp = saved.data<float>(), *pg = gc.data<float>();
+  const float *pq = qkv.data<float>(), *po = out.data<float>(), *pg = gc.data<float>();
+  const void* pp = bf16 ? static_cast<const void*>(saved.data<int32_t>()) : saved.data<float>();
   float* pd = dqkv.data<float>();
   parallel_for(d.B * d.H, 2 * cost(d), [&](int64_t s, int64_t e) { backward_kernel(pq, po, pp, pg, pd, d, s, e, bf16); });
   return dqkv;

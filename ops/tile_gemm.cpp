@@ -12,8 +12,8 @@
 // of A and the slice of B that its tiles sweep stay in L1/L2; C accumulates across the slices.
 // A block narrower than 4 W columns uses as many registers as it needs, and its last register
 // is loaded and stored under a mask when N is not a multiple of W. Row tiles past the last full
-// one use a tile of half the height when that is enough, and otherwise repeat their last row
-// (computed, never stored), so that every loop keeps its fixed, fully unrolled shape.
+// one use a tile of a quarter or half the height when that is enough, and otherwise repeat their
+// last row (computed, never stored), so that every loop keeps its fixed, fully unrolled shape.
 //
 // bfloat16 (AVX-512 BF16): vdpbf16ps multiplies 16 pairs of bfloat16s by 16 pairs and adds both
 // products of each lane to an FP32 accumulator, twice the FMA's rate. The tile is the same with
@@ -137,10 +137,12 @@ void tile(int64_t mr, int64_t K, const typename Op::E* a, int64_t ars, int64_t a
 template <class Op, int NV, bool Part>
 void block(int64_t M, int64_t K, const typename Op::E* a, int64_t ars, int64_t acs, const typename Op::E* b,
            int64_t ldb, float* c, int64_t ldc, bool acc, Mask last) {
-  constexpr int MR = rows_per_tile<NV>(), HALF = MR / 2 > 0 ? MR / 2 : 1;
+  constexpr int MR = rows_per_tile<NV>(), HALF = std::max(MR / 2, 1), QUARTER = std::max(MR / 4, 1);
   for (int64_t m0 = 0; m0 < M; m0 += MR) {
     const int64_t mr = std::min<int64_t>(MR, M - m0);
-    if (mr <= HALF)
+    if (mr <= QUARTER)
+      tile<Op, QUARTER, NV, Part>(mr, K, a + m0 * ars, ars, acs, b, ldb, c + m0 * ldc, ldc, acc, last);
+    else if (mr <= HALF)
       tile<Op, HALF, NV, Part>(mr, K, a + m0 * ars, ars, acs, b, ldb, c + m0 * ldc, ldc, acc, last);
     else
       tile<Op, MR, NV, Part>(mr, K, a + m0 * ars, ars, acs, b, ldb, c + m0 * ldc, ldc, acc, last);
@@ -173,7 +175,10 @@ void row_chunk(int64_t M, int64_t N, int64_t K, const typename Op::E* a, int64_t
   }
 }
 
+}  // namespace
+
 #ifdef __AVX512BF16__
+namespace {
 // One float to bfloat16 as the vector conversion rounds it (to nearest even; a NaN stays a NaN).
 uint32_t bf16_bits(float x) {
   uint32_t u;
@@ -181,12 +186,11 @@ uint32_t bf16_bits(float x) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
   return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
+}  // namespace
 
-// dst[j][n] (row stride ldd, j < ceil(K / 2), n < N) = the pair B(2j, n), B(2j+1, n) as
-// bfloat16s (rounded to nearest even), the first in the low half; B(K, n) = 0 when K is odd. One
-// conversion turns 16 columns of both rows into 32 bfloat16s, row 2j's then row 2j+1's, and one
-// word permutation interleaves them into pairs.
-void pack_pairs_b(int64_t K, int64_t N, const float* b, int64_t ldb, uint32_t* dst, int64_t ldd) {
+// One conversion turns 16 columns of rows 2j and 2j+1 into 32 bfloat16s, row 2j's then row
+// 2j+1's, and one word permutation interleaves them into pairs.
+void pack_bf16_pairs(int64_t K, int64_t N, const float* b, int64_t ldb, uint32_t* dst, int64_t ldd) {
   alignas(64) uint16_t order[32];  // word k of a pair vector comes from word k / 2 of row k % 2
   for (int k = 0; k < 32; ++k) order[k] = uint16_t(k / 2 + (k % 2) * 16);
   const __m512i interleave = _mm512_load_si512(order);
@@ -207,6 +211,7 @@ void pack_pairs_b(int64_t K, int64_t N, const float* b, int64_t ldb, uint32_t* d
   }
 }
 
+namespace {
 // The pairs of A (M x K, A(i, k) at a[i * ars + k * acs]) for the tile, in the layout that reads
 // A best: row-major (j fastest, strides kc2 and 1) for a row-major A, pair-major (i fastest,
 // strides 1 and M) for a transposed one, where the pairs are those of B's layout above.
@@ -215,7 +220,7 @@ std::pair<int64_t, int64_t> pack_pairs_a(int64_t M, int64_t K, const float* a, i
                                          uint32_t* dst) {
   const int64_t K2 = (K + 1) / 2;
   if (ars == 1 && acs != 1) {  // the columns of A are rows in memory: pack them like B
-    pack_pairs_b(K, M, a, acs, dst, M);
+    pack_bf16_pairs(K, M, a, acs, dst, M);
     return {1, M};
   }
   for (int64_t i = 0; i < M; ++i) {
@@ -235,9 +240,8 @@ std::pair<int64_t, int64_t> pack_pairs_a(int64_t M, int64_t K, const float* a, i
   }
   return {K2, 1};
 }
-#endif
-
 }  // namespace
+#endif
 
 void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
                int64_t ldb, float* c, int64_t ldc, bool accumulate, bool bf16) {
@@ -255,7 +259,7 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int
     ap.resize(size_t(kKc / 2 * kMc));
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0), kc2 = (kc + 1) / 2;
-      pack_pairs_b(kc, N, b + k0 * ldb, ldb, bp.data(), N);
+      pack_bf16_pairs(kc, N, b + k0 * ldb, ldb, bp.data(), N);
       for (int64_t m0 = 0; m0 < M; m0 += kMc) {
         const int64_t mc = std::min(kMc, M - m0);
         const auto [prs, pcs] = pack_pairs_a(mc, kc, a + k0 * acs + m0 * ars, ars, acs, ap.data());
@@ -274,6 +278,32 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int
                      c + m0 * ldc, ldc, accumulate || k0 > 0);
   }
 }
+
+#ifdef __AVX512BF16__
+void tile_gemm_pairs(int64_t M, int64_t N, int64_t K2, const uint32_t* a, int64_t ars, int64_t acs,
+                     const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K2 <= 0) {  // an empty sum
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
+    return;
+  }
+  for (int64_t j0 = 0; j0 < K2; j0 += kKc / 2) {
+    const int64_t kc2 = std::min(kKc / 2, K2 - j0);
+    for (int64_t m0 = 0; m0 < M; m0 += kMc)
+      row_chunk<BF16>(std::min(kMc, M - m0), N, kc2, a + j0 * acs + m0 * ars, ars, acs, b + j0 * ldb, ldb,
+                      c + m0 * ldc, ldc, accumulate || j0 > 0);
+  }
+}
+#else
+void pack_bf16_pairs(int64_t, int64_t, const float*, int64_t, uint32_t*, int64_t) {
+  MV_CHECK(false, "pack_bf16_pairs: bfloat16 operands need a build for a CPU with AVX-512 BF16");
+}
+void tile_gemm_pairs(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, float*,
+                     int64_t, bool) {
+  MV_CHECK(false, "tile_gemm_pairs: bfloat16 products need a build for a CPU with AVX-512 BF16");
+}
+#endif
 
 // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves swapped across.
 void transpose8(const float* src, int64_t ls, float* dst, int64_t ld) {

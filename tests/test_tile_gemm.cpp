@@ -1,4 +1,5 @@
 #include <cmath>
+#include <cstdint>
 #include <random>
 #include <vector>
 
@@ -20,8 +21,8 @@ std::vector<float> uniform(size_t n, unsigned seed) {
 }  // namespace
 
 // Every column-block width (1 to 4 registers, alone and after full blocks, whole or ending in a
-// masked partial register for any N), row counts that leave partial and half-height tiles, more
-// rows than one chunk and more depth than one slice, A read directly, through its transpose and
+// masked partial register for any N), row counts that leave partial, half- and quarter-height
+// tiles, more rows than one chunk and more depth than one slice, A read directly, through its transpose and
 // through strides that are neither 1 (every other element of a transposed layout),
 // B and C with leading dims wider than N, overwriting and accumulating: against products summed
 // in double. With bf16, against the same product of the inputs rounded to bfloat16.
@@ -61,6 +62,35 @@ TEST_CASE("tile_gemm: against a double-precision product") {
         }
         for (int64_t j = c.N; j < ldc; ++j) CHECK(out[size_t(i * ldc + j)] == start[size_t(i * ldc + j)]);  // untouched
       }
+    }
+}
+
+// Operands packed once: pack_bf16_pairs of B, and of A^T (which tile_gemm_pairs reads as A through
+// the strides 1 and its row stride), give the product tile_gemm computes from the floats, bit for
+// bit: the same rounding and the same order of sums. Odd depths pair the last row with zeros,
+// and a depth over one slice (256) is cut where tile_gemm cuts it.
+TEST_CASE("tile_gemm_pairs: packed bfloat16 operands give tile_gemm's bfloat16 product") {
+  if (!ops::tile_gemm_has_bf16()) {
+    MESSAGE("tile_gemm_pairs: this build has no AVX-512 BF16; not tested");
+    return;
+  }
+  struct Case { int64_t M, N, K; };
+  for (Case c : {Case{50, 16, 50}, Case{7, 33, 9}, Case{130, 20, 301}, Case{1, 1, 1}})
+    for (bool accumulate : {false, true}) {
+      CAPTURE(c.M);
+      CAPTURE(c.N);
+      CAPTURE(c.K);
+      CAPTURE(accumulate);
+      const int64_t lda = c.M + 1, ldb = c.N + 2, ldp = c.M + 3, K2 = (c.K + 1) / 2;
+      const std::vector<float> at = uniform(size_t(c.K * lda), 4), b = uniform(size_t(c.K * ldb), 5);
+      const std::vector<float> start = uniform(size_t(c.M * c.N), 6);
+      std::vector<float> want = start, got = start;
+      ops::tile_gemm(c.M, c.N, c.K, at.data(), 1, lda, b.data(), ldb, want.data(), c.N, accumulate, true);
+      std::vector<uint32_t> ap(size_t(K2 * ldp)), bp(size_t(K2 * c.N));
+      ops::pack_bf16_pairs(c.K, c.M, at.data(), lda, ap.data(), ldp);
+      ops::pack_bf16_pairs(c.K, c.N, b.data(), ldb, bp.data(), c.N);
+      ops::tile_gemm_pairs(c.M, c.N, K2, ap.data(), 1, ldp, bp.data(), c.N, got.data(), c.N, accumulate);
+      CHECK(got == want);
     }
 }
 

@@ -175,6 +175,11 @@ void row_chunk(int64_t M, int64_t N, int64_t K, const typename Op::E* a, int64_t
   }
 }
 
+// C (M, N) = 0: an empty sum.
+void fill_zero(int64_t M, int64_t N, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
+}
+
 }  // namespace
 
 #ifdef __AVX512BF16__
@@ -246,9 +251,8 @@ std::pair<int64_t, int64_t> pack_pairs_a(int64_t M, int64_t K, const float* a, i
 void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
                int64_t ldb, float* c, int64_t ldc, bool accumulate, bool bf16) {
   if (M <= 0 || N <= 0) return;
-  if (K <= 0) {  // an empty sum
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
+  if (K <= 0) {
+    if (!accumulate) fill_zero(M, N, c, ldc);
     return;
   }
 #ifdef __AVX512BF16__
@@ -283,9 +287,8 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int
 void tile_gemm_pairs(int64_t M, int64_t N, int64_t K2, const uint32_t* a, int64_t ars, int64_t acs,
                      const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
-  if (K2 <= 0) {  // an empty sum
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.f);
+  if (K2 <= 0) {
+    if (!accumulate) fill_zero(M, N, c, ldc);
     return;
   }
   for (int64_t j0 = 0; j0 < K2; j0 += kKc / 2) {

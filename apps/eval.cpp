@@ -3,6 +3,7 @@
 //
 //   eval runs/vit-tiny/checkpoint.safetensors [--dump-logits logits.safetensors]
 //   eval runs/vit-tiny                                  (a run folder: its checkpoint)
+//   eval runs/vit-tiny --eval-flip                      (also the mirror images: logits averaged)
 //   eval runs/vmoe/checkpoint.safetensors --consistency [--sigmas 0.05,0.1,0.2,0.5,1]
 //        [--noise-on pixels|block:N] [--noise-seed 0] [--report DIR]
 #include <CLI/CLI.hpp>
@@ -28,6 +29,7 @@ struct Flags {
   int batch = 500, threads = 0;
   int64_t limit = 0;
   bool consistency = false;
+  bool flip = false;  // with --eval-flip or --no-eval-flip; else the run's own setting
   report::ConsistencyConfig cc;  // block: set from noise_on
   std::string noise_on = "pixels", report_dir;
 };
@@ -43,6 +45,8 @@ void add_flags(CLI::App& app, Flags& f) {
   app.add_option("--limit", f.limit, "use only the first N test images");
   app.add_option("--device", f.device, "cpu | cuda: where the model runs")->capture_default_str();
   app.add_option("--threads", f.threads, "CPU threads (default: all cores)");
+  app.add_flag("--eval-flip,!--no-eval-flip", f.flip, "average the logits of each image and its "
+               "mirror image (default: as the run was evaluated in training)");
   app.add_option("--dump-logits", f.dump, "write the logits (and labels) to this safetensors file");
   app.add_flag("--consistency", f.consistency,
                "routing agreement of every MoE layer under Gaussian input noise, over a sigma sweep");
@@ -145,9 +149,14 @@ int main(int argc, char** argv) {
     datasets::Dataset test = train::load_dataset(c.dataset, c.data_dir, false);
     if (f.limit > 0) test = datasets::head(test, f.limit);
 
-    const train::EvalResult r = train::evaluate(model, test, c.dataset, f.batch, !f.dump.empty());
+    const bool flip = app.count("--eval-flip") ? f.flip : c.eval_flip;  // either spelling counts
+    if (flip) std::printf("each image's logits averaged with its mirror image's (--eval-flip)\n");
+    const train::EvalResult r = train::evaluate(
+        model, test, c.dataset, {.batch = f.batch, .flip = flip, .keep_logits = !f.dump.empty()});
     print_accuracy(f, test, r, c.vit.num_classes);
     if (!f.dump.empty()) dump_logits(f, test, r);
+    if (f.consistency && flip)
+      std::printf("\n(the noise sweep classifies each image alone, without its mirror image)");
     if (f.consistency) print_consistency(f, c, model, test);
     return 0;
   });

@@ -86,6 +86,8 @@ void add_training_flags(CLI::App& app, TrainFlags& f) {
   app.add_option("--epochs", f.cfg.epochs)->capture_default_str();
   app.add_option("--batch", f.cfg.batch)->capture_default_str();
   app.add_option("--eval-batch", f.cfg.eval_batch)->capture_default_str();
+  app.add_flag("--eval-flip", f.cfg.eval_flip, "evaluate each test image and its mirror image "
+               "and average their logits (test-time augmentation: twice the evaluation's cost)");
   app.add_option("--optimizer", f.cfg.optimizer, "adamw | sgd")->capture_default_str();
   app.add_option("--lr", f.cfg.lr, "peak learning rate")->capture_default_str();
   app.add_option("--weight-decay", f.cfg.weight_decay)->capture_default_str();

@@ -162,6 +162,16 @@ for name, change, message in [
     checkpoint_with_metadata(ckpt, bad, change)
     for prog in (evalp, viz):
         expect_error([prog, bad], message)
+# --eval-flip: eval does as the run did unless told (not hostile, but this run is at hand).
+flipped_run = os.path.join(work, "flipped.safetensors")
+checkpoint_with_metadata(ckpt, flipped_run, with_config("eval_flip", True))
+for path, flags, want in [(ckpt, [], False), (ckpt, ["--eval-flip"], True),
+                          (flipped_run, [], True), (flipped_run, ["--no-eval-flip"], False)]:
+    cases += 1
+    rc, out, err = run([evalp, path, "--limit", "32"] + flags)
+    if rc != 0 or ("mirror image" in out) != want:
+        failures.append(f"eval {os.path.basename(path)} {' '.join(flags)}: rc {rc}, expected the "
+                        f"mirror images {'used' if want else 'unused'}; stdout {out[-300:]!r}")
 for key, value, message in [("epoch", "-1", "'epoch' is '-1'"), ("epoch", "1e99", "'epoch'"),
                             ("optimizer_steps", "x", "'optimizer_steps' is 'x'"),
                             ("train_seconds", "inf", "'train_seconds'")]:

@@ -118,7 +118,7 @@ TEST_CASE("consistency: noise-on parsing") {
 TEST_CASE("consistency: sigma 0 agrees fully at the clean accuracy; more noise agrees less") {
   ViT model(tiny("topk"), 11);
   const datasets::Dataset& data = test_images();
-  const double clean = evaluate(model, data, "synthetic", 32).accuracy;
+  const double clean = evaluate(model, data, "synthetic", {.batch = 32}).accuracy;
   const std::vector<double> sigmas = {0, 0.03, 0.3, 3, 30};
   for (int block : {-1, 1}) {
     CAPTURE(block);

@@ -314,7 +314,7 @@ TEST_CASE("cuda train: every router trains on CUDA as on the CPU; each checkpoin
       models::ViT model(c.vit, c.seed);
       train::load_weights_for_evaluation(train::checkpoint_file(base + run), model);
       model.to(device);
-      return train::evaluate(model, test, "synthetic", 64).accuracy;
+      return train::evaluate(model, test, "synthetic", {.batch = 64}).accuracy;
     };
     CHECK(std::abs(on("/cuda", Device::CPU) - double(gpu[0].at("test_accuracy"))) <= 1.0 / 64 + 1e-9);
     CHECK(std::abs(on("/cpu", Device::CUDA) - double(cpu[0].at("test_accuracy"))) <= 1.0 / 64 + 1e-9);

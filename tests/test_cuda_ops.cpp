@@ -294,7 +294,7 @@ TEST_CASE("cuda train: a tiny ViT trains on CUDA as on the CPU, and its checkpoi
   train::load_checkpoint(base + "/cuda/checkpoint.safetensors", m, nullptr);
   CHECK(m.device() == Device::CPU);
   datasets::Dataset test = datasets::head(train::load_dataset("synthetic", "", false), c.limit_test);
-  const train::EvalResult ev = train::evaluate(m, test, "synthetic", 64);
+  const train::EvalResult ev = train::evaluate(m, test, "synthetic", {.batch = 64});
   const double ag = gpu[1].at("test_accuracy");
   CHECK(std::abs(ev.accuracy - ag) * double(c.limit_test) <= 1.5);
   fs::remove_all(base);

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autograd/autograd.h"
+#include "datasets/synthetic.h"
 #include "engine/memory.h"
 #include "engine/safetensors.h"
 #include "models/ema.h"
@@ -17,6 +18,7 @@
 #include "ops/tile_gemm.h"
 #include "tests/helpers.h"
 #include "train/checkpoint.h"
+#include "train/evaluate.h"
 #include "train/loop.h"
 #include "train/progress.h"
 #include "train/step.h"
@@ -317,6 +319,33 @@ TEST_CASE("the weight average follows its formula, swaps in and out, and is what
   CHECK(e.named_parameters().at(0).second.to_vector<float>() == back);
   std::remove(path.c_str());
   CHECK_THROWS_WITH_AS(WeightAverage(m.named_parameters(), 1.f), doctest::Contains("--ema-decay"), Error);
+}
+
+TEST_CASE("--eval-flip: each image's logits are the mean of its own and its mirror image's") {
+  ViT m(tiny_config(), 0);
+  Generator g(5);
+  m.head->weight.copy_(randn(m.head->weight.shape(), g));  // zero at first: logits = bias
+  const datasets::Dataset data = datasets::make_synthetic(6, 1, 28, 10, 3);
+  datasets::Dataset mirrored = data;  // by hand: column x reads column 27 - x
+  for (int64_t i = 0; i < data.n; ++i)
+    for (int64_t y = 0; y < 28; ++y)
+      for (int64_t x = 0; x < 28; ++x)
+        mirrored.pixels[size_t((i * 28 + y) * 28 + x)] = data.pixels[size_t((i * 28 + y) * 28 + 27 - x)];
+  // Batches of 4: the last one is partial.
+  const std::vector<float> a = evaluate(m, data, "synthetic", {.batch = 4, .keep_logits = true})
+                                   .logits.to_vector<float>(),
+                           b = evaluate(m, mirrored, "synthetic", {.batch = 4, .keep_logits = true})
+                                   .logits.to_vector<float>();
+  CHECK(a != b);
+  std::vector<float> want(a.size());
+  for (size_t i = 0; i < a.size(); ++i) want[i] = 0.5f * (a[i] + b[i]);
+  const EvalResult both =
+      evaluate(m, data, "synthetic", {.batch = 4, .flip = true, .keep_logits = true});
+  CHECK(both.n == 6);
+  test::check_close(both.logits, want, 1e-5f, 1e-5f);
+  TrainConfig t;
+  t.eval_flip = true;
+  CHECK(TrainConfig::from_json(t.to_json()).eval_flip);
 }
 
 TEST_CASE("a time budget caps the epochs, and stops a run that reaches it with a checkpoint") {

@@ -141,7 +141,7 @@ std::string TrainConfig::to_json() const {
       {"image_size", vit.image_size}, {"channels", vit.channels}, {"patch", vit.patch},
       {"dim", vit.dim}, {"depth", vit.depth}, {"heads", vit.heads}, {"mlp_dim", vit.mlp_dim},
       {"num_classes", vit.num_classes}, {"epochs", epochs}, {"batch", batch},
-      {"eval_batch", eval_batch}, {"optimizer", optimizer}, {"lr", lr},
+      {"eval_batch", eval_batch}, {"eval_flip", eval_flip}, {"optimizer", optimizer}, {"lr", lr},
       {"weight_decay", weight_decay}, {"momentum", momentum}, {"schedule", schedule},
       {"warmup_epochs", warmup_epochs}, {"label_smoothing", label_smoothing}, {"clip", clip},
       {"augment", augment}, {"seed", seed}, {"limit_train", limit_train},
@@ -200,6 +200,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.ema = j.value("ema", false);  // ... and from before --ema and --time-budget
     c.ema_decay = j.value("ema_decay", c.ema_decay);
     c.time_budget_minutes = j.value("time_budget_minutes", 0.f);
+    c.eval_flip = j.value("eval_flip", false);  // ... and from before --eval-flip
     // Runs from before a budget counted steps had whole epochs only.
     if (j.contains("schedule_steps")) c.schedule_steps = integer<int64_t>(j, "schedule_steps");
   } catch (const nlohmann::json::exception& e) {

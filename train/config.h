@@ -15,6 +15,9 @@ struct TrainConfig {
   std::string model = "vit-tiny";
   models::ViTConfig vit = models::vit_preset("vit-tiny");  // the preset with any overrides applied
   int epochs = 10, batch = 128, eval_batch = 500;
+  // Evaluations also classify each test image's mirror image and average the two logits
+  // (test-time augmentation; the training's flips make the mirror image a familiar view).
+  bool eval_flip = false;
   std::string optimizer = "adamw";  // adamw | sgd
   float lr = 1e-3f, weight_decay = 0.05f, momentum = 0.9f;
   std::string schedule = "cosine";  // cosine | linear (after a linear warmup)

@@ -4,6 +4,7 @@
 
 #include "autograd/autograd.h"
 #include "datasets/loader.h"
+#include "ops/elementwise.h"
 #include "ops/loss.h"
 #include "ops/reduce.h"
 #include "train/data.h"
@@ -11,11 +12,11 @@
 namespace mv::train {
 
 EvalResult evaluate(models::ViT& model, const datasets::Dataset& data, const std::string& dataset,
-                    int batch, bool keep_logits) {
+                    const EvalOptions& o) {
   autograd::NoGrad no_grad;
   model.train(false);
   const Device dev = model.device();
-  datasets::Loader loader(data, batch, /*shuffle=*/false, 0, /*drop_last=*/false,
+  datasets::Loader loader(data, o.batch, /*shuffle=*/false, 0, /*drop_last=*/false,
                           datasets::Augment::none(), normalization(dataset));
   const int C = model.config.num_classes;
   EvalResult r;
@@ -24,6 +25,8 @@ EvalResult evaluate(models::ViT& model, const datasets::Dataset& data, const std
   loader.begin_epoch(0);
   for (datasets::Batch b; loader.next(b);) {
     Tensor logits = model.forward(b.images.to(dev));
+    if (o.flip)  // (B, classes): the mean over the two views
+      logits = ops::mul(ops::add(logits, model.forward(datasets::hflip(b.images).to(dev))), 0.5f);
     const int64_t B = b.labels.numel();
     r.loss += double(ops::cross_entropy(logits, b.labels.to(dev)).item()) * B;
     std::vector<int64_t> pred = ops::argmax(logits, 1).to_vector<int64_t>();
@@ -33,7 +36,7 @@ EvalResult evaluate(models::ViT& model, const datasets::Dataset& data, const std
       r.confusion[size_t(lab[size_t(i)] * C + pred[size_t(i)])]++;
     }
     r.n += B;
-    if (keep_logits) {
+    if (o.keep_logits) {
       std::vector<float> v = logits.to_vector<float>();
       all_logits.insert(all_logits.end(), v.begin(), v.end());
     }
@@ -41,7 +44,7 @@ EvalResult evaluate(models::ViT& model, const datasets::Dataset& data, const std
   model.train(true);
   r.loss /= double(std::max<int64_t>(r.n, 1));
   r.accuracy /= double(std::max<int64_t>(r.n, 1));
-  if (keep_logits) r.logits = Tensor::from(all_logits, {r.n, C});
+  if (o.keep_logits) r.logits = Tensor::from(all_logits, {r.n, C});
   return r;
 }
 

@@ -16,9 +16,15 @@ struct EvalResult {
   Tensor logits;                   // (n, classes), filled when keep_logits
 };
 
+struct EvalOptions {
+  int batch = 500;
+  bool flip = false;         // logits: the mean of the image's and its mirror image's
+  bool keep_logits = false;  // fill EvalResult::logits
+};
+
 // Accuracy and mean cross-entropy of `model` on `data`, in batches, without a graph. Batches go
 // to the device the model's parameters live on; `dataset` names their normalisation.
 EvalResult evaluate(models::ViT& model, const datasets::Dataset& data, const std::string& dataset,
-                    int batch, bool keep_logits = false);
+                    const EvalOptions& o);
 
 }  // namespace mv::train

@@ -294,8 +294,8 @@ void finish_epoch(Run& run, int epoch, const EpochTotals& share, MetricsLog& met
   const nlohmann::ordered_json moe = moe_stats_json(run.model);  // of training, before evaluation
   const auto t0 = Clock::now();
   if (run.ema) run.ema->swap();  // evaluates the averaged weights
-  const EvalResult ev =
-      evaluate_on_ranks(run.model, run.test_set, cfg.dataset, cfg.eval_batch, run.ranks);
+  const EvalResult ev = evaluate_on_ranks(run.model, run.test_set, cfg.dataset,
+                                          {.batch = cfg.eval_batch, .flip = cfg.eval_flip}, run.ranks);
   if (run.ema) run.ema->swap();
   if (cfg.time_budget_minutes > 0 && !run.schedule_done()) fit_schedule_to_budget(run, since(t0));
   const bool partial = t.next_batch < run.per_epoch;  // the schedule's last epoch, cut short

@@ -128,11 +128,11 @@ Tensor Replicas::prc_loss(const Tensor& p, const Tensor& q, const Tensor& pairs,
 }
 
 EvalResult evaluate_on_ranks(models::ViT& model, const datasets::Dataset& data,
-                             const std::string& dataset, int batch, const Ranks& r) {
-  if (!r.many()) return evaluate(model, data, dataset, batch);
+                             const std::string& dataset, const EvalOptions& o, const Ranks& r) {
+  if (!r.many()) return evaluate(model, data, dataset, o);
   for (models::MoELayer* m : model.moe_layers()) m->hold_all_experts(true);
   const int64_t lo = data.n * r.rank / r.size, hi = data.n * (r.rank + 1) / r.size;
-  EvalResult e = evaluate(model, datasets::rows(data, lo, hi), dataset, batch);
+  EvalResult e = evaluate(model, datasets::rows(data, lo, hi), dataset, o);
   for (models::MoELayer* m : model.moe_layers()) m->hold_all_experts(false);
   // Sums of this rank's share: loss, right answers, images, the confusion matrix.
   std::vector<double> v{e.loss * double(e.n), e.accuracy * double(e.n), double(e.n)};

@@ -74,7 +74,7 @@ class Replicas {
 // first gathers all experts, so that its share needs no other rank), and the losses, counts and
 // confusion matrices are summed in rank order. Every rank gets the whole set's result.
 EvalResult evaluate_on_ranks(models::ViT& model, const datasets::Dataset& data,
-                             const std::string& dataset, int batch, const Ranks& r);
+                             const std::string& dataset, const EvalOptions& o, const Ranks& r);
 
 // One number agreed on by every rank: the largest of each rank's `v` (stop signals, deadlines,
 // rank 0's count of epochs: all ranks must leave a loop at the same step).
